@@ -1,0 +1,34 @@
+"""An ablation layer that lets grad-cam's AblationCAM ablate channels of a decoder layer's token sequence."""
+from __future__ import annotations
+
+import torch
+from pytorch_grad_cam.ablation_layer import AblationLayer
+
+
+class TokenAblationLayer(AblationLayer):
+    """Stands in for a decoder layer during AblationCAM: returns the layer's cached output with one hidden channel
+    set to zero at the image positions (the positions the map is drawn on), one channel per batch row.
+
+    Zero, not grad-cam's "minimum minus 1e7": decoder hidden states go through RMSNorm, where a huge value in one
+    channel would swamp all the others instead of removing one.
+    """
+
+    def __init__(self, wrapper) -> None:
+        super().__init__()
+        self._wrapper = [wrapper]  # a list, so that the wrapper is not registered as a submodule
+
+    def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
+        self.returns_tuple = isinstance(activations, tuple)
+        hidden = activations[0] if self.returns_tuple else activations
+        self.activations = hidden[input_batch_index].detach().clone().unsqueeze(0).repeat(
+            num_channels_to_ablate, 1, 1)
+
+    def __call__(self, *args, **kwargs):
+        if self.activations.dim() != 3:
+            raise ValueError("TokenAblationLayer ablates decoder layers (B, seq, C); vision blocks are not supported "
+                             "by AblationCAM here, use a gradient or score method for them.")
+        output = self.activations.clone()
+        positions = self._wrapper[0].layout.vision_positions.to(output.device)
+        for row in range(output.size(0)):
+            output[row, positions, int(self.indices[row])] = 0
+        return (output,) if self.returns_tuple else output

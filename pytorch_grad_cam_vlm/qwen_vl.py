@@ -1,0 +1,308 @@
+"""Qwen2.5-VL and Qwen2-VL adapter: a ``torch.nn.Module`` that maps normalised images to next-token logits, so that
+every grad-cam method, target and metric runs on it unchanged."""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
+from pytorch_grad_cam_vlm.model_state import (eager_attention, explaining, graph_starts_at,
+                                              hookable_tuple_outputs, shallowest_hooked)
+
+
+@dataclass
+class Layout:
+    """Where the image sits in one prompt: the processor's text inputs for one image and its vision grid."""
+
+    text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask, ... for batch 1, without pixel_values
+    grid_thw: torch.Tensor  # (1, 3): t, h, w in patches
+    vision_positions: torch.Tensor  # sequence positions of the image tokens, in raster order of the merged grid
+
+    @property
+    def patch_grid(self) -> Tuple[int, int]:
+        return int(self.grid_thw[0, 1]), int(self.grid_thw[0, 2])
+
+
+def find_module_list(model: torch.nn.Module, sibling: str) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The first ``ModuleList`` whose parent also has attribute ``sibling``; found by walking the model, so that
+    module paths that moved between transformers versions (``model.model.layers`` vs
+    ``model.model.language_model.layers``, ``model.visual`` vs ``model.model.visual``) all work."""
+    for parent in model.modules():
+        if hasattr(parent, sibling):
+            for child in parent.children():
+                if isinstance(child, torch.nn.ModuleList) and len(child) > 0:
+                    return parent, child
+    raise ValueError(f"Found no layer list beside a '{sibling}' module in {type(model).__name__}: "
+                     "is this a Qwen2-VL / Qwen2.5-VL model?")
+
+
+def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` images to Qwen's flat ``pixel_values`` ``(B*h*w, C*T*p*p)``: patches in 2x2 merge-block
+    order, each repeated over the temporal axis, exactly as ``Qwen2VLImageProcessor`` lays them out; differentiable."""
+    b, c, height, width = images.shape
+    gh, gw = height // patch_size, width // patch_size
+    patches = images.reshape(b, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
+    patches = patches.expand(-1, -1, -1, -1, -1, -1, temporal_patch_size, -1, -1)
+    return patches.reshape(b * gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def unpatchify(pixel_values: torch.Tensor, grid_hw: Tuple[int, int], patch_size: int, merge_size: int,
+               temporal_patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for one image: ``(h*w, C*T*p*p)`` to ``(1, C, H, W)`` (first temporal frame)."""
+    gh, gw = grid_hw
+    x = pixel_values.reshape(gh // merge_size, gw // merge_size, merge_size, merge_size, -1, temporal_patch_size,
+                             patch_size, patch_size)[:, :, :, :, :, 0]
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)  # C, gh/m, m, p, gw/m, m, p
+    return x.reshape(1, -1, gh * patch_size, gw * patch_size)
+
+
+def vision_window_index(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The order in which Qwen2.5-VL's vision encoder holds merge blocks (grouped by attention window);
+    the identity for Qwen2-VL, whose encoder has no windows."""
+    n_merged = int((grid_thw.prod(-1) // visual.spatial_merge_size ** 2).sum())
+    if not hasattr(visual, "fullatt_block_indexes"):
+        return torch.arange(n_merged)
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # transformers 4.x keeps it as a method of the encoder
+        return visual.get_window_index(grid_thw)[0].cpu()
+    return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+
+
+class QwenVLWrapper(torch.nn.Module):
+    """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
+
+    ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (all of one size, a multiple of 28 pixels, as
+    :meth:`preprocess` makes them) and returns the logits of the next token after the chat-formatted ``prompt``,
+    ``(B, vocab)`` float32. The prompt's tokens are built by the model's own processor and chat template once per
+    image size. :meth:`reshape_transform` turns the hidden states of decoder layers, vision blocks and the patch
+    merger into ``(B, C, h, w)`` maps on the image's true grid.
+
+    While a forward pass runs, the model is in eval mode with frozen parameters, and no autograd graph is built
+    before the shallowest hooked layer (``efficient_gradients=False`` turns both off); afterwards its modes,
+    ``requires_grad`` flags and hooks are as they were.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True) -> None:
+        super().__init__()
+        if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
+            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
+                             "processor's chat template.")
+        self.model = model
+        self.processor = processor
+        self.prompt = prompt
+        self.efficient_gradients = efficient_gradients
+        image_processor = processor.image_processor
+        self.patch_size = int(image_processor.patch_size)
+        self.merge_size = int(image_processor.merge_size)
+        self.temporal_patch_size = int(image_processor.temporal_patch_size)
+        self.register_buffer("image_mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), False)
+        self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
+        self.visual, self._vision_blocks = find_module_list(model, "merger")
+        # grad-cam moves inputs to the device of the wrapper's first parameter; with accelerate offloading, the
+        # model's first parameter may live on "meta", so the wrapper leads with an empty one on the input device.
+        self.input_anchor = torch.nn.Parameter(torch.empty(0, device=self.input_device), requires_grad=False)
+        self._originals = [(layers, list(layers)) for layers in (self._decoder_layers, self._vision_blocks)]
+        self._layouts: Dict[Tuple[int, int], Layout] = {}
+        self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
+        self.batch_size = 0
+
+    # ----------------------------------------------------------------------------------------- layers
+    @property
+    def decoder_layers(self) -> List[torch.nn.Module]:
+        """The language decoder's layers. The last one's outputs at vision positions get no gradient."""
+        return list(self._decoder_layers)
+
+    @property
+    def vision_blocks(self) -> List[torch.nn.Module]:
+        """The vision encoder's transformer blocks (window-ordered outputs, undone by :meth:`reshape_transform`)."""
+        return list(self._vision_blocks)
+
+    @property
+    def merger(self) -> torch.nn.Module:
+        """The patch merger: one vector per 28-pixel cell, in the order the language model receives them."""
+        return self.visual.merger
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: accelerate's main device for a dispatched model, else the embeddings' device."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            on_accelerators = [d for d in device_map.values() if d not in ("cpu", "disk", "meta")]
+            if not on_accelerators:
+                return torch.device("cpu")
+            first = on_accelerators[0]
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        return self._text_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._text_model.embed_tokens.weight.dtype
+
+    # ----------------------------------------------------------------------------------------- images
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """The processor's own resize (``smart_resize`` within its min/max pixels) and normalisation, as
+        ``(1, 3, H, W)`` float32 on the CPU. Accepts a path, a PIL image or a uint8 array; any mode is made RGB."""
+        encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")
+        grid = encoded["image_grid_thw"][0]
+        return unpatchify(encoded["pixel_values"].float(), (int(grid[1]), int(grid[2])), self.patch_size,
+                          self.merge_size, self.temporal_patch_size)
+
+    def to_rgb(self, x: torch.Tensor) -> np.ndarray:
+        """Undo the normalisation: ``(B, 3, H, W)`` to ``(B, H, W, 3)`` float32 in [0, 1], for overlays."""
+        rgb = x.detach().float().cpu() * self.image_std.cpu() + self.image_mean.cpu()
+        return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    # ----------------------------------------------------------------------------------------- text
+    def chat_text(self) -> str:
+        """The prompt as the model sees it: the chat template around one image and the question."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def layout_for(self, height: int, width: int) -> Layout:
+        """Text inputs and vision grid for images of ``height x width`` pixels, built once per size by the
+        processor itself with a placeholder image, so that token counts and ``mm_token_type_ids`` are exact."""
+        key = (height, width)
+        if key not in self._layouts:
+            placeholder = np.zeros((height, width, 3), dtype=np.uint8)
+            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+            grid = encoded["image_grid_thw"]
+            expected = (height // self.patch_size, width // self.patch_size)
+            if (int(grid[0, 1]), int(grid[0, 2])) != expected:
+                raise ValueError(
+                    f"Images of {height}x{width} pixels lie outside the processor's min/max pixels (it would "
+                    f"resize them to {int(grid[0, 1]) * self.patch_size}x{int(grid[0, 2]) * self.patch_size}): "
+                    "prepare images with wrapper.preprocess(image).")
+            image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+            positions = (encoded["input_ids"][0] == image_token_id).nonzero().flatten()
+            text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
+            self._layouts[key] = Layout(text_inputs, grid, positions)
+        return self._layouts[key]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_images(x)
+        self._check_layers()
+        if x.requires_grad:
+            _refuse_fullgrad()
+        b, _, height, width = x.shape
+        layout = self.layout_for(height, width)
+        self.layout, self.batch_size = layout, b
+        device = self.input_device
+        visual_dtype = next(self.visual.parameters()).dtype
+        pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
+        inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        stages = self.vision_blocks + [self.merger] + self.decoder_layers
+        start = shallowest_hooked(stages, self.model) if self.efficient_gradients and not x.requires_grad else None
+        self._warn_if_last_layer_hooked()
+        with explaining(self.model, self.efficient_gradients), graph_starts_at(start), \
+                hookable_tuple_outputs(self.decoder_layers):
+            output = self.model(**inputs, pixel_values=pixel_values.to(visual_dtype),
+                                image_grid_thw=layout.grid_thw.repeat(b, 1).to(device), logits_to_keep=1,
+                                use_cache=False)
+        return output.logits[:, -1].float()
+
+    def train(self, mode: bool = True) -> "QwenVLWrapper":
+        """Only the wrapper's own flag: grad-cam calls ``.eval()`` on its model, and the wrapped model keeps its
+        mode (each forward pass runs it in eval mode and restores the mode after)."""
+        self.training = mode
+        return self
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Expected normalised images of shape (B, 3, H, W), got {shape}; "
+                             "use wrapper.preprocess(image) to make one.")
+        cell = self.patch_size * self.merge_size
+        if x.shape[2] % cell or x.shape[3] % cell:
+            raise ValueError(f"Image height and width must be multiples of {cell} pixels, got "
+                             f"{x.shape[2]}x{x.shape[3]}; use wrapper.preprocess(image) to resize as the model does.")
+
+    def _check_layers(self) -> None:
+        """grad-cam's AblationCAM swaps a layer for its ablation layer and, when that fails, can leave it inside the
+        model; put the original layers back and say what to use instead."""
+        from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
+
+        for layers, originals in self._originals:
+            foreign = [m for m, o in zip(layers, originals) if m is not o and not isinstance(m, TokenAblationLayer)]
+            if foreign:
+                for i, original in enumerate(originals):
+                    layers[i] = original
+                raise ValueError(
+                    f"A {type(foreign[0]).__name__} had replaced a layer of the model (grad-cam's AblationCAM leaves it "
+                    "there when its default ablation layer fails on token sequences); the original layers are back. "
+                    "Use AblationCAM(..., ablation_layer=wrapper.ablation_layer()).")
+
+    def _warn_if_last_layer_hooked(self) -> None:
+        last = self._decoder_layers[-1]
+        if torch.is_grad_enabled() and any(m._forward_hooks for m in last.modules()):
+            warnings.warn(
+                "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
+                "so their gradient is exactly zero and gradient-based maps there are blank. Use "
+                f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer.",
+                stacklevel=3)
+
+    # ----------------------------------------------------------------------------------------- reshape
+    def reshape_transform(self, output) -> torch.Tensor:
+        """Hidden states to ``(B, C, h, w)`` float32 on the true grid of the latest forward pass.
+
+        Decoder layers ``(B, seq, C)`` (or a tuple whose first item is that, as older transformers return) give the
+        ``h/2 x w/2`` grid of image tokens; vision blocks ``(B*h*w, C)`` give the ``h x w`` grid of 14-pixel patches,
+        with the window order and 2x2 merge order undone; the merger ``(B*h*w/4, C)`` gives the 28-pixel grid.
+        """
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.layout is None:
+            raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
+        b, (gh, gw), m = self.batch_size, self.layout.patch_grid, self.merge_size
+        if hidden.dim() == 3:
+            tokens = hidden[:, self.layout.vision_positions.to(hidden.device)]
+            return tokens.reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+        if hidden.dim() != 2:
+            raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid.")
+        order = torch.argsort(vision_window_index(self.visual, self.layout.grid_thw.repeat(b, 1))).to(hidden.device)
+        if hidden.shape[0] == b * gh * gw:  # vision block: 14-pixel patches, grouped by merge block and window
+            blocks = hidden.reshape(-1, m * m, hidden.shape[-1])[order]
+            grid = blocks.reshape(b, gh // m, gw // m, m, m, -1).permute(0, 5, 1, 3, 2, 4)
+            return grid.reshape(b, -1, gh, gw).float()
+        if hidden.shape[0] == b * gh * gw // (m * m):  # merger: one row per merge block, in window order
+            return hidden[order].reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+        raise ValueError(f"A vision hidden state of {hidden.shape[0]} rows fits neither the {b * gh * gw} patches "
+                         f"nor the {b * gh * gw // (m * m)} merged cells of the latest forward pass.")
+
+    @contextmanager
+    def eager_attention(self):
+        """Run the model with eager attention inside the block (for attention weights and second derivatives)."""
+        with eager_attention(self.model):
+            yield
+
+    def ablation_layer(self):
+        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
+        positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
+        from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
+
+        return TokenAblationLayer(self)
+
+
+def _refuse_fullgrad() -> None:
+    """grad-cam's FullGrad takes biases from Conv2d and BatchNorm2d layers only; a transformer has none, and FullGrad
+    would silently return |input gradient x input| under its name."""
+    from pytorch_grad_cam import FullGrad
+
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), FullGrad):
+            raise NotImplementedError(
+                "FullGrad is not supported on vision-language models: it sums bias gradients of Conv2d/BatchNorm2d "
+                "layers, which transformers do not have, and would return only |input gradient x input|. Use "
+                "GradCAM, HiResCAM or LayerCAM on wrapper.decoder_layers, or SmoothGradCAM.")
+        frame = frame.f_back

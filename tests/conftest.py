@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built from configs, saved and loaded back, once per test session."""
+import numpy as np
+import pytest
+import torch
+
+from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
+
+PROMPT = "What color is the circle?"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """(model, processor) of a tiny random Qwen2.5-VL with window attention (windows of 56 px, blocks 1 and 3 global)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """(model, processor) of a tiny random Qwen2-VL."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_vl"), family="qwen2_vl", seed=0)
+
+
+@pytest.fixture
+def wrapper(tiny_qwen):
+    model, processor = tiny_qwen
+    return QwenVLWrapper(model, processor, prompt=PROMPT)
+
+
+def random_image(height, width, seed=0):
+    return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
+
+
+def chat_inputs(processor, image, prompt=PROMPT):
+    """The reference path: the processor on the chat-formatted prompt and the raw image."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+def model_state(model):
+    """What a call must leave as it was: hooks, requires_grad flags, modes and gradients."""
+    return dict(
+        hooks=sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()),
+        requires_grad=[p.requires_grad for p in model.parameters()],
+        training=[m.training for m in model.modules()],
+        grads=sum(p.grad is not None for p in model.parameters()),
+        modules=[id(m) for m in model.modules()],
+    )
