@@ -16,18 +16,19 @@ def explaining(model: torch.nn.Module, freeze_parameters: bool = True) -> Iterat
     so the backward pass that follows computes no weight gradient.
     """
     training = [m for m in model.modules() if m.training]
-    trainable = [p for p in model.parameters() if p.requires_grad] if freeze_parameters else []
+    # By name, not by object: accelerate's offloading swaps parameter objects in and out around each forward.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad] if freeze_parameters else []
     try:
         for module in training:
             module.training = False
-        for parameter in trainable:
-            parameter.requires_grad_(False)
+        for name in trainable:
+            model.get_parameter(name).requires_grad_(False)
         yield
     finally:
         for module in training:
             module.training = True
-        for parameter in trainable:
-            parameter.requires_grad_(True)
+        for name in trainable:
+            model.get_parameter(name).requires_grad_(True)
 
 
 def has_forward_hooks(module: torch.nn.Module) -> bool:
