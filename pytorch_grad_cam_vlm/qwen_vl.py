@@ -6,7 +6,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from pytorch_grad_cam_vlm.model_state import (eager_attention, explaining, graph
                                               hookable_tuple_outputs, shallowest_hooked)
 
 
+AnswerInput = Union[str, Sequence[int]]
+
+
 @dataclass
 class Layout:
     """Where the image sits in one prompt: the processor's text inputs for one image and its vision grid."""
@@ -23,6 +26,7 @@ class Layout:
     text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask, ... for batch 1, without pixel_values
     grid_thw: torch.Tensor  # (1, 3): t, h, w in patches
     vision_positions: torch.Tensor  # sequence positions of the image tokens, in raster order of the merged grid
+    answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
 
     @property
     def patch_grid(self) -> Tuple[int, int]:
@@ -88,9 +92,15 @@ class QwenVLWrapper(torch.nn.Module):
     While a forward pass runs, the model is in eval mode with frozen parameters, and no autograd graph is built
     before the shallowest hooked layer (``efficient_gradients=False`` turns both off); afterwards its modes,
     ``requires_grad`` flags and hooks are as they were.
+
+    With an ``answer`` (text, or token ids as ``model.generate`` returns them), the answer's tokens are teacher-forced
+    after the generation prompt and ``forward`` returns the answer's score ``(B, 1)``: the sum (or, with
+    ``answer_reduction="mean"``, the mean) of the answer tokens' log-probabilities. Every grad-cam method, target
+    ``None`` and the ROAD metrics then explain the whole answer; :meth:`answer_logits` keeps the logits at hand.
     """
 
-    def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
+                 answer: Optional[AnswerInput] = None, answer_reduction: str = "sum") -> None:
         super().__init__()
         if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
             raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
@@ -114,6 +124,9 @@ class QwenVLWrapper(torch.nn.Module):
         self._layouts: Dict[Tuple[int, int], Layout] = {}
         self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
         self.batch_size = 0
+        self.answer: Optional[AnswerInput] = None
+        self.answer_reduction = "sum"
+        self.set_answer(answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property
@@ -163,9 +176,48 @@ class QwenVLWrapper(torch.nn.Module):
 
     # ----------------------------------------------------------------------------------------- text
     def chat_text(self) -> str:
-        """The prompt as the model sees it: the chat template around one image and the question."""
+        """The prompt as the model sees it: the chat template around one image and the question, followed by the
+        answer when one is set as text."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return prompt + self.answer if isinstance(self.answer, str) else prompt
+
+    # ----------------------------------------------------------------------------------------- answers
+    def set_answer(self, answer: Optional[AnswerInput], reduction: str = "sum") -> None:
+        """Teacher-force ``answer`` (text, tokenised as the processor tokenises the whole chat, or token ids) after
+        the generation prompt, so that ``forward`` returns its score ``(B, 1)``: the ``"sum"`` or ``"mean"`` of its
+        tokens' log-probabilities. ``None`` goes back to next-token logits."""
+        from pytorch_grad_cam_vlm.answers import check_answer
+
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"answer_reduction must be 'sum' or 'mean', got {reduction!r}.")
+        self.answer = None if answer is None else check_answer(answer, self.processor)
+        self.answer_reduction = reduction
+        self._layouts.clear()
+
+    def token_id(self, word: str) -> int:
+        """The id of the one token the tokenizer makes of ``word``, taken as written: Qwen's tokenizer gives
+        ``"red"`` (as the first word of an answer) and ``" red"`` (after a space) different ids. A word that becomes
+        several tokens raises ``ValueError``: explain it with ``set_answer(word)`` instead."""
+        from pytorch_grad_cam_vlm.targets import word_token_id
+
+        return word_token_id(self.processor.tokenizer, word)
+
+    def answer_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, A, vocab)`` float32 logits under teacher forcing: ``[:, t]`` predicts answer token ``t``."""
+        if self.answer is None:
+            raise ValueError("No answer is set: create the wrapper with answer=... or call wrapper.set_answer(...).")
+        return self._logits(x)
+
+    def answer_token_scores(self, x: torch.Tensor, score: str = "log_prob") -> torch.Tensor:
+        """``(B, A)`` float32: each answer token's ``"log_prob"`` or ``"logit"`` under teacher forcing."""
+        if score not in ("log_prob", "logit"):
+            raise ValueError(f"score must be 'log_prob' or 'logit', got {score!r}.")
+        logits = self.answer_logits(x)
+        if score == "log_prob":
+            logits = torch.log_softmax(logits, dim=-1)
+        ids = self.layout.answer_ids.to(logits.device).expand(logits.shape[0], -1)
+        return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
     def layout_for(self, height: int, width: int) -> Layout:
         """Text inputs and vision grid for images of ``height x width`` pixels, built once per size by the
@@ -184,11 +236,25 @@ class QwenVLWrapper(torch.nn.Module):
             image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
             positions = (encoded["input_ids"][0] == image_token_id).nonzero().flatten()
             text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
-            self._layouts[key] = Layout(text_inputs, grid, positions)
+            answer_ids = None
+            if self.answer is not None:
+                from pytorch_grad_cam_vlm.answers import teacher_forced
+
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids)
         return self._layouts[key]
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)``, or with an answer set its score ``(B, 1)``."""
+        if self.answer is None:
+            return self._logits(x)
+        scores = self.answer_token_scores(x)
+        return scores.sum(-1, keepdim=True) if self.answer_reduction == "sum" else scores.mean(-1, keepdim=True)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
+        its tokens ``(B, A, vocab)`` (teacher forcing: token ``t`` is predicted at position ``t - 1``)."""
         self._check_images(x)
         self._check_layers()
         if x.requires_grad:
@@ -203,12 +269,14 @@ class QwenVLWrapper(torch.nn.Module):
         stages = self.vision_blocks + [self.merger] + self.decoder_layers
         start = shallowest_hooked(stages, self.model) if self.efficient_gradients and not x.requires_grad else None
         self._warn_if_last_layer_hooked()
+        n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
         with explaining(self.model, self.efficient_gradients), graph_starts_at(start), \
                 hookable_tuple_outputs(self.decoder_layers):
             output = self.model(**inputs, pixel_values=pixel_values.to(visual_dtype),
-                                image_grid_thw=layout.grid_thw.repeat(b, 1).to(device), logits_to_keep=1,
+                                image_grid_thw=layout.grid_thw.repeat(b, 1).to(device), logits_to_keep=n_answer + 1,
                                 use_cache=False)
-        return output.logits[:, -1].float()
+        logits = output.logits.float()
+        return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
 
     def train(self, mode: bool = True) -> "QwenVLWrapper":
         """Only the wrapper's own flag: grad-cam calls ``.eval()`` on its model, and the wrapped model keeps its
@@ -248,7 +316,7 @@ class QwenVLWrapper(torch.nn.Module):
                 "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
                 "so their gradient is exactly zero and gradient-based maps there are blank. Use "
                 f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer.",
-                stacklevel=3)
+                stacklevel=4)
 
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
