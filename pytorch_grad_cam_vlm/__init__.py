@@ -1,8 +1,17 @@
 """Visual explanations for vision-language models with the methods of pytorch-grad-cam."""
 from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.answers import GeneratedExplanation, explain_generated, plot_per_token
+from pytorch_grad_cam_vlm.attention import AttentionMap, AttentionRollout
+from pytorch_grad_cam_vlm.clip import CLIPWrapper
 from pytorch_grad_cam_vlm.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.shapley_cam import ShapleyCAM
+from pytorch_grad_cam_vlm.targets import AnswerTarget, ContrastiveTarget, WordTarget
 from pytorch_grad_cam_vlm.tiny import build_tiny_model
+from pytorch_grad_cam_vlm.tiny_clip import build_tiny_clip
 
-__all__ = ["QwenVLWrapper", "ShapleyCAM", "TokenAblationLayer", "build_tiny_model", "patchify"]
+__all__ = [
+    "AnswerTarget", "AttentionMap", "AttentionRollout", "CLIPWrapper", "ContrastiveTarget", "GeneratedExplanation",
+    "QwenVLWrapper", "ShapleyCAM", "TokenAblationLayer", "WordTarget", "build_tiny_clip", "build_tiny_model",
+    "explain_generated", "patchify", "plot_per_token",
+]
 __version__ = "0.1.0"

@@ -1,7 +1,6 @@
 """An ablation layer that lets grad-cam's AblationCAM ablate channels of a decoder layer's token sequence."""
 from __future__ import annotations
 
-import torch
 from pytorch_grad_cam.ablation_layer import AblationLayer
 
 

@@ -2,9 +2,6 @@
 every grad-cam method, target and metric runs on it unchanged."""
 from __future__ import annotations
 
-import sys
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -12,8 +9,8 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.model_state import (eager_attention, explaining, graph_starts_at,
-                                              hookable_tuple_outputs, shallowest_hooked)
+from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.wrapper import ModelWrapper, find_module_list
 
 
 AnswerInput = Union[str, Sequence[int]]
@@ -31,19 +28,6 @@ class Layout:
     @property
     def patch_grid(self) -> Tuple[int, int]:
         return int(self.grid_thw[0, 1]), int(self.grid_thw[0, 2])
-
-
-def find_module_list(model: torch.nn.Module, sibling: str) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """The first ``ModuleList`` whose parent also has attribute ``sibling``; found by walking the model, so that
-    module paths that moved between transformers versions (``model.model.layers`` vs
-    ``model.model.language_model.layers``, ``model.visual`` vs ``model.model.visual``) all work."""
-    for parent in model.modules():
-        if hasattr(parent, sibling):
-            for child in parent.children():
-                if isinstance(child, torch.nn.ModuleList) and len(child) > 0:
-                    return parent, child
-    raise ValueError(f"Found no layer list beside a '{sibling}' module in {type(model).__name__}: "
-                     "is this a Qwen2-VL / Qwen2.5-VL model?")
 
 
 def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
@@ -80,7 +64,7 @@ def vision_window_index(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torc
     return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
 
 
-class QwenVLWrapper(torch.nn.Module):
+class QwenVLWrapper(ModelWrapper):
     """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (all of one size, a multiple of 28 pixels, as
@@ -99,31 +83,24 @@ class QwenVLWrapper(torch.nn.Module):
     ``None`` and the ROAD metrics then explain the whole answer; :meth:`answer_logits` keeps the logits at hand.
     """
 
+    ablation_layer_type = TokenAblationLayer
+
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum") -> None:
-        super().__init__()
         if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
             raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
                              "processor's chat template.")
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
-        self.efficient_gradients = efficient_gradients
         image_processor = processor.image_processor
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
-        self.register_buffer("image_mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), False)
-        self.register_buffer("image_std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), False)
         self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
         self.visual, self._vision_blocks = find_module_list(model, "merger")
-        # grad-cam moves inputs to the device of the wrapper's first parameter; with accelerate offloading, the
-        # model's first parameter may live on "meta", so the wrapper leads with an empty one on the input device.
-        self.input_anchor = torch.nn.Parameter(torch.empty(0, device=self.input_device), requires_grad=False)
-        self._originals = [(layers, list(layers)) for layers in (self._decoder_layers, self._vision_blocks)]
+        self._watch_layers(self._decoder_layers, self._vision_blocks)
         self._layouts: Dict[Tuple[int, int], Layout] = {}
         self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
-        self.batch_size = 0
         self.answer: Optional[AnswerInput] = None
         self.answer_reduction = "sum"
         self.set_answer(answer, answer_reduction)
@@ -168,11 +145,6 @@ class QwenVLWrapper(torch.nn.Module):
         grid = encoded["image_grid_thw"][0]
         return unpatchify(encoded["pixel_values"].float(), (int(grid[1]), int(grid[2])), self.patch_size,
                           self.merge_size, self.temporal_patch_size)
-
-    def to_rgb(self, x: torch.Tensor) -> np.ndarray:
-        """Undo the normalisation: ``(B, 3, H, W)`` to ``(B, H, W, 3)`` float32 in [0, 1], for overlays."""
-        rgb = x.detach().float().cpu() * self.image_std.cpu() + self.image_mean.cpu()
-        return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
     # ----------------------------------------------------------------------------------------- text
     def chat_text(self) -> str:
@@ -255,68 +227,25 @@ class QwenVLWrapper(torch.nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
         its tokens ``(B, A, vocab)`` (teacher forcing: token ``t`` is predicted at position ``t - 1``)."""
-        self._check_images(x)
-        self._check_layers()
-        if x.requires_grad:
-            _refuse_fullgrad()
+        self._check_images(x, self.patch_size * self.merge_size)
         b, _, height, width = x.shape
         layout = self.layout_for(height, width)
         self.layout, self.batch_size = layout, b
         device = self.input_device
         visual_dtype = next(self.visual.parameters()).dtype
-        pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
-        stages = self.vision_blocks + [self.merger] + self.decoder_layers
-        start = shallowest_hooked(stages, self.model) if self.efficient_gradients and not x.requires_grad else None
-        self._warn_if_last_layer_hooked()
         n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
-        with explaining(self.model, self.efficient_gradients), graph_starts_at(start), \
-                hookable_tuple_outputs(self.decoder_layers):
+        self._warn_if_hooked(self._decoder_layers[-1], (
+            "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
+            "so their gradient is exactly zero and gradient-based maps there are blank. Use "
+            f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
+        with self._explaining(x, self.vision_blocks + [self.merger] + self.decoder_layers) as x:
+            pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
             output = self.model(**inputs, pixel_values=pixel_values.to(visual_dtype),
                                 image_grid_thw=layout.grid_thw.repeat(b, 1).to(device), logits_to_keep=n_answer + 1,
                                 use_cache=False)
         logits = output.logits.float()
         return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
-
-    def train(self, mode: bool = True) -> "QwenVLWrapper":
-        """Only the wrapper's own flag: grad-cam calls ``.eval()`` on its model, and the wrapped model keeps its
-        mode (each forward pass runs it in eval mode and restores the mode after)."""
-        self.training = mode
-        return self
-
-    def _check_images(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"Expected normalised images of shape (B, 3, H, W), got {shape}; "
-                             "use wrapper.preprocess(image) to make one.")
-        cell = self.patch_size * self.merge_size
-        if x.shape[2] % cell or x.shape[3] % cell:
-            raise ValueError(f"Image height and width must be multiples of {cell} pixels, got "
-                             f"{x.shape[2]}x{x.shape[3]}; use wrapper.preprocess(image) to resize as the model does.")
-
-    def _check_layers(self) -> None:
-        """grad-cam's AblationCAM swaps a layer for its ablation layer and, when that fails, can leave it inside the
-        model; put the original layers back and say what to use instead."""
-        from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
-
-        for layers, originals in self._originals:
-            foreign = [m for m, o in zip(layers, originals) if m is not o and not isinstance(m, TokenAblationLayer)]
-            if foreign:
-                for i, original in enumerate(originals):
-                    layers[i] = original
-                raise ValueError(
-                    f"A {type(foreign[0]).__name__} had replaced a layer of the model (grad-cam's AblationCAM leaves it "
-                    "there when its default ablation layer fails on token sequences); the original layers are back. "
-                    "Use AblationCAM(..., ablation_layer=wrapper.ablation_layer()).")
-
-    def _warn_if_last_layer_hooked(self) -> None:
-        last = self._decoder_layers[-1]
-        if torch.is_grad_enabled() and any(m._forward_hooks for m in last.modules()):
-            warnings.warn(
-                "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
-                "so their gradient is exactly zero and gradient-based maps there are blank. Use "
-                f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer.",
-                stacklevel=4)
 
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
@@ -345,32 +274,7 @@ class QwenVLWrapper(torch.nn.Module):
         raise ValueError(f"A vision hidden state of {hidden.shape[0]} rows fits neither the {b * gh * gw} patches "
                          f"nor the {b * gh * gw // (m * m)} merged cells of the latest forward pass.")
 
-    @contextmanager
-    def eager_attention(self):
-        """Run the model with eager attention inside the block (for attention weights and second derivatives)."""
-        with eager_attention(self.model):
-            yield
-
     def ablation_layer(self):
         """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
         positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
-
         return TokenAblationLayer(self)
-
-
-def _refuse_fullgrad() -> None:
-    """grad-cam's FullGrad takes biases from Conv2d and BatchNorm2d layers only; a transformer has none, and FullGrad
-    would silently return |input gradient x input| under its name."""
-    from pytorch_grad_cam import FullGrad
-
-    frame = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return
-        if isinstance(frame.f_locals.get("self"), FullGrad):
-            raise NotImplementedError(
-                "FullGrad is not supported on vision-language models: it sums bias gradients of Conv2d/BatchNorm2d "
-                "layers, which transformers do not have, and would return only |input gradient x input|. Use "
-                "GradCAM, HiResCAM or LayerCAM on wrapper.decoder_layers, or SmoothGradCAM.")
-        frame = frame.f_back

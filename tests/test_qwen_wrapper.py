@@ -429,3 +429,14 @@ def test_tuple_outputs_are_hookable_by_gradcam():
             maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(1)]))
     assert maps[0].max() == pytest.approx(1, abs=1e-6)
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-6)
+
+
+def test_hooked_module_outside_the_layers_gets_a_graph_from_the_input(wrapper):
+    """A target outside the known layers (here the final norm) is reached by a graph from the input: its gradient is
+    recorded, and since the norm acts per position, the image positions get none and the map is blank."""
+    x = wrapper.preprocess(random_image(56, 56))
+    norm = wrapper._text_model.norm
+    with GradCAM(model=wrapper, target_layers=[norm], reshape_transform=wrapper.reshape_transform) as cam:
+        maps = cam(input_tensor=x, targets=None)
+        assert len(cam.activations_and_grads.gradients) == 1
+    assert maps.shape == (1, 56, 56) and maps.max() == 0
