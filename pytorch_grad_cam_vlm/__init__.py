@@ -5,13 +5,19 @@ from pytorch_grad_cam_vlm.attention import AttentionMap, AttentionRollout
 from pytorch_grad_cam_vlm.clip import CLIPWrapper
 from pytorch_grad_cam_vlm.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.shapley_cam import ShapleyCAM
+from pytorch_grad_cam_vlm.smooth_grad import (SmoothEigenCAM, SmoothEigenGradCAM, SmoothFullGrad, SmoothGrad,
+                                              SmoothGradCAM, SmoothGradCAMElementWise, SmoothGradCAMPlusPlus,
+                                              SmoothHiResCAM, SmoothLayerCAM, SmoothScoreCAM, SmoothShapleyCAM,
+                                              SmoothXGradCAM, smooth)
 from pytorch_grad_cam_vlm.targets import AnswerTarget, ContrastiveTarget, WordTarget
 from pytorch_grad_cam_vlm.tiny import build_tiny_model
 from pytorch_grad_cam_vlm.tiny_clip import build_tiny_clip
 
 __all__ = [
     "AnswerTarget", "AttentionMap", "AttentionRollout", "CLIPWrapper", "ContrastiveTarget", "GeneratedExplanation",
-    "QwenVLWrapper", "ShapleyCAM", "TokenAblationLayer", "WordTarget", "build_tiny_clip", "build_tiny_model",
-    "explain_generated", "patchify", "plot_per_token",
+    "QwenVLWrapper", "ShapleyCAM", "SmoothEigenCAM", "SmoothEigenGradCAM", "SmoothFullGrad", "SmoothGrad",
+    "SmoothGradCAM", "SmoothGradCAMElementWise", "SmoothGradCAMPlusPlus", "SmoothHiResCAM", "SmoothLayerCAM",
+    "SmoothScoreCAM", "SmoothShapleyCAM", "SmoothXGradCAM", "TokenAblationLayer", "WordTarget", "build_tiny_clip",
+    "build_tiny_model", "explain_generated", "patchify", "plot_per_token", "smooth",
 ]
 __version__ = "0.1.0"
