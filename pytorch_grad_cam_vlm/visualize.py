@@ -1,0 +1,151 @@
+"""The visual modes of Smooth Grad-CAM for Qwen2.5-VL as PNG figures: one layer (heatmap and overlay), a grid of
+layers, a multi-layer figure (heatmap and overlay per layer) and an early/middle/late comparison; raw maps as .npy.
+
+Figures have an exact pixel size: panels of :data:`PANEL_WIDTH` pixels (height by the image's aspect ratio), each
+under a label strip of :data:`LABEL_HEIGHT` pixels, below a title strip of :data:`TITLE_HEIGHT` pixels. Heatmaps use
+OpenCV's jet colormap on the fixed range [0, 1], the colours of grad-cam's ``show_cam_on_image`` overlays.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Sequence, Tuple
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window; also works without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
+
+MODES = ("single", "grid", "multi", "comparative")
+PANEL_WIDTH = 256
+LABEL_HEIGHT = 22
+TITLE_HEIGHT = 40
+GRID_COLUMNS = 3
+DPI = 100
+THIRDS = ("early", "middle", "late")
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """grad-cam's ``show_cam_on_image``: ``rgb`` float ``(H, W, 3)`` in [0, 1] and a map ``(H, W)`` in [0, 1] to an
+    RGB uint8 overlay."""
+    return show_cam_on_image(np.asarray(rgb, dtype=np.float32), np.asarray(cam, dtype=np.float32), use_rgb=True)
+
+
+def heatmap(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The map alone in the colours of :func:`overlay` (OpenCV's jet), RGB uint8 ``(H, W, 3)``; ``rgb`` is unused
+    and there so that both draw functions take the same arguments."""
+    return cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def figure_title(method: str, layers: Sequence[int], token: str) -> str:
+    """``GradCAM · layer 5 · target 'red'`` (or ``layers 0, 3, 6``): what every figure says about itself."""
+    where = f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(str(i) for i in layers)
+    return f"{method} · {where} · target {token!r}"
+
+
+def panel_layout(mode: str, n_layers: int) -> Tuple[int, int]:
+    """``(rows, columns)`` of panels for ``mode`` with ``n_layers`` maps: single 1x2 (heatmap, overlay), grid
+    ``ceil(L/3) x min(L, 3)`` overlays, multi ``L x 2`` (heatmap, overlay per layer), comparative 2x3 (heatmaps
+    over overlays of the early, middle and late layer)."""
+    if mode == "single":
+        return 1, 2
+    if mode == "grid":
+        columns = min(GRID_COLUMNS, n_layers)
+        return math.ceil(n_layers / columns), columns
+    if mode == "multi":
+        return n_layers, 2
+    if mode == "comparative":
+        return 2, 3
+    raise ValueError(f"Unknown mode {mode!r}: use one of {', '.join(MODES)}.")
+
+
+def figure_size(rows: int, columns: int, image_height: int, image_width: int) -> Tuple[int, int]:
+    """``(width, height)`` in pixels of a figure of ``rows x columns`` panels for images of the given size."""
+    panel_height = round(PANEL_WIDTH * image_height / image_width)
+    return columns * PANEL_WIDTH, TITLE_HEIGHT + rows * (LABEL_HEIGHT + panel_height)
+
+
+def comparative_positions(n_layers: int) -> List[int]:
+    """Positions of the early, middle and late layer among ``n_layers`` layers in depth order: the centre of each
+    third."""
+    if n_layers < 3:
+        raise ValueError(f"The comparative mode needs at least 3 layers (early, middle, late), got {n_layers}.")
+    return [int(third[len(third) // 2]) for third in np.array_split(np.arange(n_layers), 3)]
+
+
+def mode_layers(mode: str, layers: Sequence[int]) -> List[int]:
+    """The layers a mode draws out of the selected ``layers``: single needs exactly one, comparative the early,
+    middle and late one (:func:`comparative_positions`), grid and multi all of them."""
+    if mode == "single" and len(layers) != 1:
+        raise ValueError(f"The single mode draws one layer, got {len(layers)}: pass one layer or use --mode grid.")
+    if mode == "comparative":
+        return [layers[i] for i in comparative_positions(len(layers))]
+    panel_layout(mode, len(layers))  # refuses unknown modes
+    return list(layers)
+
+
+def save_figure(path: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers: Sequence[int], method: str,
+                token: str) -> str:
+    """Draw ``maps`` ``(L, H, W)`` of ``layers`` on ``rgb`` ``(H, W, 3)`` as the figure of ``mode`` and save it as a
+    PNG at ``path``. ``maps`` and ``layers`` are those of :func:`mode_layers`. Returns ``path``."""
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or len(maps) != len(layers) or maps.shape[1:] != rgb.shape[:2]:
+        raise ValueError(f"Expected maps (L={len(layers)}, H, W) on the image's {rgb.shape[:2]} grid, "
+                         f"got {maps.shape}.")
+    rows, columns = panel_layout(mode, len(layers))
+    if mode == "comparative":
+        panels = [(heatmap, m, f"{name} · layer {k} · heatmap") for name, k, m in zip(THIRDS, layers, maps)]
+        panels += [(overlay, m, f"{name} · layer {k} · overlay") for name, k, m in zip(THIRDS, layers, maps)]
+    elif mode == "grid":
+        panels = [(overlay, m, f"layer {k}") for k, m in zip(layers, maps)]
+    else:  # single and multi: heatmap and overlay of each layer, one layer per row
+        panels = [(draw, m, f"layer {k} · {kind}") for k, m in zip(layers, maps)
+                  for draw, kind in ((heatmap, "heatmap"), (overlay, "overlay"))]
+    width, height = figure_size(rows, columns, *rgb.shape[:2])
+    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    figure.text(0.5, 1 - TITLE_HEIGHT / 2 / height, figure_title(method, layers, token), ha="center", va="center",
+                fontsize=11)
+    panel_height = (height - TITLE_HEIGHT) / rows - LABEL_HEIGHT
+    for index, (draw, cam, label) in enumerate(panels):
+        if not cam.max() > 0:
+            label += " · blank"  # the method gave this layer no positive evidence: say so, not just a blue panel
+        row, column = divmod(index, columns)
+        bottom = height - TITLE_HEIGHT - (row + 1) * (LABEL_HEIGHT + panel_height)
+        axes = figure.add_axes((column / columns, bottom / height, 1 / columns, panel_height / height))
+        axes.imshow(draw(rgb, cam), extent=(0, 1, 0, 1), aspect="auto")
+        axes.set_axis_off()
+        figure.text((column + 0.5) / columns, (bottom + panel_height + LABEL_HEIGHT / 2) / height, label,
+                    ha="center", va="center", fontsize=9)
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def save_overlay(path: str, rgb: np.ndarray, cam: np.ndarray) -> str:
+    """The overlay alone as a PNG at the image's own size (no title). Returns ``path``."""
+    Image.fromarray(overlay(rgb, cam)).save(path)
+    return path
+
+
+def save_maps(path: str, maps: np.ndarray) -> str:
+    """The raw maps as float32 ``.npy``. Returns ``path``."""
+    np.save(path, np.asarray(maps, dtype=np.float32))
+    return path
+
+
+def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers: Sequence[int],
+           method: str, token: str) -> List[str]:
+    """Write what ``mode`` shows for one image into ``out_dir``: the mode's figure, the raw maps
+    (``{stem}_{method}_maps.npy``, ``(L, H, W)`` in the order of ``layers``) and, in single mode, the overlay at the
+    image's size. Returns the paths written."""
+    prefix = os.path.join(out_dir, f"{stem}_{method}")
+    files = [save_figure(f"{prefix}_{mode}.png", mode, rgb, maps, layers, method, token),
+             save_maps(f"{prefix}_maps.npy", maps)]
+    if mode == "single":
+        files.append(save_overlay(f"{prefix}_layer{layers[0]}_overlay.png", rgb, maps[0]))
+    return files
+
