@@ -158,8 +158,13 @@ def layer_count(config, family: str) -> int:
     return config.vision_config.num_hidden_layers
 
 
-def check_question(family: str, prompt: Optional[str], texts: Optional[Sequence[str]]) -> None:
-    """Qwen models take a ``--prompt``, CLIP models ``--texts`` (distinct)."""
+def check_question(family: str, prompt: Optional[str], texts: Optional[Sequence[str]], answer: Optional[str] = None,
+                   per_token: bool = False) -> None:
+    """Qwen models take a ``--prompt`` (and may take ``--answer`` / ``--per-token``), CLIP models ``--texts``."""
+    if (answer is not None or per_token) and family not in QWEN_MODEL_CLASSES:
+        raise InputError(f"--answer and --per-token explain a Qwen model's answer; a {family} model takes --texts.")
+    if answer is not None and not answer.strip():
+        raise InputError("--answer is empty: give the answer text to explain, or leave it out.")
     if family in QWEN_MODEL_CLASSES:
         if not prompt:
             raise InputError(f"A {family} model needs --prompt, the question to explain.")
@@ -206,6 +211,8 @@ class Subject:
         with torch.no_grad():
             logits = self.wrapper(x)[0].float()
         index = int(logits.argmax())
+        if getattr(self.wrapper, "answer", None) is not None:  # the answer's score: sum of its log-probabilities
+            return 0, str(self.wrapper.answer), float(logits[0].exp())
         if self.family in QWEN_MODEL_CLASSES:
             return index, self.wrapper.processor.tokenizer.decode([index]), float(logits.softmax(-1)[index])
         probabilities = logits.softmax(-1) if self.family == "clip" else logits.sigmoid()
@@ -340,7 +347,7 @@ def run_explain(args: argparse.Namespace) -> int:
     images = find_images(args.image)
     device = resolve_device(args.device)
     config, family = model_config(args.model)
-    check_question(family, args.prompt, args.texts)
+    check_question(family, args.prompt, args.texts, args.answer, args.per_token)
     gradients = uses_gradients(method_cls, smooth)
     layers = choose_layers(method_cls, family, layer_count(config, family), args.layers, args.mode, gradients)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -349,6 +356,13 @@ def run_explain(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, family, resolve_dtype(args.dtype, device), device)
     subject = make_subject(family, model, processor, args.prompt, args.texts)
     layers = layers or [subject.auto_single_layer(gradients)]
+    if args.per_token:
+        return run_per_token(args, subject, method_cls, smooth, images, layers[-1])
+    if args.answer is not None:
+        try:
+            subject.wrapper.set_answer(args.answer)
+        except ValueError as error:
+            raise InputError(f"--answer {args.answer!r}: {error}") from error
     rows = []
     with staged_output(args.out) as staging:
         with layer_sweep(method_cls)(model=subject.wrapper, target_layers=[subject.layers[i] for i in layers],
@@ -362,6 +376,44 @@ def run_explain(args: argparse.Namespace) -> int:
     print(f"Explained {len(rows)} image(s) with {method_cls.__name__} at {kind} layer(s) "
           f"{', '.join(map(str, layers))}; wrote {sum(len(r['files']) for r in rows) + 2} files to {args.out}, "
           f"listed in {os.path.join(args.out, 'report.csv')} and report.json.")
+    return 0
+
+
+def run_per_token(args: argparse.Namespace, subject: Subject, method_cls: type, smooth: dict,
+                  images: Sequence[str], layer: int) -> int:
+    """``--per-token``: generate the answer (or take ``--answer``) and explain each of its tokens at one layer, with
+    the tokens before it teacher-forced; a figure of every token's map and the maps as ``.npy`` per image."""
+    from functools import partial
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from pytorch_grad_cam_vlm.answers import explain_generated, plot_per_token
+
+    method = partial(method_cls, **cam_options(method_cls, subject, smooth))
+    rows = []
+    with staged_output(args.out) as staging:
+        progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
+        for image, stem in zip(progress, output_stems(images)):
+            x = subject.wrapper.preprocess(image)
+            try:
+                result = explain_generated(subject.wrapper, x, [subject.layers[layer]], method=method,
+                                           max_new_tokens=args.max_new_tokens, answer=args.answer)
+            except ValueError as error:
+                raise InputError(str(error)) from error
+            figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
+            plot_per_token(result, subject.wrapper.to_rgb(x)[0], figure,
+                           title=f"{method_cls.__name__} · layer {layer} · answer {result.text!r}")
+            maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
+            np.save(maps, result.maps)
+            rows.append(dict(image=image, answer=result.text, tokens=list(result.tokens),
+                             probabilities=[round(float(p), 6) for p in result.probabilities],
+                             method=method_cls.__name__, mode="per-token", layers=[layer],
+                             files=[os.path.basename(figure), os.path.basename(maps)]))
+        write_report(rows, staging)
+    print(f"Explained the answers of {len(rows)} image(s) token by token with {method_cls.__name__} at decoder "
+          f"layer {layer}; wrote {2 * len(rows) + 2} files to {args.out}, listed in "
+          f"{os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
 
 
@@ -458,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--noise-level", type=_non_negative_float,
                          help="noise std of a Smooth method as a fraction of the input range (default 0.15)")
     explain.add_argument("--seed", type=int, default=0, help="seed of a Smooth method's noise")
+    explain.add_argument("--answer", help="Qwen: explain this answer (teacher-forced after the prompt; its score is "
+                                          "the sum of its tokens' log-probabilities) instead of the next token")
+    explain.add_argument("--per-token", action="store_true",
+                         help="Qwen: generate the answer (or take --answer) and draw one map per answer token")
+    explain.add_argument("--max-new-tokens", type=_positive_int, default=16,
+                         help="longest generated answer of --per-token (default 16)")
     explain.set_defaults(run=run_explain)
     return parser
 

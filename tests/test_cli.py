@@ -148,6 +148,7 @@ def bad_inputs(tmp_path_factory, model_dir, image_dir):
     (dict(prompt=None), "needs --prompt"),
     (dict(texts="a cat"), "--texts is for CLIP"),
     (dict(n_samples="4"), "Smooth methods only"),
+    (dict(answer=" "), "--answer is empty"),
 ])
 def test_bad_input_gets_one_line_exit_2_and_nothing_written(capsys, tmp_path, bad_inputs, change, message):
     folder, good = bad_inputs
@@ -160,6 +161,50 @@ def test_bad_input_gets_one_line_exit_2_and_nothing_written(capsys, tmp_path, ba
     assert code == 2
     assert stderr.startswith(ERROR) and message in stderr and stderr.count("\n") == 1, stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_unknown_answer_word_exits_2_with_nothing_written(capsys, tmp_path, model_dir, image_dir):
+    code, _, stderr = run(capsys, "explain", "--model", model_dir, "--image", image_dir / "b.png", "--prompt", PROMPT,
+                          "--answer", "zebra", "--out", tmp_path / "out")
+    assert code == 2
+    assert stderr.strip().splitlines()[-1].startswith(ERROR + "The tokenizer does not know part of the answer 'zebra'")
+    assert os.listdir(tmp_path) == []
+
+
+def test_explain_answer_scores_and_maps_the_teacher_forced_answer(capsys, tmp_path, model_dir, image_dir, wrapper):
+    out = tmp_path / "out"
+    image = image_dir / "b.png"
+    code, _, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT,
+                     "--answer", "red circle", "--layers", "1", "--mode", "single", "--out", out)
+    assert code == 0
+    row = json.loads((out / "report.json").read_text())[0]
+    answered = QwenVLWrapper(wrapper.model, wrapper.processor, prompt=PROMPT, answer="red circle")
+    x = answered.preprocess(str(image))
+    with torch.no_grad():
+        score = float(answered(x)[0, 0])
+    with GradCAM(model=answered, target_layers=[answered.decoder_layers[1]],
+                 reshape_transform=answered.reshape_transform) as cam:
+        expected = cam(x, targets=None)
+    assert row["predicted_token"] == "red circle" and row["probability"] == pytest.approx(np.exp(score), abs=1e-6)
+    np.testing.assert_allclose(np.load(out / row["files"][1]), expected, atol=1e-5)
+
+
+def test_explain_per_token_writes_one_map_per_answer_token(capsys, tmp_path, model_dir, image_dir, wrapper):
+    from pytorch_grad_cam_vlm.answers import explain_generated
+
+    out = tmp_path / "out"
+    image = image_dir / "a.jpg"
+    code, _, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT, "--per-token",
+                     "--answer", "a red circle", "--layers", "2", "--mode", "single", "--out", out)
+    assert code == 0
+    row = json.loads((out / "report.json").read_text())[0]
+    assert row["tokens"] == ["a", "red", "circle"] and row["mode"] == "per-token" and row["layers"] == [2]
+    expected = explain_generated(wrapper, wrapper.preprocess(str(image)), [wrapper.decoder_layers[2]],
+                                 answer="a red circle")
+    maps = np.load(out / row["files"][1])
+    assert maps.shape == (3, 84, 56)
+    np.testing.assert_allclose(maps, expected.maps, atol=1e-5)
+    assert Image.open(out / row["files"][0]).size[0] > 0
 
 
 def test_a_failure_mid_batch_leaves_nothing(capsys, tmp_path, monkeypatch, model_dir, image_dir):
