@@ -489,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the held-out samples")
     demo.set_defaults(run=run_demo)
 
+    from pytorch_grad_cam_vlm import benchmark  # imported here: benchmark imports this module
+
+    benchmark.add_arguments(commands.add_parser(
+        "benchmark", help="faithfulness benchmark: ROAD, pointing and sanity over methods x layers"))
+
     explain = commands.add_parser("explain", help="explain a model's prediction on images",
                                   description="Maps of the predicted next token (Qwen) or best-matching text "
                                               "(CLIP, SigLIP) for one image or a folder of images.")
