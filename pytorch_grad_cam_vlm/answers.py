@@ -127,7 +127,7 @@ def generate_answer(wrapper, x: torch.Tensor, max_new_tokens: int = 16, **genera
 
     if wrapper.answer is not None:
         raise ValueError("The wrapper already has an answer; generate from the prompt alone (wrapper.set_answer(None)).")
-    wrapper._check_images(x)
+    wrapper._check_images(x, wrapper.patch_size * wrapper.merge_size)
     if x.shape[0] != 1:
         raise ValueError(f"Generate an answer for one image at a time, got a batch of {x.shape[0]}.")
     layout = wrapper.layout_for(x.shape[2], x.shape[3])

@@ -31,9 +31,16 @@ def explaining(model: torch.nn.Module, freeze_parameters: bool = True) -> Iterat
             model.get_parameter(name).requires_grad_(True)
 
 
+def watching_hooks(module: torch.nn.Module) -> list:
+    """The forward hooks of ``module`` itself, less transformers' output recorders (transformers 5 installs those for
+    good the first time a model runs with ``output_attentions`` or ``output_hidden_states``)."""
+    return [hook for hook in module._forward_hooks.values()
+            if getattr(hook, "__module__", None) != "transformers.utils.output_capturing"]
+
+
 def has_forward_hooks(module: torch.nn.Module) -> bool:
     """Whether anything (grad-cam, a user) watches this module or one of its submodules with a forward hook."""
-    return any(m._forward_hooks for m in module.modules())
+    return any(watching_hooks(m) for m in module.modules())
 
 
 def shallowest_hooked(stages: Sequence[torch.nn.Module], model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -44,9 +51,9 @@ def shallowest_hooked(stages: Sequence[torch.nn.Module], model: torch.nn.Module)
     for stage in stages:
         members = set(stage.modules())
         inside |= members
-        if first is None and any(m._forward_hooks for m in members):
+        if first is None and any(watching_hooks(m) for m in members):
             first = stage
-    outside = any(m._forward_hooks for m in model.modules() if m not in inside)
+    outside = any(watching_hooks(m) for m in model.modules() if m not in inside)
     return None if outside else first
 
 

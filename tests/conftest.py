@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
+from pytorch_grad_cam_vlm.model_state import watching_hooks
 
 PROMPT = "What color is the circle?"
 
@@ -40,9 +41,24 @@ def chat_inputs(processor, image, prompt=PROMPT):
 def model_state(model):
     """What a call must leave as it was: hooks, requires_grad flags, modes and gradients."""
     return dict(
-        hooks=sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()),
+        hooks=_hook_count(model),
         requires_grad=[p.requires_grad for p in model.parameters()],
         training=[m.training for m in model.modules()],
         grads=sum(p.grad is not None for p in model.parameters()),
         modules=[id(m) for m in model.modules()],
     )
+
+
+def _hook_count(model):
+    """Hooks on the model, less transformers' own output recorders (see model_state.watching_hooks)."""
+    return sum(len(watching_hooks(m)) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@pytest.fixture(autouse=True)
+def no_hooks_left_on_shared_models(request):
+    """Every test leaves the session's tiny models without hooks (grad-cam's included)."""
+    yield
+    for name in ("tiny_qwen", "tiny_qwen2"):
+        if name in request.fixturenames:
+            model = request.getfixturevalue(name)[0]
+            assert _hook_count(model) == 0, f"{request.node.name} left hooks on the {name} model"

@@ -440,3 +440,26 @@ def test_hooked_module_outside_the_layers_gets_a_graph_from_the_input(wrapper):
         maps = cam(input_tensor=x, targets=None)
         assert len(cam.activations_and_grads.gradients) == 1
     assert maps.shape == (1, 56, 56) and maps.max() == 0
+
+
+def test_transformers_output_recorders_are_not_mistaken_for_targets(tiny_qwen, recwarn):
+    """transformers 5 leaves output-recording hooks on every layer once a model runs with output_hidden_states:
+    they neither trigger the last-layer warning nor move where the graph starts."""
+    model, processor = tiny_qwen
+    image = random_image(56, 56)
+    with torch.no_grad():
+        model(**chat_inputs(processor, image), output_hidden_states=True)
+    wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
+    x = wrapper.preprocess(image)
+    seen = {}
+
+    def record(module, args):
+        seen["below"] = args[0].requires_grad
+
+    handle = wrapper.decoder_layers[0].register_forward_pre_hook(record)
+    with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
+                 reshape_transform=wrapper.reshape_transform) as cam:
+        cam(input_tensor=x, targets=None)
+    handle.remove()
+    assert seen["below"] is False
+    assert not [w for w in recwarn if "last decoder layer" in str(w.message)]

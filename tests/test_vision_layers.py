@@ -141,3 +141,24 @@ def test_qwen2_vl_vision_blocks_have_no_window_order(tiny_qwen2):
     grid = wrapper.reshape_transform(store["rows"])[0]
     # Qwen2-VL keeps merge-block order only: rows 4i..4i+3 are the 2x2 block of merged cell i in raster order
     torch.testing.assert_close(grid[:, 0:2, 2:4].permute(1, 2, 0).reshape(4, -1), store["rows"][4:8])
+
+
+def test_merger_and_last_block_peaks_agree_on_the_demo_model():
+    """On the demo model, the 28-pixel cell of the merger map's maximum and of the last vision block's maximum agree
+    far above chance (1 in 16 cells): measured 19 of 40 held-out samples; pinned at 16."""
+    from pytorch_grad_cam_vlm.demo import load_demo_model, make_demo_samples
+
+    model, processor = load_demo_model()
+    samples = make_demo_samples(40, seed=1, split="test")
+    agree = 0
+    for sample in samples:
+        wrapper = QwenVLWrapper(model, processor, sample.prompt)
+        x = wrapper.preprocess(sample.image)
+        peaks = []
+        for layer in (wrapper.merger, wrapper.vision_blocks[-1]):
+            with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=wrapper.reshape_transform) as cam:
+                cam_map = cam(x, None)[0]
+            row, col = np.unravel_index(cam_map.argmax(), cam_map.shape)
+            peaks.append((row // 28, col // 28))
+        agree += peaks[0] == peaks[1]
+    assert agree >= 16
