@@ -199,9 +199,7 @@ def plot_per_token(explanation: GeneratedExplanation, rgb: np.ndarray, path: Opt
     """The per-token figure: the combined map under the whole answer, then each token with its probability over its
     map, as overlays on ``rgb`` ``(H, W, 3)`` in [0, 1]. Saved as a PNG at ``path`` when given; returns the
     matplotlib ``Figure`` (drawn with the Agg canvas, no window)."""
-    from matplotlib.figure import Figure
-
-    from pytorch_grad_cam_vlm.visualize import DPI, LABEL_HEIGHT, PANEL_WIDTH, TITLE_HEIGHT, overlay
+    from pytorch_grad_cam_vlm.visualize import DPI, overlay, panel_figure
 
     if explanation.maps.shape[1:] != rgb.shape[:2]:
         raise ValueError(f"The maps are {explanation.maps.shape[1:]} and the image {rgb.shape[:2]}: pass the image "
@@ -210,20 +208,8 @@ def plot_per_token(explanation: GeneratedExplanation, rgb: np.ndarray, path: Opt
     panels += [(m, f"{t.strip() or repr(t)} · p={p:.2f}")
                for t, p, m in zip(explanation.tokens, explanation.probabilities, explanation.maps)]
     columns = min(columns, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    panel_height = round(PANEL_WIDTH * rgb.shape[0] / rgb.shape[1])
-    width, height = columns * PANEL_WIDTH, TITLE_HEIGHT + rows * (LABEL_HEIGHT + panel_height)
-    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    figure.text(0.5, 1 - TITLE_HEIGHT / 2 / height, title or f"answer: {explanation.text!r} · {explanation.score}",
-                ha="center", va="center", fontsize=11)
-    for index, (cam, label) in enumerate(panels):
-        row, column = divmod(index, columns)
-        bottom = height - TITLE_HEIGHT - (row + 1) * (LABEL_HEIGHT + panel_height)
-        axes = figure.add_axes((column / columns, bottom / height, 1 / columns, panel_height / height))
-        axes.imshow(overlay(rgb, cam), extent=(0, 1, 0, 1), aspect="auto")
-        axes.set_axis_off()
-        figure.text((column + 0.5) / columns, (bottom + panel_height + LABEL_HEIGHT / 2) / height, label,
-                    ha="center", va="center", fontsize=9)
+    figure = panel_figure([(overlay(rgb, cam), label) for cam, label in panels], math.ceil(len(panels) / columns),
+                          columns, rgb.shape[:2], title or f"answer: {explanation.text!r} · {explanation.score}")
     if path is not None:
         figure.savefig(path, dpi=DPI)
     return figure

@@ -123,19 +123,22 @@ def build_tiny_model(path: Optional[str | os.PathLike] = None, family: str = "qw
                      ) -> Tuple[torch.nn.Module, object]:
     """Build a tiny random Qwen2.5-VL (or Qwen2-VL) and its processor, save both to ``path`` with
     ``save_pretrained`` and load them back with ``from_pretrained``. Returns ``(model, processor)``."""
-    import tempfile
-
-    from transformers import AutoProcessor
-
     model_cls = _family_classes(family)[0]
     processor = build_processor(words, family=family)
     config = tiny_config(processor.tokenizer, family=family, **config_kwargs)
     torch.manual_seed(seed)
-    model = model_cls(config)
-    if path is None:
-        path = tempfile.mkdtemp(prefix=f"tiny_{family}_")
+    return save_and_reload(model_cls(config), processor, path, model_cls, dtype, prefix=f"tiny_{family}_")
+
+
+def save_and_reload(model: torch.nn.Module, processor, path: Optional[str | os.PathLike], model_cls, dtype: torch.dtype,
+                    prefix: str = "tiny_") -> Tuple[torch.nn.Module, object]:
+    """Save ``model`` and ``processor`` to ``path`` (a new temporary folder when ``None``) and load them back with
+    ``model_cls.from_pretrained`` and ``AutoProcessor.from_pretrained``, so that the real loading path runs."""
+    import tempfile
+
+    from transformers import AutoProcessor
+
+    path = tempfile.mkdtemp(prefix=prefix) if path is None else path
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    model = model_cls.from_pretrained(path, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path)
-    return model.eval(), processor
+    return model_cls.from_pretrained(path, dtype=dtype).eval(), AutoProcessor.from_pretrained(path)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import string
-import tempfile
 from typing import Iterable, Optional, Tuple
 
 import torch
+
+from pytorch_grad_cam_vlm.tiny import save_and_reload
 
 CLIP_FAMILIES = ("clip", "siglip", "siglip2")
 
@@ -102,7 +103,7 @@ def build_tiny_clip(path: Optional[str | os.PathLike] = None, family: str = "cli
     CLIP and SigLIP see ``image_size`` pixels square in patches of ``patch_size`` (default 8); SigLIP 2's processor
     resizes each image to at most 256 patches of 16 pixels, keeping its aspect ratio.
     """
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel
 
     siglip2 = _check_family(family) == "siglip2"
     patch_size = patch_size or (16 if siglip2 else 8)
@@ -111,14 +112,7 @@ def build_tiny_clip(path: Optional[str | os.PathLike] = None, family: str = "cli
     config = tiny_clip_config(processor.tokenizer, family, image_size=image_size, patch_size=patch_size,
                               max_length=max_length, **config_kwargs)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config)
-    if path is None:
-        path = tempfile.mkdtemp(prefix=f"tiny_{family}_")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path)
-    return model.eval(), processor
+    return save_and_reload(AutoModel.from_config(config), processor, path, AutoModel, dtype, prefix=f"tiny_{family}_")
 
 
 def _check_family(family: str) -> str:

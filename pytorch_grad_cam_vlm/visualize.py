@@ -12,13 +12,9 @@ import os
 from typing import List, Sequence, Tuple
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window; also works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
+import numpy as np
+from PIL import Image
+from pytorch_grad_cam.utils.image import show_cam_on_image
 
 MODES = ("single", "grid", "multi", "comparative")
 PANEL_WIDTH = 256
@@ -69,6 +65,27 @@ def figure_size(rows: int, columns: int, image_height: int, image_width: int) ->
     return columns * PANEL_WIDTH, TITLE_HEIGHT + rows * (LABEL_HEIGHT + panel_height)
 
 
+def panel_figure(panels: Sequence[Tuple[np.ndarray, str]], rows: int, columns: int, image_size: Tuple[int, int],
+                 title: str):
+    """A figure of ``rows x columns`` labelled image panels under a title, :func:`figure_size` pixels large, drawn
+    with the Agg canvas (no window). ``panels`` are ``(RGB image, label)`` in reading order."""
+    from matplotlib.figure import Figure
+
+    width, height = figure_size(rows, columns, *image_size)
+    panel_height = (height - TITLE_HEIGHT) / rows - LABEL_HEIGHT
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    figure.text(0.5, 1 - TITLE_HEIGHT / 2 / height, title, ha="center", va="center", fontsize=11)
+    for index, (image, label) in enumerate(panels):
+        row, column = divmod(index, columns)
+        bottom = height - TITLE_HEIGHT - (row + 1) * (LABEL_HEIGHT + panel_height)
+        axes = figure.add_axes((column / columns, bottom / height, 1 / columns, panel_height / height))
+        axes.imshow(image, extent=(0, 1, 0, 1), aspect="auto")
+        axes.set_axis_off()
+        figure.text((column + 0.5) / columns, (bottom + panel_height + LABEL_HEIGHT / 2) / height, label,
+                    ha="center", va="center", fontsize=9)
+    return figure
+
+
 def comparative_positions(n_layers: int) -> List[int]:
     """Positions of the early, middle and late layer among ``n_layers`` layers in depth order: the centre of each
     third."""
@@ -105,23 +122,13 @@ def save_figure(path: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers:
     else:  # single and multi: heatmap and overlay of each layer, one layer per row
         panels = [(draw, m, f"layer {k} · {kind}") for k, m in zip(layers, maps)
                   for draw, kind in ((heatmap, "heatmap"), (overlay, "overlay"))]
-    width, height = figure_size(rows, columns, *rgb.shape[:2])
-    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    figure.text(0.5, 1 - TITLE_HEIGHT / 2 / height, figure_title(method, layers, token), ha="center", va="center",
-                fontsize=11)
-    panel_height = (height - TITLE_HEIGHT) / rows - LABEL_HEIGHT
-    for index, (draw, cam, label) in enumerate(panels):
+    drawn = []
+    for draw, cam, label in panels:
         if not cam.max() > 0:
             label += " · blank"  # the method gave this layer no positive evidence: say so, not just a blue panel
-        row, column = divmod(index, columns)
-        bottom = height - TITLE_HEIGHT - (row + 1) * (LABEL_HEIGHT + panel_height)
-        axes = figure.add_axes((column / columns, bottom / height, 1 / columns, panel_height / height))
-        axes.imshow(draw(rgb, cam), extent=(0, 1, 0, 1), aspect="auto")
-        axes.set_axis_off()
-        figure.text((column + 0.5) / columns, (bottom + panel_height + LABEL_HEIGHT / 2) / height, label,
-                    ha="center", va="center", fontsize=9)
+        drawn.append((draw(rgb, cam), label))
+    figure = panel_figure(drawn, rows, columns, rgb.shape[:2], figure_title(method, layers, token))
     figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return path
 
 

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models built from configs, saved and loaded back, once per test session."""
 import numpy as np
 import pytest
-import torch
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
 from pytorch_grad_cam_vlm.model_state import watching_hooks
@@ -36,6 +35,24 @@ def chat_inputs(processor, image, prompt=PROMPT):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     return processor(text=[text], images=[image], return_tensors="pt")
+
+
+def hidden_and_grad(model, inputs, layer, target=None):
+    """By hand on the raw model (parameters as loaded, full graph): ``layer``'s output and its gradient for the
+    last position's logit of ``target`` (default: the argmax), and the target."""
+    store = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        store["hidden"] = output
+
+    handle = layer.register_forward_hook(keep)
+    logits = model(**inputs).logits[0, -1]
+    handle.remove()
+    target = int(logits.argmax()) if target is None else target
+    logits[target].backward()
+    model.zero_grad(set_to_none=True)
+    return store["hidden"].detach(), store["hidden"].grad, target
 
 
 def model_state(model):

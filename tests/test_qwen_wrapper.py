@@ -16,7 +16,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import PROMPT, chat_inputs, model_state, random_image
+from conftest import PROMPT, chat_inputs, hidden_and_grad, model_state, random_image
 from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, patchify
 from pytorch_grad_cam_vlm.model_state import HookableTuple, hookable_tuple_outputs
 
@@ -28,21 +28,9 @@ def image_positions(processor, input_ids):
 def direct_gradcam(model, processor, image, layer, target=None):
     """Grad-CAM by hand on model(**processor(...)): hooks on the raw model, parameters as loaded, full graph."""
     inputs = chat_inputs(processor, image)
-    store = {}
-
-    def keep(module, args, output):
-        output.retain_grad()
-        store["hidden"] = output
-
-    handle = layer.register_forward_hook(keep)
-    logits = model(**inputs).logits[0, -1]
-    handle.remove()
-    target = int(logits.argmax()) if target is None else target
-    logits[target].backward()
-    model.zero_grad(set_to_none=True)
+    hidden, grad, target = hidden_and_grad(model, inputs, layer, target)
     positions = image_positions(processor, inputs["input_ids"])
-    activations = store["hidden"][0, positions].detach()
-    grads = store["hidden"].grad[0, positions]
+    activations, grads = hidden[0, positions], grad[0, positions]
     cam = torch.relu((activations * grads.mean(0)).sum(-1))
     _, gh, gw = inputs["image_grid_thw"][0].tolist()
     return cam.reshape(gh // 2, gw // 2).numpy(), target, inputs

@@ -6,7 +6,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.image import scale_cam_image
 
-from conftest import PROMPT, chat_inputs, random_image
+from conftest import PROMPT, chat_inputs, hidden_and_grad, random_image
 from pytorch_grad_cam_vlm import QwenVLWrapper
 
 
@@ -59,22 +59,10 @@ def test_vision_block_gradcam_equals_explicit_unpermutation(tiny_qwen, block):
     assert (block in model.config.vision_config.fullatt_block_indexes) == (block == 1)
     image = random_image(112, 196, seed=12)  # 8x14 patches: 4x7 merged cells, edge windows are partial
     inputs = chat_inputs(processor, image)
-    layer = model.model.visual.blocks[block]
-    store = {}
-
-    def keep(module, args, output):
-        output.retain_grad()
-        store["hidden"] = output
-
-    handle = layer.register_forward_hook(keep)
-    logits = model(**inputs).logits[0, -1]
-    handle.remove()
-    target = int(logits.argmax())
-    logits[target].backward()
-    model.zero_grad(set_to_none=True)
+    hidden, grad, target = hidden_and_grad(model, inputs, model.model.visual.blocks[block])
     window_cells = model.config.vision_config.window_size // 28
-    activations = unpermute_by_hand(store["hidden"].detach(), 8, 14, window_cells)
-    grads = unpermute_by_hand(store["hidden"].grad, 8, 14, window_cells)
+    activations = unpermute_by_hand(hidden, 8, 14, window_cells)
+    grads = unpermute_by_hand(grad, 8, 14, window_cells)
     reference = torch.relu((activations * grads.mean((1, 2))[:, None, None]).sum(0)).numpy()
 
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
