@@ -113,13 +113,15 @@ def energy_in_box(cam: np.ndarray, box: Box) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def grad_cam_method(cam_class) -> MapMaker:
-    """A map maker for a grad-cam method class on one decoder layer, explaining the answer token's logit."""
+def grad_cam_method(cam_class, target_layer: Optional[Callable[[QwenVLWrapper], torch.nn.Module]] = None
+                    ) -> MapMaker:
+    """A map maker for a grad-cam method class explaining the answer token's logit: on the table's decoder layer,
+    or on ``target_layer(wrapper)`` (a vision block, the merger) for a row without a decoder layer."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     def make(wrapper: QwenVLWrapper, layer: Optional[int], x: torch.Tensor, target_token_id: int) -> np.ndarray:
-        with cam_class(model=wrapper, target_layers=[wrapper.decoder_layers[layer]],
-                       reshape_transform=wrapper.reshape_transform) as cam:
+        chosen = wrapper.decoder_layers[layer] if target_layer is None else target_layer(wrapper)
+        with cam_class(model=wrapper, target_layers=[chosen], reshape_transform=wrapper.reshape_transform) as cam:
             return cam(input_tensor=x, targets=[ClassifierOutputTarget(target_token_id)])[0]
     return make
 
@@ -145,6 +147,9 @@ def default_methods(smooth_grad_samples: int = 8) -> Dict[str, Tuple[MapMaker, b
         methods[cls.__name__] = (grad_cam_method(cls), True)
     methods["SmoothGradCAM"] = (grad_cam_method(partial(SmoothGradCAM, n_samples=smooth_grad_samples, seed=0)), True)
     methods["Attention"] = (grad_cam_method(AttentionMap), True)
+    for cls in (GradCAM, GradCAMPlusPlus):  # vision-encoder rows: the window order is undone by the reshape
+        methods[f"{cls.__name__} (last vision block)"] = (grad_cam_method(cls, lambda w: w.vision_blocks[-1]), False)
+        methods[f"{cls.__name__} (merger)"] = (grad_cam_method(cls, lambda w: w.merger), False)
     return methods
 
 
