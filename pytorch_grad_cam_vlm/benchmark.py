@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.cli import (EXIT_BAD_INPUT, PROG, QWEN_MODEL_CLASSES, InputError, cam_options,
-                                      load_model, make_subject, model_config, resolve_dtype, resolve_method)
+                                      check_question, layer_count, load_model, make_subject, model_config,
+                                      resolve_dtype, resolve_method, skip_last)
 from pytorch_grad_cam_vlm.localization import energy_in_box, pointing_hit
 from pytorch_grad_cam_vlm.road import PERCENTILES, FastROADLeastRelevantFirst, FastROADMostRelevantFirst
 from pytorch_grad_cam_vlm.sweep import LAYER_PRESETS, select_layers
@@ -66,21 +67,22 @@ class Sample:
     index: int
     where: str
     image: str
-    prompt: str
+    prompt: Optional[str]  # None for CLIP models, which score the run's --texts
     answer: Optional[str] = None
     boxes: List[Box] = field(default_factory=list)
     distractor_boxes: List[Box] = field(default_factory=list)
 
 
 def load_samples(path: str, limit: Optional[int] = None,
-                 coco_prompt: str = "Is there a {category} in this image?") -> List[Sample]:
+                 coco_prompt: str = "Is there a {category} in this image?", needs_prompt: bool = True) -> List[Sample]:
     """The samples of a data file, each checked (image readable, boxes inside it) with an error naming its row.
 
     JSONL (``.jsonl``): one object per line with ``image`` (a path, relative to the data file's folder),
     ``prompt``, and optionally ``answer``, ``boxes`` (evidence, a list of ``[x0, y0, x1, y1]``) and
     ``distractor_boxes``. COCO (``.json`` with ``images``, ``annotations``, ``categories``): one sample per image and
     category present, asked ``coco_prompt`` with ``{category}`` filled in; that category's boxes are the evidence,
-    the other categories' boxes the distractors. ``limit`` keeps the first samples."""
+    the other categories' boxes the distractors. ``limit`` keeps the first samples. CLIP models
+    (``needs_prompt=False``) take no prompt: a row's ``answer`` names the text to explain."""
     if not os.path.isfile(path):
         raise InputError(f"Data file not found: {path}")
     with open(path) as f:
@@ -98,7 +100,7 @@ def load_samples(path: str, limit: Optional[int] = None,
     rows = rows[:limit] if limit else rows
     if not rows:
         raise InputError(f"{name} holds no samples.")
-    return [_check_row(i, where, row, folder) for i, (where, row) in enumerate(rows)]
+    return [_check_row(i, where, row, folder, needs_prompt) for i, (where, row) in enumerate(rows)]
 
 
 def _jsonl_rows(text: str, name: str) -> List[Tuple[str, dict]]:
@@ -144,10 +146,10 @@ def _coco_rows(document, name: str, prompt: str) -> List[Tuple[str, dict]]:
     return rows
 
 
-def _check_row(index: int, where: str, row: dict, folder: str) -> Sample:
+def _check_row(index: int, where: str, row: dict, folder: str, needs_prompt: bool = True) -> Sample:
     from pytorch_grad_cam_vlm.image import load_rgb
 
-    for key in ("image", "prompt"):
+    for key in ("image", "prompt") if needs_prompt else ("image",):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise InputError(f"{where}: missing {key!r} (a non-empty string).")
     unknown = sorted(set(row) - {"image", "prompt", "answer", "boxes", "distractor_boxes", "id"})
@@ -163,7 +165,8 @@ def _check_row(index: int, where: str, row: dict, folder: str) -> Sample:
         raise InputError(f"{where}: {error}") from error
     boxes = {key: [_check_box(box, width, height, f"{where}: {key}") for box in _box_list(row, key, where)]
              for key in ("boxes", "distractor_boxes")}
-    return Sample(index, where, image, row["prompt"], answer, boxes["boxes"], boxes["distractor_boxes"])
+    prompt = row.get("prompt") if needs_prompt else None
+    return Sample(index, where, image, prompt, answer, boxes["boxes"], boxes["distractor_boxes"])
 
 
 def _box_list(row: dict, key: str, where: str) -> list:
@@ -244,18 +247,20 @@ def ranked_map(cam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (ranks / max(1, cam.size - 1)).reshape(cam.shape).astype(np.float32)
 
 
-def randomized_copy(model: torch.nn.Module, decoder_layers: Sequence[torch.nn.Module], seed: int) -> torch.nn.Module:
-    """The sanity check's model: a deep copy of ``model`` whose decoder layers and ``lm_head`` are re-initialised
-    as the config initialises a fresh model (linear weights ``N(0, initializer_range)``, biases 0, norm weights 1),
-    from a generator seeded with ``seed``. The vision encoder, merger and token embeddings keep their trained weights
-    (unless the model ties its embeddings to ``lm_head``, as Qwen2.5-VL-3B does)."""
-    names = [name for name, module in model.named_modules() if any(module is layer for layer in decoder_layers)]
+def randomized_copy(model: torch.nn.Module, layers: Sequence[torch.nn.Module], seed: int) -> torch.nn.Module:
+    """The sanity check's model: a deep copy of ``model`` whose ``layers`` (Qwen: the decoder layers; CLIP: the
+    vision layers) and output embeddings (``lm_head``, where there is one) are re-initialised as the config
+    initialises a fresh model (linear weights ``N(0, initializer_range)``, biases 0, norm weights 1), from a
+    generator seeded with ``seed``. Everything else keeps its trained weights (Qwen's token embeddings too, unless
+    the model ties them to ``lm_head``, as Qwen2.5-VL-3B does)."""
+    names = [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
     randomized = copy.deepcopy(model)
     config = getattr(randomized.config, "text_config", randomized.config)
     std = getattr(config, "initializer_range", 0.02)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in [randomized.get_submodule(name) for name in names] + [randomized.get_output_embeddings()]:
+        head = randomized.get_output_embeddings()  # None for CLIP models
+        for module in [randomized.get_submodule(name) for name in names] + ([head] if head is not None else []):
             for name, parameter in module.named_parameters():
                 if parameter.dim() >= 2:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
@@ -283,24 +288,27 @@ class Scorer:
 
     def __init__(self, family: str, model, processor, methods: Dict[str, type], percentiles: Sequence[float],
                  seed: int, tolerance_px: Optional[float], randomized: Optional[torch.nn.Module],
-                 road_ties: str = "random") -> None:
+                 road_ties: str = "random", texts: Optional[Sequence[str]] = None) -> None:
         self.family, self.model, self.processor, self.methods = family, model, processor, methods
+        self.texts = texts
         self.percentiles, self.seed, self.tolerance_px = list(percentiles), seed, tolerance_px
         self.randomized, self.road_ties = randomized, road_ties
         self._subjects: Dict[Tuple[str, bool], object] = {}
 
-    def subject(self, prompt: str, randomized: bool = False):
-        """The CLI's wrapped model (:class:`pytorch_grad_cam_vlm.cli.Subject`) of ``prompt``, one per prompt."""
+    def subject(self, prompt: Optional[str], randomized: bool = False):
+        """The CLI's wrapped model (:class:`pytorch_grad_cam_vlm.cli.Subject`) of ``prompt`` (CLIP: of the texts),
+        one per prompt."""
         key = (prompt, randomized)
         if key not in self._subjects:
             model = self.randomized if randomized else self.model
-            self._subjects[key] = make_subject(self.family, model, self.processor, prompt, None)
+            self._subjects[key] = make_subject(self.family, model, self.processor, prompt, self.texts)
         return self._subjects[key]
 
     def target_token(self, sample: Sample, wrapper, x: torch.Tensor) -> int:
-        """The first token of the answer, or the next token the model predicts on the clean image."""
+        """The first token of the answer (CLIP: the answer's index among the texts), or the class the model predicts
+        on the clean image."""
         if sample.answer is not None:
-            return answer_token(self.processor.tokenizer, sample)
+            return answer_token(self.processor.tokenizer, sample, self.texts)
         with torch.no_grad():
             return int(wrapper(x)[0].argmax())
 
@@ -313,10 +321,15 @@ class Scorer:
         wrapper = subject.wrapper
         image = load_rgb(sample.image)
         x = wrapper.preprocess(image)
+        cropped = getattr(self.processor.image_processor, "do_center_crop", False) and image.size[0] != image.size[1]
+        if cropped and (sample.boxes or sample.distractor_boxes):
+            raise InputError(f"{sample.where}: the processor center-crops this {image.size[0]}x{image.size[1]} image, "
+                             "so its boxes cannot be mapped onto the map; use square images for CLIP models.")
         scale_x, scale_y = x.shape[3] / image.size[0], x.shape[2] / image.size[1]
         boxes = pixel_boxes(sample.boxes, scale_x, scale_y)
         distractors = pixel_boxes(sample.distractor_boxes, scale_x, scale_y)
-        tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.patch_size * wrapper.merge_size / 2
+        cell = wrapper.patch_size * getattr(wrapper, "merge_size", 1)  # a token's side: 28 px for Qwen, a patch for CLIP
+        tolerance = self.tolerance_px if self.tolerance_px is not None else cell / 2
         token = self.target_token(sample, wrapper, x)
         targets = [ClassifierOutputTarget(token)]
         with torch.no_grad():
@@ -355,8 +368,13 @@ class Scorer:
             return cam(input_tensor=x, targets=targets)[0]
 
 
-def answer_token(tokenizer, sample: Sample) -> int:
-    """The first token of the sample's answer, checked to be known to the tokenizer."""
+def answer_token(tokenizer, sample: Sample, texts: Optional[Sequence[str]] = None) -> int:
+    """The first token of the sample's answer, checked to be known to the tokenizer; for CLIP models (``texts``
+    given) the answer's index among the texts."""
+    if texts is not None:
+        if sample.answer not in texts:
+            raise InputError(f"{sample.where}: the answer {sample.answer!r} is not one of --texts {list(texts)}.")
+        return list(texts).index(sample.answer)
     ids = tokenizer.encode(sample.answer, add_special_tokens=False)
     if not ids or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
         raise InputError(f"{sample.where}: the tokenizer does not know the start of the answer {sample.answer!r}.")
@@ -573,14 +591,16 @@ def write_outputs(out_dir: str, rows: Sequence[Dict[str, str]], methods: Sequenc
 # ------------------------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``benchmark`` options, and ``run`` as the parser's ``run`` default (as the CLI's subcommands have)."""
-    parser.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen2-VL folder or hub id; 'demo' for the "
-                                                       "embedded demo model")
+    parser.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen2-VL / CLIP / SigLIP folder or hub id; "
+                                                       "'demo' for the embedded demo model")
+    parser.add_argument("--texts", nargs="+", help="CLIP / SigLIP: the captions to score (a row's answer names "
+                                                   "the one to explain; default the best-scoring)")
     parser.add_argument("--data", required=True, help="JSONL (image, prompt, answer, boxes, distractor_boxes per "
                                                       "line) or COCO-style .json with boxes")
     parser.add_argument("--methods", default="GradCAM", help="comma-separated grad-cam method names; RandomCAM is "
                                                               "always added as the baseline")
-    parser.add_argument("--layers", default="auto", help=f"decoder layers: {'|'.join(LAYER_PRESETS)} or indices "
-                                                         "like 3,5,7 (never the last layer)")
+    parser.add_argument("--layers", default="auto", help=f"decoder layers (CLIP: vision layers): "
+                                                         f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7")
     parser.add_argument("--out", required=True, help="output folder; a run started again there resumes")
     parser.add_argument("--percentiles", default=",".join(map(str, PERCENTILES)),
                         help="ROAD percentiles (default 10..90)")
@@ -648,15 +668,16 @@ def run(args: argparse.Namespace, after_row: Optional[Callable[[dict], None]] = 
         raise InputError(f"--limit {args.limit}: expected a number of samples >= 1.")
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = {cls.__name__: cls for cls in map(resolve_method, names + [BASELINE])}
-    samples = load_samples(args.data, args.limit, args.coco_prompt)
     model_name = _demo_model_dir() if args.model == "demo" else args.model
     config, family = model_config(model_name)
-    if family not in QWEN_MODEL_CLASSES:
-        raise InputError(f"The benchmark explains Qwen2.5-VL and Qwen2-VL models (prompts and answers); "
-                         f"{args.model} is a {family} model.")
-    n_layers = getattr(config, "text_config", config).num_hidden_layers
+    qwen = family in QWEN_MODEL_CLASSES
+    if qwen and args.texts:
+        raise InputError("--texts is for CLIP and SigLIP models; a Qwen model takes the prompts of the data.")
+    if not qwen:
+        check_question(family, None, args.texts)
+    samples = load_samples(args.data, args.limit, args.coco_prompt, needs_prompt=qwen)
     try:
-        layers = select_layers(n_layers, args.layers, skip_last=True)
+        layers = select_layers(layer_count(config, family), args.layers, skip_last=skip_last(family, True))
     except ValueError as error:
         raise InputError(f"--layers {args.layers}: {error}") from error
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -677,13 +698,13 @@ def run(args: argparse.Namespace, after_row: Optional[Callable[[dict], None]] = 
     model, processor = load_model(model_name, family, resolve_dtype(args.dtype, device), device)
     for sample in samples:
         if sample.answer is not None:
-            answer_token(processor.tokenizer, sample)
+            answer_token(processor.tokenizer, sample, args.texts)
     randomized = None
     if args.sanity:
-        decoder_layers = make_subject(family, model, processor, samples[0].prompt, None).layers
-        randomized = randomized_copy(model, decoder_layers, args.seed)
+        layers_to_randomize = make_subject(family, model, processor, samples[0].prompt, args.texts).layers
+        randomized = randomized_copy(model, layers_to_randomize, args.seed)
     scorer = Scorer(family, model, processor, methods, percentiles, args.seed, args.tolerance, randomized,
-                    args.road_ties)
+                    args.road_ties, args.texts)
 
     done = {row_key(row) for row in read_rows(os.path.join(args.out, PER_SAMPLE))}
     work = [(sample, [(m, l) for m in methods for l in layers if (sample.index, m, l) not in done])

@@ -315,3 +315,33 @@ def test_cli_benchmark_subcommand_reports_bad_rows(tmp_path, tiny_path, capsys):
     code = cli.main(["benchmark", "--model", tiny_path, "--data", path, "--out", str(tmp_path / "out")] + BASE_ARGS)
     assert code == 2
     assert "data.jsonl line 1: boxes: box [0, 0, 500, 28] lies outside" in capsys.readouterr().err
+
+
+def test_clip_model_benchmark_scores_its_texts(tmp_path, capsys):
+    """CLIP models take --texts; a row's answer names the text to explain. The energy in the box equals that of the
+    GradCAM map computed by hand for the answer's text."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pytorch_grad_cam_vlm import CLIPWrapper, build_tiny_clip
+
+    model, processor = build_tiny_clip(tmp_path / "clip", family="clip")
+    texts = ["a red circle", "a blue square"]
+    rows = [dict(answer="a blue square", boxes=[[0, 0, 16, 16]]), dict(boxes=[[8, 8, 24, 24]])]
+    path = write_data(str(tmp_path / "data"), rows, size=(32, 32))
+    argv = ["--model", str(tmp_path / "clip"), "--data", path, "--out", str(tmp_path / "out"), "--texts", *texts,
+            "--layers", "0", "--methods", "GradCAM", "--percentiles", "20,80"]
+    code, _ = run_main(argv, capsys)
+    assert code == 0
+    results = {(r["sample"], r["method"]): r for r in csv.DictReader(open(tmp_path / "out" / "per_sample.csv"))}
+    assert len(results) == 4 and results[("0", "GradCAM")]["target_token"] == "1"
+    wrapper = CLIPWrapper(model, processor, texts=texts)
+    x = wrapper.preprocess(os.path.join(tmp_path / "data", "im0.png"))
+    with GradCAM(model=wrapper, target_layers=[wrapper.vision_layers[0]],
+                 reshape_transform=wrapper.reshape_transform) as cam:
+        expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
+    assert float(results[("0", "GradCAM")]["energy"]) == pytest.approx(energy_in_box(expected, (0, 0, 16, 16)),
+                                                                       abs=1e-5)
+    bad = write_data(str(tmp_path / "bad"), [dict(answer="a green cat")], size=(32, 32))
+    code, err = run_main(argv[:2] + ["--data", bad, "--out", str(tmp_path / "out2")] + argv[6:], capsys)
+    assert code == 2 and "the answer 'a green cat' is not one of --texts" in err
