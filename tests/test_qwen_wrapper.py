@@ -451,3 +451,28 @@ def test_transformers_output_recorders_are_not_mistaken_for_targets(tiny_qwen, r
     handle.remove()
     assert seen["below"] is False
     assert not [w for w in recwarn if "last decoder layer" in str(w.message)]
+
+
+def test_layers_found_on_the_transformers_4_module_paths():
+    """transformers 4.5x keeps the decoder layers at model.model.layers and the vision encoder at model.visual;
+    walking the model finds them there as it does on 5.x's model.model.language_model / model.model.visual."""
+    from pytorch_grad_cam_vlm.wrapper import find_module_list
+
+    class Visual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+            self.merger = torch.nn.Linear(2, 2)
+
+    class TextModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(4, 2)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(5)])
+
+    old = torch.nn.Module()
+    old.model, old.visual = TextModel(), Visual()
+    assert find_module_list(old, "embed_tokens") == (old.model, old.model.layers)
+    assert find_module_list(old, "merger") == (old.visual, old.visual.blocks)
+    with pytest.raises(ValueError, match="Found no layer list beside a 'merger' module"):
+        find_module_list(TextModel(), "merger")
