@@ -123,23 +123,17 @@ class GeneratedExplanation:
 def generate_answer(wrapper, x: torch.Tensor, max_new_tokens: int = 16, **generate_kwargs) -> List[int]:
     """Greedy ``model.generate`` on the wrapper's prompt and one image ``(1, 3, H, W)``: the new token ids, without
     the end-of-turn token and what follows it. Vision tokens are never generated."""
-    from pytorch_grad_cam_vlm.qwen_vl import patchify
-
     if wrapper.answer is not None:
         raise ValueError("The wrapper already has an answer; generate from the prompt alone (wrapper.set_answer(None)).")
-    wrapper._check_images(x, wrapper.patch_size * wrapper.merge_size)
+    wrapper._check_images(x, wrapper.token_cell)
     if x.shape[0] != 1:
         raise ValueError(f"Generate an answer for one image at a time, got a batch of {x.shape[0]}.")
-    layout = wrapper.layout_for(x.shape[2], x.shape[3])
-    device = wrapper.input_device
-    pixel_values = patchify(x.to(device), wrapper.patch_size, wrapper.merge_size, wrapper.temporal_patch_size)
-    inputs = {k: v.to(device) for k, v in layout.text_inputs.items()}
+    inputs = wrapper.model_inputs(x)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False,
                   suppress_tokens=vision_token_ids(wrapper.processor.tokenizer))
     kwargs.update(generate_kwargs)
     with explaining(wrapper.model), torch.no_grad():
-        sequences = wrapper.model.generate(**inputs, pixel_values=pixel_values.to(next(wrapper.visual.parameters()).dtype),
-                                           image_grid_thw=layout.grid_thw.to(device), **kwargs)
+        sequences = wrapper.model.generate(**inputs, **kwargs)
     new = sequences[0, inputs["input_ids"].shape[1]:].tolist()
     stops = wrapper.model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, (list, tuple)) else [stops]) - {None}

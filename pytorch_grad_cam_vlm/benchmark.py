@@ -328,8 +328,7 @@ class Scorer:
         scale_x, scale_y = x.shape[3] / image.size[0], x.shape[2] / image.size[1]
         boxes = pixel_boxes(sample.boxes, scale_x, scale_y)
         distractors = pixel_boxes(sample.distractor_boxes, scale_x, scale_y)
-        cell = wrapper.patch_size * getattr(wrapper, "merge_size", 1)  # a token's side: 28 px for Qwen, a patch for CLIP
-        tolerance = self.tolerance_px if self.tolerance_px is not None else cell / 2
+        tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.token_cell / 2
         token = self.target_token(sample, wrapper, x)
         targets = [ClassifierOutputTarget(token)]
         with torch.no_grad():

@@ -136,7 +136,7 @@ class CLIPWrapper(ModelWrapper):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_images(x, self.patch_size)
+        self._check_images(x, self.token_cell)
         b, _, height, width = x.shape
         self.grid, self.batch_size = (height // self.patch_size, width // self.patch_size), b
         if self.prefix_tokens:

@@ -167,7 +167,7 @@ def localization_table(wrapper: QwenVLWrapper, samples: Sequence, methods: Optio
     n_layers = len(wrapper.decoder_layers)
     layers = list(range(n_layers - 1)) if layers is None else list(layers)
     if tolerance_px is None:
-        tolerance_px = wrapper.patch_size * wrapper.merge_size / 2
+        tolerance_px = wrapper.token_cell / 2
     wrappers: Dict[str, QwenVLWrapper] = {}
     tokenizer = wrapper.processor.tokenizer
     prepared = []

@@ -224,26 +224,37 @@ class QwenVLWrapper(ModelWrapper):
         scores = self.answer_token_scores(x)
         return scores.sum(-1, keepdim=True) if self.answer_reduction == "sum" else scores.mean(-1, keepdim=True)
 
+    @property
+    def token_cell(self) -> int:
+        """28 pixels: one image token covers a 2x2 merge block of 14-pixel patches."""
+        return self.patch_size * self.merge_size
+
+    def model_inputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The model's keyword inputs for images ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
+        inputs of this image size, ``pixel_values`` patchified in torch (differentiable) in the vision encoder's
+        dtype, and ``image_grid_thw``."""
+        b, _, height, width = x.shape
+        layout = self.layout_for(height, width)
+        device = self.input_device
+        inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
+        inputs["pixel_values"] = pixel_values.to(next(self.visual.parameters()).dtype)
+        inputs["image_grid_thw"] = layout.grid_thw.repeat(b, 1).to(device)
+        return inputs
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
         its tokens ``(B, A, vocab)`` (teacher forcing: token ``t`` is predicted at position ``t - 1``)."""
-        self._check_images(x, self.patch_size * self.merge_size)
-        b, _, height, width = x.shape
-        layout = self.layout_for(height, width)
-        self.layout, self.batch_size = layout, b
-        device = self.input_device
-        visual_dtype = next(self.visual.parameters()).dtype
-        inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        self._check_images(x, self.token_cell)
+        layout = self.layout_for(x.shape[2], x.shape[3])
+        self.layout, self.batch_size = layout, x.shape[0]
         n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
         self._warn_if_hooked(self._decoder_layers[-1], (
             "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
             "so their gradient is exactly zero and gradient-based maps there are blank. Use "
             f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
         with self._explaining(x, self.vision_blocks + [self.merger] + self.decoder_layers) as x:
-            pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
-            output = self.model(**inputs, pixel_values=pixel_values.to(visual_dtype),
-                                image_grid_thw=layout.grid_thw.repeat(b, 1).to(device), logits_to_keep=n_answer + 1,
-                                use_cache=False)
+            output = self.model(**self.model_inputs(x), logits_to_keep=n_answer + 1, use_cache=False)
         logits = output.logits.float()
         return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
 

@@ -38,6 +38,12 @@ class ModelWrapper(torch.nn.Module):
     def input_device(self) -> torch.device:
         raise NotImplementedError
 
+    @property
+    def token_cell(self) -> int:
+        """The side in pixels of the image area one token covers: image sizes are multiples of it, and the
+        pointing game's tolerance is half of it."""
+        return self.patch_size
+
     def _watch_layers(self, *layer_lists: torch.nn.ModuleList) -> None:
         """Remember the layers (see :meth:`_restore_layers`) and anchor grad-cam's input device: grad-cam moves
         inputs to the device of the wrapper's first parameter, and with accelerate offloading the model's first
