@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
-from pytorch_grad_cam_vlm.road import PERCENTILES, FastNoisyLinearImputer
+from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastNoisyLinearImputer
 
 
 def cam_like_map(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -60,7 +60,7 @@ def time_forward(model, processor, height: int, width: int, repeats: int = 3) ->
 
 
 def main() -> None:
-    from pytorch_grad_cam_vlm.tiny import build_tiny_model
+    from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="448x448,700x1008", help="HxW image sizes, multiples of 28")

@@ -33,7 +33,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
-from pytorch_grad_cam_vlm.smooth_grad import SmoothGradCAM
+from pytorch_grad_cam_vlm.methods.smooth_grad import SmoothGradCAM
 
 NOISE_LEVEL = 0.15
 SEED = 0

@@ -29,8 +29,8 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
-from pytorch_grad_cam_vlm.cli import is_smooth, resolve_method
-from pytorch_grad_cam_vlm.sweep import layer_sweep, select_layers
+from pytorch_grad_cam_vlm.methods.catalog import is_smooth, resolve_method
+from pytorch_grad_cam_vlm.methods.sweep import layer_sweep, select_layers
 
 MID_SIZE = dict(text_layers=8, text_width=512, vision_blocks=8, vision_width=256, window_size=112,
                 fullatt_block_indexes=(3, 7), heads=8, vision_heads=4)

@@ -1,21 +1,27 @@
-"""Visual explanations for vision-language models with the methods of pytorch-grad-cam."""
-from pytorch_grad_cam_vlm.ablation import TokenAblationLayer
-from pytorch_grad_cam_vlm.answers import GeneratedExplanation, explain_generated, plot_per_token
-from pytorch_grad_cam_vlm.attention import AttentionMap, AttentionRollout
+"""Visual explanations for vision-language models with the methods of pytorch-grad-cam.
+
+The package's rooms: ``models`` (one adapter per model family on a shared base, the registry that loads a
+checkpoint, the offline tiny builders), ``methods`` (SmoothGrad, layer sweeps, attention, targets, answers),
+``metrics`` (ROAD imputation, pointing and occlusion, the sanity check), ``benchmark`` (data, runner, report),
+``demo`` (the embedded demo models) and ``cli`` (the command line, which nothing here imports).
+"""
+from pytorch_grad_cam_vlm.benchmark.localization import localization_table
 from pytorch_grad_cam_vlm.demo import DemoSample, load_demo_model, make_demo_samples
-from pytorch_grad_cam_vlm.clip import CLIPWrapper
-from pytorch_grad_cam_vlm.localization import (auto_layer, energy_in_box, localization_table, occlusion_map,
-                                               pointing_hit)
-from pytorch_grad_cam_vlm.qwen_vl import QwenVLWrapper, patchify
-from pytorch_grad_cam_vlm.shapley_cam import ShapleyCAM
-from pytorch_grad_cam_vlm.smooth_grad import (SmoothEigenCAM, SmoothEigenGradCAM, SmoothFullGrad, SmoothGrad,
-                                              SmoothGradCAM, SmoothGradCAMElementWise, SmoothGradCAMPlusPlus,
-                                              SmoothHiResCAM, SmoothLayerCAM, SmoothScoreCAM, SmoothShapleyCAM,
-                                              SmoothXGradCAM, smooth)
-from pytorch_grad_cam_vlm.sweep import LayerSweep, layer_sweep, select_layers
-from pytorch_grad_cam_vlm.targets import AnswerTarget, ContrastiveTarget, WordTarget
-from pytorch_grad_cam_vlm.tiny import build_tiny_model
-from pytorch_grad_cam_vlm.tiny_clip import build_tiny_clip
+from pytorch_grad_cam_vlm.methods.answers import GeneratedExplanation, explain_generated, plot_per_token
+from pytorch_grad_cam_vlm.methods.attention import AttentionMap, AttentionRollout
+from pytorch_grad_cam_vlm.methods.shapley_cam import ShapleyCAM
+from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEigenGradCAM, SmoothFullGrad,
+                                                      SmoothGrad, SmoothGradCAM, SmoothGradCAMElementWise,
+                                                      SmoothGradCAMPlusPlus, SmoothHiResCAM, SmoothLayerCAM,
+                                                      SmoothScoreCAM, SmoothShapleyCAM, SmoothXGradCAM, smooth)
+from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, auto_layer, layer_sweep, select_layers
+from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget, WordTarget
+from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_map, pointing_hit
+from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
+from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
+from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
+from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_tiny_model
 
 __all__ = [
     "AnswerTarget", "AttentionMap", "AttentionRollout", "CLIPWrapper", "ContrastiveTarget", "DemoSample",
@@ -26,4 +32,4 @@ __all__ = [
     "SmoothScoreCAM", "SmoothShapleyCAM", "SmoothXGradCAM", "TokenAblationLayer", "WordTarget", "build_tiny_clip",
     "build_tiny_model", "explain_generated", "patchify", "plot_per_token", "smooth",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

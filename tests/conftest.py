@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
-from pytorch_grad_cam_vlm.model_state import watching_hooks
+from pytorch_grad_cam_vlm.models.state import watching_hooks
 
 PROMPT = "What color is the circle?"
 

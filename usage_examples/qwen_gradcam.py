@@ -14,8 +14,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from pytorch_grad_cam_vlm import QwenVLWrapper
-from pytorch_grad_cam_vlm.localization import auto_layer
-from pytorch_grad_cam_vlm.sweep import layer_sweep, select_layers
+from pytorch_grad_cam_vlm.methods.sweep import auto_layer
+from pytorch_grad_cam_vlm.methods.sweep import layer_sweep, select_layers
 from pytorch_grad_cam_vlm.visualize import save_figure
 
 parser = argparse.ArgumentParser()

@@ -20,8 +20,8 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.demo import ASKED_COLORS, CANVAS, DEMO_MODEL_DIR, WORDS, make_demo_samples, make_sample, prompt_for
-from pytorch_grad_cam_vlm.localization import answer_accuracy
-from pytorch_grad_cam_vlm.tiny import build_processor, tiny_config
+from pytorch_grad_cam_vlm.benchmark.localization import answer_accuracy
+from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_processor, tiny_config
 
 
 def build_untrained(seed: int):

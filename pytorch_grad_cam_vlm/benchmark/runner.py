@@ -1,0 +1,378 @@
+"""Faithfulness benchmark: which method and which decoder layer to trust, with numbers.
+
+    pytorch-grad-cam-vlm benchmark --model PATH_OR_ID --data samples.jsonl --methods GradCAM,HiResCAM \\
+        --layers auto --out bench/
+    accelerate launch -m pytorch_grad_cam_vlm.benchmark --model ... --data ... --out bench/   # samples sharded
+
+Every method x layer is scored on every sample against RandomCAM (always added as the baseline):
+
+- ROAD (Rong et al. 2022, grad-cam's metric with this package's faster imputer, ``road.py``): the change of the
+  target's logit when the most (MoRF) or least (LeRF) relevant pixels are removed and imputed, at each percentile;
+  ``road_combined = (mean LeRF - mean MoRF) / 2``, as grad-cam's ``ROADCombined``: higher is better. Pixels of
+  equal map value are removed in random order (``--road-ties``, :func:`ranked_map`).
+- Pointing game (the map's maximum in an evidence box, widened by ``--tolerance`` pixels), the same on the
+  distractor boxes, and the share of the map's positive mass in the evidence boxes, where a sample has boxes.
+- Model-parameter randomization (Adebayo et al. 2018): the Spearman rank correlation between the map of the trained
+  model and the map, same method, layer, image and target, of a copy whose decoder layers and ``lm_head`` are
+  re-initialised (:func:`randomized_copy`). Lower means the map depends more on what the model learned.
+
+The target is the first token of the sample's answer, or without an answer the model's next token on the clean image.
+
+Rows of ``per_sample.csv`` are appended as they finish; a run started again with the same ``--out`` skips the rows
+there (and refuses other settings). Each process of an ``accelerate launch`` takes the samples whose index modulo
+the process count is its rank and appends to its own part file; the main process merges them. Random numbers
+(RandomCAM's weights, ROAD's imputation noise) are seeded from ``--seed``, the sample's index, the method and the
+layer, so results do not depend on the sharding or on which rows a resumed run still had to compute.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.benchmark.data import Sample, load_samples, pixel_boxes
+from pytorch_grad_cam_vlm.benchmark.report import BASELINE, SCORES, format_value, write_outputs
+from pytorch_grad_cam_vlm.demo import embedded_model_path
+from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
+from pytorch_grad_cam_vlm.methods.sweep import select_layers
+from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, pointing_hit
+from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastROADLeastRelevantFirst, FastROADMostRelevantFirst
+from pytorch_grad_cam_vlm.metrics.sanity import randomized_copy, spearman
+from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, check_question, layer_count, load_model,
+                                                  make_subject, model_config, resolve_device, resolve_dtype,
+                                                  skip_last)
+
+PER_SAMPLE = "per_sample.csv"
+SETTINGS = "settings.json"
+KEY = ("sample", "method", "layer")
+PHASES = {"map": 0, "road": 1}
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+
+def ranked_map(cam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The map's pixel ranks scaled to [0, 1], ties in random order. grad-cam's ROAD keeps the pixels below the
+    p-th percentile (``cam < percentile``): on a map that is 0 (after the ReLU) over more than p% of the image the
+    percentile is 0, and MoRF removes every pixel instead of the most relevant (100 - p)%. Ranks keep the map's
+    order and make every removed share exact."""
+    order = np.lexsort((rng.random(cam.size), np.ravel(cam)))
+    ranks = np.empty(cam.size)
+    ranks[order] = np.arange(cam.size)
+    return (ranks / max(1, cam.size - 1)).reshape(cam.shape).astype(np.float32)
+
+
+def seed_everything(seed: int, sample: int, method: str, layer: int, phase: str) -> None:
+    """Seed torch, numpy and random from the run's seed and one (sample, method, layer, phase): the same numbers
+    whichever process computes the row and whatever ran before it."""
+    entropy = [seed, sample, zlib.crc32(method.encode()), layer, PHASES[phase]]
+    value = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+class Scorer:
+    """Scores the rows of one sample: builds the wrappers of its prompt (trained and randomized model), its image
+    and target once, then each (method, layer)."""
+
+    def __init__(self, family: str, model, processor, methods: Dict[str, type], percentiles: Sequence[float],
+                 seed: int, tolerance_px: Optional[float], randomized: Optional[torch.nn.Module],
+                 road_ties: str = "random", texts: Optional[Sequence[str]] = None) -> None:
+        self.family, self.model, self.processor, self.methods = family, model, processor, methods
+        self.texts = texts
+        self.percentiles, self.seed, self.tolerance_px = list(percentiles), seed, tolerance_px
+        self.randomized, self.road_ties = randomized, road_ties
+        self._subjects: Dict[Tuple[str, bool], object] = {}
+
+    def subject(self, prompt: Optional[str], randomized: bool = False):
+        """The CLI's wrapped model (:class:`pytorch_grad_cam_vlm.cli.Subject`) of ``prompt`` (CLIP: of the texts),
+        one per prompt."""
+        key = (prompt, randomized)
+        if key not in self._subjects:
+            model = self.randomized if randomized else self.model
+            self._subjects[key] = make_subject(self.family, model, self.processor, prompt, self.texts)
+        return self._subjects[key]
+
+    def target_token(self, sample: Sample, wrapper, x: torch.Tensor) -> int:
+        """The first token of the answer (CLIP: the answer's index among the texts), or the class the model predicts
+        on the clean image."""
+        if sample.answer is not None:
+            return answer_token(self.processor.tokenizer, sample, self.texts)
+        with torch.no_grad():
+            return int(wrapper(x)[0].argmax())
+
+    def rows(self, sample: Sample, units: Sequence[Tuple[str, int]]) -> Iterable[dict]:
+        """One row of scores per ``(method, layer)`` of ``units``, as each finishes."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        from pytorch_grad_cam_vlm.image import load_rgb
+
+        subject = self.subject(sample.prompt)
+        wrapper = subject.wrapper
+        image = load_rgb(sample.image)
+        x = wrapper.preprocess(image)
+        cropped = getattr(self.processor.image_processor, "do_center_crop", False) and image.size[0] != image.size[1]
+        if cropped and (sample.boxes or sample.distractor_boxes):
+            raise InputError(f"{sample.where}: the processor center-crops this {image.size[0]}x{image.size[1]} image, "
+                             "so its boxes cannot be mapped onto the map; use square images for CLIP models.")
+        scale_x, scale_y = x.shape[3] / image.size[0], x.shape[2] / image.size[1]
+        boxes = pixel_boxes(sample.boxes, scale_x, scale_y)
+        distractors = pixel_boxes(sample.distractor_boxes, scale_x, scale_y)
+        tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.token_cell / 2
+        token = self.target_token(sample, wrapper, x)
+        targets = [ClassifierOutputTarget(token)]
+        with torch.no_grad():
+            clean = np.float32(targets[0](wrapper(x)[0]).cpu().numpy())
+        for method, layer in units:
+            cam = self.cam(subject, method, layer, x, targets, sample.index)
+            seed_everything(self.seed, sample.index, method, layer, "road")
+            road_cam = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31))) \
+                if self.road_ties == "random" else cam
+            morf = [FastROADMostRelevantFirst(p)(x, road_cam[None], targets, wrapper, return_diff=False)[0] - clean
+                    for p in self.percentiles]
+            lerf = [FastROADLeastRelevantFirst(p)(x, road_cam[None], targets, wrapper, return_diff=False)[0] - clean
+                    for p in self.percentiles]
+            row = dict(sample=sample.index, method=method, layer=layer, target_token=token,
+                       road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf),
+                       road_lerf=np.mean(lerf), pointing=None, distractor=None, energy=None, sanity=None)
+            if boxes:
+                row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in boxes),
+                           energy=energy_in_boxes(cam, boxes))
+            if distractors:
+                row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in distractors)
+            if self.randomized is not None:
+                random_cam = self.cam(self.subject(sample.prompt, True), method, layer, x, targets, sample.index)
+                row["sanity"] = spearman(cam, random_cam)
+            row.update({f"morf_{p:g}": v for p, v in zip(self.percentiles, morf)})
+            row.update({f"lerf_{p:g}": v for p, v in zip(self.percentiles, lerf)})
+            yield row
+
+    def cam(self, subject, method: str, layer: int, x: torch.Tensor, targets, sample: int) -> np.ndarray:
+        """The map of ``method`` at decoder layer ``layer`` for one image, ``(H, W)``. Seeded alike for the trained
+        and the randomized model, so that RandomCAM draws the same weights for both."""
+        method_cls = self.methods[method]
+        seed_everything(self.seed, sample, method, layer, "map")
+        with method_cls(model=subject.wrapper, target_layers=[subject.layers[layer]],
+                        **cam_options(method_cls, subject.wrapper, {})) as cam:
+            return cam(input_tensor=x, targets=targets)[0]
+
+
+def answer_token(tokenizer, sample: Sample, texts: Optional[Sequence[str]] = None) -> int:
+    """The first token of the sample's answer, checked to be known to the tokenizer; for CLIP models (``texts``
+    given) the answer's index among the texts."""
+    if texts is not None:
+        if sample.answer not in texts:
+            raise InputError(f"{sample.where}: the answer {sample.answer!r} is not one of --texts {list(texts)}.")
+        return list(texts).index(sample.answer)
+    ids = tokenizer.encode(sample.answer, add_special_tokens=False)
+    if not ids or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
+        raise InputError(f"{sample.where}: the tokenizer does not know the start of the answer {sample.answer!r}.")
+    return int(ids[0])
+
+
+# ------------------------------------------------------------------------------------------------ rows on disk
+def row_fields(percentiles: Sequence[float]) -> List[str]:
+    """Columns of ``per_sample.csv``."""
+    return (list(KEY) + ["target_token"] + list(SCORES) + [f"morf_{p:g}" for p in percentiles]
+            + [f"lerf_{p:g}" for p in percentiles])
+
+
+def read_rows(path: str) -> List[Dict[str, str]]:
+    """The complete rows of a per-sample CSV (a last line cut off by a killed run is left out); [] if absent."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        text = f.read()
+    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
+
+
+def part_files(out_dir: str) -> List[str]:
+    return sorted(os.path.join(out_dir, name) for name in os.listdir(out_dir)
+                  if name.startswith("per_sample.part") and name.endswith(".csv"))
+
+
+def row_key(row: Dict[str, str]) -> Tuple[int, str, int]:
+    return int(row["sample"]), row["method"], int(row["layer"])
+
+
+def consolidate(out_dir: str, fields: Sequence[str]) -> List[Dict[str, str]]:
+    """Merge the part files of every process into ``per_sample.csv`` (rows sorted by sample, method, layer; each
+    key once), remove them, and return the rows."""
+    rows: Dict[Tuple[int, str, int], Dict[str, str]] = {}
+    parts = part_files(out_dir)
+    for path in [os.path.join(out_dir, PER_SAMPLE)] + parts:
+        for row in read_rows(path):
+            rows.setdefault(row_key(row), row)
+    merged = [rows[key] for key in sorted(rows)]
+    staging = os.path.join(out_dir, PER_SAMPLE + ".tmp")
+    with open(staging, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(merged)
+    os.replace(staging, os.path.join(out_dir, PER_SAMPLE))
+    for path in parts:
+        os.remove(path)
+    return merged
+
+
+class RowWriter:
+    """Appends finished rows to one process's part file, flushed row by row."""
+
+    def __init__(self, path: str, fields: Sequence[str]) -> None:
+        new = not os.path.isfile(path) or os.path.getsize(path) == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=list(fields))
+        if new:
+            self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow({k: format_value(v) for k, v in row.items()})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def _percentiles(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError as error:
+        raise InputError(f"--percentiles {text}: expected numbers like 10,20,30.") from error
+    if not values or any(not 0 < v < 100 for v in values) or len(set(values)) != len(values):
+        raise InputError(f"--percentiles {text}: expected distinct numbers between 0 and 100 (exclusive).")
+    return values
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to benchmark, as ``pytorch-grad-cam-vlm benchmark`` takes it (see its ``--help``)."""
+
+    model: str  # a model folder, a hub id, or "demo"
+    data: str  # JSONL or COCO-style .json
+    out: str  # output folder; a run started again there resumes
+    methods: str = "GradCAM"  # comma-separated method names; RandomCAM is always added
+    layers: str = "auto"  # a preset of select_layers or indices like "3,5,7"
+    texts: Optional[List[str]] = None  # CLIP / SigLIP captions
+    percentiles: str = ",".join(map(str, PERCENTILES))
+    tolerance: Optional[float] = None  # pointing-game tolerance in pixels (default half a token cell)
+    limit: Optional[int] = None  # score only the first N samples
+    seed: int = 0
+    sanity: bool = True  # the model-parameter randomization check
+    road_ties: str = "random"  # "random" or "threshold" (grad-cam's)
+    coco_prompt: str = "Is there a {category} in this image?"
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+def _settings(args: BenchmarkOptions, model: str, percentiles: Sequence[float]) -> dict:
+    """What each per-sample row depends on beyond its key: a resumed run must match."""
+    return dict(model=os.path.abspath(model) if os.path.exists(model) else model,
+                data=os.path.abspath(args.data), percentiles=list(percentiles), seed=args.seed,
+                tolerance=args.tolerance, sanity=args.sanity, coco_prompt=args.coco_prompt, dtype=args.dtype,
+                road_ties=args.road_ties)
+
+
+def _check_resume(out_dir: str, settings: dict) -> None:
+    path = os.path.join(out_dir, SETTINGS)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    changed = [f"{k} {previous.get(k)!r} there, {v!r} here" for k, v in settings.items() if previous.get(k) != v]
+    if changed:
+        raise InputError(f"--out {out_dir} holds a benchmark run with other settings ({'; '.join(changed)}): run "
+                         "again with the same settings to resume, or use another --out.")
+
+
+def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = None) -> int:
+    """Run the benchmark of ``args``; ``after_row`` is called with each finished row. Every process checks every
+    input alike before the first barrier, so bad input fails everywhere at once."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    state = PartialState()
+    percentiles = _percentiles(args.percentiles)
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit {args.limit}: expected a number of samples >= 1.")
+    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    methods = {cls.__name__: cls for cls in map(resolve_method, names + [BASELINE])}
+    model_name = embedded_model_path(args.model)
+    config, family = model_config(model_name)
+    qwen = family in QWEN_MODEL_CLASSES
+    if qwen and args.texts:
+        raise InputError("--texts is for CLIP and SigLIP models; a Qwen model takes the prompts of the data.")
+    if not qwen:
+        check_question(family, None, args.texts)
+    samples = load_samples(args.data, args.limit, args.coco_prompt, needs_prompt=qwen)
+    try:
+        layers = select_layers(layer_count(config, family), args.layers, skip_last=skip_last(family, True))
+    except ValueError as error:
+        raise InputError(f"--layers {args.layers}: {error}") from error
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a file, not a folder.")
+    settings = _settings(args, model_name, percentiles)
+    _check_resume(args.out, settings)
+    fields = row_fields(percentiles)
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, SETTINGS), "w") as f:
+            json.dump(settings, f, indent=2)
+        consolidate(args.out, fields)  # rows a killed run left in part files
+    state.wait_for_everyone()
+
+    device = state.device if args.device == "auto" else resolve_device(args.device)
+    model, processor = load_model(model_name, family, resolve_dtype(args.dtype, device), device)
+    for sample in samples:
+        if sample.answer is not None:
+            answer_token(processor.tokenizer, sample, args.texts)
+    randomized = None
+    if args.sanity:
+        layers_to_randomize = make_subject(family, model, processor, samples[0].prompt, args.texts).layers
+        randomized = randomized_copy(model, layers_to_randomize, args.seed)
+    scorer = Scorer(family, model, processor, methods, percentiles, args.seed, args.tolerance, randomized,
+                    args.road_ties, args.texts)
+
+    done = {row_key(row) for row in read_rows(os.path.join(args.out, PER_SAMPLE))}
+    work = [(sample, [(m, l) for m in methods for l in layers if (sample.index, m, l) not in done])
+            for sample in samples if sample.index % state.num_processes == state.process_index]
+    work = [(sample, units) for sample, units in work if units]
+    writer = RowWriter(os.path.join(args.out, f"per_sample.part{state.process_index}.csv"), fields)
+    progress = tqdm(total=sum(len(units) for _, units in work), desc="benchmark", unit="map",
+                    disable=not state.is_main_process)
+    try:
+        for sample, units in work:
+            for row in scorer.rows(sample, units):
+                writer.write(row)
+                progress.update()
+                if after_row is not None:
+                    after_row(row)
+    finally:
+        writer.close()
+        progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = consolidate(args.out, fields)
+        wanted = {s.index for s in samples}
+        rows = [r for r in rows if int(r["sample"]) in wanted]
+        header = (f"Faithfulness benchmark of {args.model} on {len(samples)} samples of {args.data} (seed "
+                  f"{args.seed}; ROAD percentiles {', '.join(f'{p:g}' for p in percentiles)}).")
+        paths = write_outputs(args.out, rows, list(methods), layers, percentiles, header)
+        with open(paths[1]) as f:
+            print(f.read())
+        print(f"Wrote {os.path.join(args.out, PER_SAMPLE)}, " + ", ".join(paths) + ".")
+    return 0

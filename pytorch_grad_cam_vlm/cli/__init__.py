@@ -1,0 +1,51 @@
+"""The ``pytorch-grad-cam-vlm`` command (also ``python -m pytorch_grad_cam_vlm``): argument parsing and printing
+only, one module per subcommand; nothing in the package imports it.
+
+    pytorch-grad-cam-vlm demo --out demo_out
+    pytorch-grad-cam-vlm explain --model Qwen/Qwen2.5-VL-3B-Instruct --image photos/ --prompt "What is this?" \\
+        --method SmoothGradCAM --layers auto --mode grid --out maps/
+    pytorch-grad-cam-vlm benchmark --model demo --data data.jsonl --methods GradCAM,LayerCAM --out bench/
+
+Every input is checked before anything is written; files are written into a staging folder and moved into ``--out``
+at the end, so a failed run leaves nothing behind. Bad input prints one ``error:`` line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from pytorch_grad_cam_vlm.cli import benchmark, demo, explain
+from pytorch_grad_cam_vlm.cli.common import EXIT_BAD_INPUT, PROG
+from pytorch_grad_cam_vlm.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser: one subparser per subcommand, each with its ``run`` default."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Grad-CAM and friends for vision-language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo.add_arguments(commands.add_parser(
+        "demo", help="run on the embedded demo model (no download)",
+        description="Overlays, a layer grid and the localization table of the embedded demo model on held-out "
+                    "samples."))
+    benchmark.add_arguments(commands.add_parser(
+        "benchmark", help="faithfulness benchmark: ROAD, pointing and sanity over methods x layers",
+        description="Score methods x layers on ROAD, the pointing game and the randomization sanity check."))
+    explain.add_arguments(commands.add_parser(
+        "explain", help="explain a model's prediction on images",
+        description="Maps of the predicted next token (Qwen) or best-matching text (CLIP, SigLIP) for one image or "
+                    "a folder of images."))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (argparse's own errors included)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except SystemExit as exit_:  # argparse: --help, or a usage error it has already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    except (InputError, ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"{PROG}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT

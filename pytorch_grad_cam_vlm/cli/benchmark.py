@@ -1,0 +1,56 @@
+"""``pytorch-grad-cam-vlm benchmark``: the options of :func:`pytorch_grad_cam_vlm.benchmark.runner.run`."""
+from __future__ import annotations
+
+import argparse
+
+from dataclasses import fields
+
+from pytorch_grad_cam_vlm.benchmark.runner import BenchmarkOptions, run
+from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
+from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``benchmark`` options, and ``run`` as the parser's ``run`` default (as the CLI's subcommands have)."""
+    parser.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen2-VL / CLIP / SigLIP folder or hub id; "
+                                                       "'demo' for the embedded demo model")
+    parser.add_argument("--texts", nargs="+", help="CLIP / SigLIP: the captions to score (a row's answer names "
+                                                   "the one to explain; default the best-scoring)")
+    parser.add_argument("--data", required=True, help="JSONL (image, prompt, answer, boxes, distractor_boxes per "
+                                                      "line) or COCO-style .json with boxes")
+    parser.add_argument("--methods", default="GradCAM", help="comma-separated grad-cam method names; RandomCAM is "
+                                                              "always added as the baseline")
+    parser.add_argument("--layers", default="auto", help=f"decoder layers (CLIP: vision layers): "
+                                                         f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7")
+    parser.add_argument("--out", required=True, help="output folder; a run started again there resumes")
+    parser.add_argument("--percentiles", default=",".join(map(str, PERCENTILES)),
+                        help="ROAD percentiles (default 10..90)")
+    parser.add_argument("--tolerance", type=float, help="pointing-game tolerance in pixels (default: half a token "
+                                                        "cell, 14 px for Qwen)")
+    parser.add_argument("--limit", type=int, help="score only the first N samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of RandomCAM, ROAD's noise and the randomized "
+                                                            "model")
+    parser.add_argument("--sanity", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the model-parameter randomization check (needs a second copy of the model)")
+    parser.add_argument("--road-ties", choices=("random", "threshold"), default="random",
+                        help="ROAD's removal order among equal map values: random (seeded; every percentile removes "
+                             "its exact share) or threshold (grad-cam's: a map that is 0 over more than p%% of the "
+                             "image loses every pixel at percentile p)")
+    parser.add_argument("--coco-prompt", default="Is there a {category} in this image?",
+                        help="question asked of COCO-style data, {category} filled in")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (the process's device under accelerate), cpu, cuda:N")
+    parser.set_defaults(run=run_benchmark)
+    return parser
+
+
+
+def options_from(args: argparse.Namespace) -> BenchmarkOptions:
+    """The runner's options from the parsed command line."""
+    return BenchmarkOptions(**{f.name: getattr(args, f.name) for f in fields(BenchmarkOptions)})
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Run :func:`pytorch_grad_cam_vlm.benchmark.runner.run` with the parsed options."""
+    return run(options_from(args))

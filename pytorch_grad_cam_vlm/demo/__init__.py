@@ -1,0 +1,133 @@
+"""The embedded demo: a tiny Qwen2.5-VL trained on a synthetic task whose evidence is known, shipped with its processor.
+
+The task: three objects of the same size lie on a noisy grey canvas, each inside one 28-pixel token cell (jittered
+within it), with at least one free cell between them. Each is a circle, a square or a triangle, drawn independently,
+so shapes repeat. The asked object is red, the two distractors take two other colours out of five. The question is
+"What shape is the red object?" and the answer its shape, one word. The red object is the evidence; the distractors
+look alike (same size, often the same shape), and since shapes repeat, no answer follows by elimination.
+``usage_examples/train_demo_model.py`` retrains the model deterministically on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.models.tiny.qwen_vl import DEFAULT_WORDS
+
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR}  # model names every subcommand accepts
+CANVAS = 112  # pixels: 8x8 patches of 14 px, 4x4 image tokens of 28 px, 2x2 attention windows of 56 px
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30),
+          "white": (250, 250, 250), "black": (10, 10, 10)}
+WORDS = tuple(dict.fromkeys(DEFAULT_WORDS + list(SHAPES) + list(COLORS)))
+N_OBJECTS = 3
+# Colours a question may name; the distractors take the others. One colour makes the search one-hop (find the red
+# object, read its shape), which a model this small learns within the CPU budget of the recipe.
+ASKED_COLORS = ("red",)
+CELL = 28  # pixels of one image token
+OBJECT_SIZE = 24  # side of every object's bounding box in pixels: the objects differ in colour and shape only
+MIN_GAP = 28  # pixels between boxes (at least one free cell), so that boxes widened by half a cell never overlap
+SPLITS = {"train": 0, "test": 1}
+
+Box = Tuple[int, int, int, int]
+
+
+@dataclass
+class DemoSample:
+    """One demo question: ``image`` (uint8 ``H x W x 3``), ``prompt``, one-word ``answer``, the ``evidence_box`` of
+    the asked object and the ``distractor_boxes`` of the other objects, as ``(x0, y0, x1, y1)`` pixel boxes with
+    ``x1``, ``y1`` exclusive."""
+
+    image: np.ndarray
+    prompt: str
+    answer: str
+    evidence_box: Box
+    distractor_boxes: List[Box] = field(default_factory=list)
+
+
+def prompt_for(color: str) -> str:
+    """The question the demo model was trained on for the object of ``color``."""
+    return f"What shape is the {color} object?"
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= c ** 2
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    # triangle pointing up: apex at the top centre, base along the bottom edge
+    return np.abs(xx - c) <= c * yy / size
+
+
+def _place_boxes(rng: np.random.Generator, size: int) -> List[Box]:
+    """One box per object, each inside its own 28-pixel token cell (jittered within it); cells at least one cell
+    apart, so that boxes are at least ``MIN_GAP`` pixels apart."""
+    cells = CANVAS // CELL
+    while True:
+        chosen: List[Tuple[int, int]] = []
+        for index in rng.permutation(cells * cells):
+            row, col = divmod(int(index), cells)
+            if all(max(abs(row - r), abs(col - c)) >= 2 for r, c in chosen):
+                chosen.append((row, col))
+            if len(chosen) == N_OBJECTS:
+                break
+        if len(chosen) == N_OBJECTS:
+            break
+    boxes = []
+    for row, col in chosen:
+        dx, dy = (int(v) for v in rng.integers(0, CELL - size + 1, size=2))
+        boxes.append((col * CELL + dx, row * CELL + dy, col * CELL + dx + size, row * CELL + dy + size))
+    return boxes
+
+
+def make_sample(rng: np.random.Generator) -> DemoSample:
+    """One random sample drawn from ``rng``."""
+    background = rng.integers(80, 176)
+    image = background + rng.normal(0, 28, size=(CANVAS, CANVAS, 3))
+    others = [c for c in COLORS if c not in ASKED_COLORS]
+    asked_color = ASKED_COLORS[int(rng.integers(len(ASKED_COLORS)))]
+    colors = [asked_color] + [str(c) for c in rng.choice(others, size=N_OBJECTS - 1, replace=False)]
+    shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=N_OBJECTS)]
+    boxes = _place_boxes(rng, OBJECT_SIZE)
+    for shape, color, (x0, y0, x1, y1) in zip(shapes, colors, boxes):
+        mask = _shape_mask(shape, OBJECT_SIZE)
+        patch = np.array(COLORS[color], dtype=float) + rng.normal(0, 12, size=(OBJECT_SIZE, OBJECT_SIZE, 3))
+        image[y0:y1, x0:x1][mask] = patch[mask]
+    asked = 0
+    return DemoSample(image=np.clip(image, 0, 255).astype(np.uint8), prompt=prompt_for(str(colors[asked])),
+                      answer=shapes[asked], evidence_box=boxes[asked],
+                      distractor_boxes=[b for i, b in enumerate(boxes) if i != asked])
+
+
+def make_demo_samples(n: int, seed: int = 0, split: str = "test") -> List[DemoSample]:
+    """``n`` samples of the demo task. Each ``(split, seed)`` pair is its own random stream, so the ``"test"``
+    split never repeats the ``"train"`` split the demo model was trained on."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}: use one of {sorted(SPLITS)}.")
+    rng = np.random.default_rng([SPLITS[split], seed])
+    return [make_sample(rng) for _ in range(n)]
+
+
+def embedded_model_path(name: str) -> str:
+    """The folder of an embedded model by its name (``"demo"``), or ``name`` itself (a folder or hub id)."""
+    return EMBEDDED_MODELS.get(name, name)
+
+
+def load_demo_model(dtype: torch.dtype = torch.float32, path: str = DEMO_MODEL_DIR):
+    """The shipped demo model and its processor, loaded with ``from_pretrained`` from the package folder.
+    Returns ``(model, processor)``, the model in eval mode."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"No demo model in {path}: retrain it with "
+                                "`python usage_examples/train_demo_model.py`.")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor

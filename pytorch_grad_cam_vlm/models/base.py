@@ -1,0 +1,147 @@
+"""What every model-family wrapper shares: images in, scores out, and the model left as it was."""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Tuple, Type
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.models.state import (eager_attention, explaining, graph_starts_at, has_forward_hooks,
+                                              hookable_tuple_outputs, shallowest_hooked)
+
+
+class ModelWrapper(torch.nn.Module):
+    """Base of the family adapters (:class:`QwenVLWrapper`, :class:`CLIPWrapper`).
+
+    A subclass sets its layer lists and calls :meth:`_watch_layers`, and runs its model inside
+    :meth:`_explaining`. While that runs, the model is in eval mode with frozen parameters and no autograd graph is
+    built before the shallowest hooked layer (``efficient_gradients=False`` turns both off); afterwards its modes,
+    ``requires_grad`` flags and hooks are as they were.
+    """
+
+    ablation_layer_type: Type[torch.nn.Module]  # what the subclass's ablation_layer() returns
+
+    def __init__(self, model: torch.nn.Module, processor, efficient_gradients: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.efficient_gradients = efficient_gradients
+        image_processor = processor.image_processor
+        self.register_buffer("image_mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), False)
+        self.batch_size = 0  # of the latest forward pass, read by reshape_transform
+
+    @property
+    def input_device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def token_cell(self) -> int:
+        """The side in pixels of the image area one token covers: image sizes are multiples of it, and the
+        pointing game's tolerance is half of it."""
+        return self.patch_size
+
+    def _watch_layers(self, *layer_lists: torch.nn.ModuleList) -> None:
+        """Remember the layers (see :meth:`_restore_layers`) and anchor grad-cam's input device: grad-cam moves
+        inputs to the device of the wrapper's first parameter, and with accelerate offloading the model's first
+        parameter may live on "meta", so the wrapper leads with an empty one on the input device."""
+        self.input_anchor = torch.nn.Parameter(torch.empty(0, device=self.input_device), requires_grad=False)
+        self._originals = [(layers, list(layers)) for layers in layer_lists]
+
+    def to_rgb(self, x: torch.Tensor) -> np.ndarray:
+        """Undo the normalisation: ``(B, 3, H, W)`` to ``(B, H, W, 3)`` float32 in [0, 1], for overlays."""
+        rgb = x.detach().float().cpu() * self.image_std.cpu() + self.image_mean.cpu()
+        return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    def train(self, mode: bool = True) -> "ModelWrapper":
+        """Only the wrapper's own flag: grad-cam calls ``.eval()`` on its model, and the wrapped model keeps its
+        mode (each forward pass runs it in eval mode and restores the mode after)."""
+        self.training = mode
+        return self
+
+    @contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run the model with eager attention inside the block (for attention weights and second derivatives)."""
+        with eager_attention(self.model):
+            yield
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_images(self, x: torch.Tensor, multiple: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Expected normalised images of shape (B, 3, H, W), got {shape}; "
+                             "use wrapper.preprocess(image) to make one.")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"Image height and width must be multiples of {multiple} pixels, got "
+                             f"{x.shape[2]}x{x.shape[3]}; use wrapper.preprocess(image) to resize as the model does.")
+
+    def _restore_layers(self) -> None:
+        """grad-cam's AblationCAM swaps a layer for its ablation layer and, when that layer fails (an IndexError,
+        which grad-cam's ``with`` block swallows), leaves it inside the model: put the original layers back and say
+        what to use instead."""
+        for layers, originals in self._originals:
+            foreign = [m for m, o in zip(layers, originals)
+                       if m is not o and not isinstance(m, self.ablation_layer_type)]
+            if foreign:
+                for i, original in enumerate(originals):
+                    layers[i] = original
+                raise ValueError(
+                    f"A {type(foreign[0]).__name__} had replaced a layer of the model (grad-cam's AblationCAM leaves "
+                    "it there when its ablation layer fails on transformer layers); the original layers are back. "
+                    "Use AblationCAM(..., ablation_layer=wrapper.ablation_layer()).")
+
+    def _warn_if_hooked(self, layer: torch.nn.Module, why: str) -> None:
+        """Warn when a gradient method targets ``layer``, whose image outputs get no gradient."""
+        if torch.is_grad_enabled() and has_forward_hooks(layer):
+            warnings.warn(why, stacklevel=5)
+
+    # ----------------------------------------------------------------------------------------- forward
+    @contextmanager
+    def _explaining(self, x: torch.Tensor, stages: Sequence[torch.nn.Module]) -> Iterator[torch.Tensor]:
+        """Around the model call of a forward pass: checks, eval mode, frozen parameters and the autograd graph
+        started at the shallowest hooked stage. Yields the input to use (one that requires grad when a hooked
+        module lies outside the stages: with frozen parameters only the input can put it in a graph)."""
+        self._restore_layers()
+        if x.requires_grad:
+            _refuse_fullgrad()
+        start = None
+        if self.efficient_gradients and not x.requires_grad:
+            start = shallowest_hooked(stages, self.model)
+            if start is None and torch.is_grad_enabled() and has_forward_hooks(self.model):
+                x = x.detach().requires_grad_(True)
+        with explaining(self.model, self.efficient_gradients), graph_starts_at(start), \
+                hookable_tuple_outputs(stages):
+            yield x
+
+
+def find_module_list(model: torch.nn.Module, sibling: str) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The first ``ModuleList`` whose parent also has attribute ``sibling``; found by walking the model, so that
+    module paths that moved between transformers versions (``model.model.layers`` vs
+    ``model.model.language_model.layers``, ``model.visual`` vs ``model.model.visual``) all work."""
+    for parent in model.modules():
+        if hasattr(parent, sibling):
+            for child in parent.children():
+                if isinstance(child, torch.nn.ModuleList) and len(child) > 0:
+                    return parent, child
+    raise ValueError(f"Found no layer list beside a '{sibling}' module in {type(model).__name__}: "
+                     "is this a supported model?")
+
+
+def _refuse_fullgrad() -> None:
+    """grad-cam's FullGrad takes biases from Conv2d and BatchNorm2d layers only; a transformer has none, and FullGrad
+    would silently return |input gradient x input| under its name."""
+    from pytorch_grad_cam import FullGrad
+
+    frame = sys._getframe(2)
+    for _ in range(10):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), FullGrad):
+            raise NotImplementedError(
+                "FullGrad is not supported on vision-language models: it sums bias gradients of Conv2d/BatchNorm2d "
+                "layers, which transformers do not have, and would return only |input gradient x input|. Use "
+                "GradCAM, HiResCAM or LayerCAM on the wrapper's layers, or SmoothGradCAM.")
+        frame = frame.f_back

@@ -1,0 +1,286 @@
+"""Qwen2.5-VL and Qwen2-VL adapter: a ``torch.nn.Module`` that maps normalised images to next-token logits, so that
+every grad-cam method, target and metric runs on it unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
+from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
+from pytorch_grad_cam_vlm.models.base import ModelWrapper, find_module_list
+
+
+AnswerInput = Union[str, Sequence[int]]
+
+
+@dataclass
+class Layout:
+    """Where the image sits in one prompt: the processor's text inputs for one image and its vision grid."""
+
+    text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask, ... for batch 1, without pixel_values
+    grid_thw: torch.Tensor  # (1, 3): t, h, w in patches
+    vision_positions: torch.Tensor  # sequence positions of the image tokens, in raster order of the merged grid
+    answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+
+    @property
+    def patch_grid(self) -> Tuple[int, int]:
+        return int(self.grid_thw[0, 1]), int(self.grid_thw[0, 2])
+
+
+def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` images to Qwen's flat ``pixel_values`` ``(B*h*w, C*T*p*p)``: patches in 2x2 merge-block
+    order, each repeated over the temporal axis, exactly as ``Qwen2VLImageProcessor`` lays them out; differentiable."""
+    b, c, height, width = images.shape
+    gh, gw = height // patch_size, width // patch_size
+    patches = images.reshape(b, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
+    patches = patches.expand(-1, -1, -1, -1, -1, -1, temporal_patch_size, -1, -1)
+    return patches.reshape(b * gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def unpatchify(pixel_values: torch.Tensor, grid_hw: Tuple[int, int], patch_size: int, merge_size: int,
+               temporal_patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for one image: ``(h*w, C*T*p*p)`` to ``(1, C, H, W)`` (first temporal frame)."""
+    gh, gw = grid_hw
+    x = pixel_values.reshape(gh // merge_size, gw // merge_size, merge_size, merge_size, -1, temporal_patch_size,
+                             patch_size, patch_size)[:, :, :, :, :, 0]
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)  # C, gh/m, m, p, gw/m, m, p
+    return x.reshape(1, -1, gh * patch_size, gw * patch_size)
+
+
+def vision_window_index(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The order in which Qwen2.5-VL's vision encoder holds merge blocks (grouped by attention window);
+    the identity for Qwen2-VL, whose encoder has no windows."""
+    n_merged = int((grid_thw.prod(-1) // visual.spatial_merge_size ** 2).sum())
+    if not hasattr(visual, "fullatt_block_indexes"):
+        return torch.arange(n_merged)
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # transformers 4.x keeps it as a method of the encoder
+        return visual.get_window_index(grid_thw)[0].cpu()
+    return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+
+
+class QwenVLWrapper(ModelWrapper):
+    """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
+
+    ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (all of one size, a multiple of 28 pixels, as
+    :meth:`preprocess` makes them) and returns the logits of the next token after the chat-formatted ``prompt``,
+    ``(B, vocab)`` float32. The prompt's tokens are built by the model's own processor and chat template once per
+    image size. :meth:`reshape_transform` turns the hidden states of decoder layers, vision blocks and the patch
+    merger into ``(B, C, h, w)`` maps on the image's true grid.
+
+    While a forward pass runs, the model is in eval mode with frozen parameters, and no autograd graph is built
+    before the shallowest hooked layer (``efficient_gradients=False`` turns both off); afterwards its modes,
+    ``requires_grad`` flags and hooks are as they were.
+
+    With an ``answer`` (text, or token ids as ``model.generate`` returns them), the answer's tokens are teacher-forced
+    after the generation prompt and ``forward`` returns the answer's score ``(B, 1)``: the sum (or, with
+    ``answer_reduction="mean"``, the mean) of the answer tokens' log-probabilities. Every grad-cam method, target
+    ``None`` and the ROAD metrics then explain the whole answer; :meth:`answer_logits` keeps the logits at hand.
+    """
+
+    ablation_layer_type = TokenAblationLayer
+
+    def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
+                 answer: Optional[AnswerInput] = None, answer_reduction: str = "sum") -> None:
+        if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
+            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
+                             "processor's chat template.")
+        super().__init__(model, processor, efficient_gradients)
+        self.prompt = prompt
+        image_processor = processor.image_processor
+        self.patch_size = int(image_processor.patch_size)
+        self.merge_size = int(image_processor.merge_size)
+        self.temporal_patch_size = int(image_processor.temporal_patch_size)
+        self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
+        self.visual, self._vision_blocks = find_module_list(model, "merger")
+        self._watch_layers(self._decoder_layers, self._vision_blocks)
+        self._layouts: Dict[Tuple[int, int], Layout] = {}
+        self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
+        self.answer: Optional[AnswerInput] = None
+        self.answer_reduction = "sum"
+        self.set_answer(answer, answer_reduction)
+
+    # ----------------------------------------------------------------------------------------- layers
+    @property
+    def decoder_layers(self) -> List[torch.nn.Module]:
+        """The language decoder's layers. The last one's outputs at vision positions get no gradient."""
+        return list(self._decoder_layers)
+
+    @property
+    def vision_blocks(self) -> List[torch.nn.Module]:
+        """The vision encoder's transformer blocks (window-ordered outputs, undone by :meth:`reshape_transform`)."""
+        return list(self._vision_blocks)
+
+    @property
+    def merger(self) -> torch.nn.Module:
+        """The patch merger: one vector per 28-pixel cell, in the order the language model receives them."""
+        return self.visual.merger
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: accelerate's main device for a dispatched model, else the embeddings' device."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            on_accelerators = [d for d in device_map.values() if d not in ("cpu", "disk", "meta")]
+            if not on_accelerators:
+                return torch.device("cpu")
+            first = on_accelerators[0]
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        return self._text_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._text_model.embed_tokens.weight.dtype
+
+    # ----------------------------------------------------------------------------------------- images
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """The processor's own resize (``smart_resize`` within its min/max pixels) and normalisation, as
+        ``(1, 3, H, W)`` float32 on the CPU. Accepts a path, a PIL image or a uint8 array; any mode is made RGB."""
+        encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")
+        grid = encoded["image_grid_thw"][0]
+        return unpatchify(encoded["pixel_values"].float(), (int(grid[1]), int(grid[2])), self.patch_size,
+                          self.merge_size, self.temporal_patch_size)
+
+    # ----------------------------------------------------------------------------------------- text
+    def chat_text(self) -> str:
+        """The prompt as the model sees it: the chat template around one image and the question, followed by the
+        answer when one is set as text."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return prompt + self.answer if isinstance(self.answer, str) else prompt
+
+    # ----------------------------------------------------------------------------------------- answers
+    def set_answer(self, answer: Optional[AnswerInput], reduction: str = "sum") -> None:
+        """Teacher-force ``answer`` (text, tokenised as the processor tokenises the whole chat, or token ids) after
+        the generation prompt, so that ``forward`` returns its score ``(B, 1)``: the ``"sum"`` or ``"mean"`` of its
+        tokens' log-probabilities. ``None`` goes back to next-token logits."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"answer_reduction must be 'sum' or 'mean', got {reduction!r}.")
+        self.answer = None if answer is None else check_answer(answer, self.processor)
+        self.answer_reduction = reduction
+        self._layouts.clear()
+
+    def token_id(self, word: str) -> int:
+        """The id of the one token the tokenizer makes of ``word``, taken as written: Qwen's tokenizer gives
+        ``"red"`` (as the first word of an answer) and ``" red"`` (after a space) different ids. A word that becomes
+        several tokens raises ``ValueError``: explain it with ``set_answer(word)`` instead."""
+        return word_token_id(self.processor.tokenizer, word)
+
+    def answer_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, A, vocab)`` float32 logits under teacher forcing: ``[:, t]`` predicts answer token ``t``."""
+        if self.answer is None:
+            raise ValueError("No answer is set: create the wrapper with answer=... or call wrapper.set_answer(...).")
+        return self._logits(x)
+
+    def answer_token_scores(self, x: torch.Tensor, score: str = "log_prob") -> torch.Tensor:
+        """``(B, A)`` float32: each answer token's ``"log_prob"`` or ``"logit"`` under teacher forcing."""
+        if score not in ("log_prob", "logit"):
+            raise ValueError(f"score must be 'log_prob' or 'logit', got {score!r}.")
+        logits = self.answer_logits(x)
+        if score == "log_prob":
+            logits = torch.log_softmax(logits, dim=-1)
+        ids = self.layout.answer_ids.to(logits.device).expand(logits.shape[0], -1)
+        return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def layout_for(self, height: int, width: int) -> Layout:
+        """Text inputs and vision grid for images of ``height x width`` pixels, built once per size by the
+        processor itself with a placeholder image, so that token counts and ``mm_token_type_ids`` are exact."""
+        key = (height, width)
+        if key not in self._layouts:
+            placeholder = np.zeros((height, width, 3), dtype=np.uint8)
+            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+            grid = encoded["image_grid_thw"]
+            expected = (height // self.patch_size, width // self.patch_size)
+            if (int(grid[0, 1]), int(grid[0, 2])) != expected:
+                raise ValueError(
+                    f"Images of {height}x{width} pixels lie outside the processor's min/max pixels (it would "
+                    f"resize them to {int(grid[0, 1]) * self.patch_size}x{int(grid[0, 2]) * self.patch_size}): "
+                    "prepare images with wrapper.preprocess(image).")
+            image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+            positions = (encoded["input_ids"][0] == image_token_id).nonzero().flatten()
+            text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
+            answer_ids = None
+            if self.answer is not None:
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids)
+        return self._layouts[key]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)``, or with an answer set its score ``(B, 1)``."""
+        if self.answer is None:
+            return self._logits(x)
+        scores = self.answer_token_scores(x)
+        return scores.sum(-1, keepdim=True) if self.answer_reduction == "sum" else scores.mean(-1, keepdim=True)
+
+    @property
+    def token_cell(self) -> int:
+        """28 pixels: one image token covers a 2x2 merge block of 14-pixel patches."""
+        return self.patch_size * self.merge_size
+
+    def model_inputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The model's keyword inputs for images ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
+        inputs of this image size, ``pixel_values`` patchified in torch (differentiable) in the vision encoder's
+        dtype, and ``image_grid_thw``."""
+        b, _, height, width = x.shape
+        layout = self.layout_for(height, width)
+        device = self.input_device
+        inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
+        inputs["pixel_values"] = pixel_values.to(next(self.visual.parameters()).dtype)
+        inputs["image_grid_thw"] = layout.grid_thw.repeat(b, 1).to(device)
+        return inputs
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
+        its tokens ``(B, A, vocab)`` (teacher forcing: token ``t`` is predicted at position ``t - 1``)."""
+        self._check_images(x, self.token_cell)
+        layout = self.layout_for(x.shape[2], x.shape[3])
+        self.layout, self.batch_size = layout, x.shape[0]
+        n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
+        self._warn_if_hooked(self._decoder_layers[-1], (
+            "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
+            "so their gradient is exactly zero and gradient-based maps there are blank. Use "
+            f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
+        with self._explaining(x, self.vision_blocks + [self.merger] + self.decoder_layers) as x:
+            output = self.model(**self.model_inputs(x), logits_to_keep=n_answer + 1, use_cache=False)
+        logits = output.logits.float()
+        return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
+
+    # ----------------------------------------------------------------------------------------- reshape
+    def reshape_transform(self, output) -> torch.Tensor:
+        """Hidden states to ``(B, C, h, w)`` float32 on the true grid of the latest forward pass.
+
+        Decoder layers ``(B, seq, C)`` (or a tuple whose first item is that, as older transformers return) give the
+        ``h/2 x w/2`` grid of image tokens; vision blocks ``(B*h*w, C)`` give the ``h x w`` grid of 14-pixel patches,
+        with the window order and 2x2 merge order undone; the merger ``(B*h*w/4, C)`` gives the 28-pixel grid.
+        """
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.layout is None:
+            raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
+        b, (gh, gw), m = self.batch_size, self.layout.patch_grid, self.merge_size
+        if hidden.dim() == 3:
+            tokens = hidden[:, self.layout.vision_positions.to(hidden.device)]
+            return tokens.reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+        if hidden.dim() != 2:
+            raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid.")
+        order = torch.argsort(vision_window_index(self.visual, self.layout.grid_thw.repeat(b, 1))).to(hidden.device)
+        if hidden.shape[0] == b * gh * gw:  # vision block: 14-pixel patches, grouped by merge block and window
+            blocks = hidden.reshape(-1, m * m, hidden.shape[-1])[order]
+            grid = blocks.reshape(b, gh // m, gw // m, m, m, -1).permute(0, 5, 1, 3, 2, 4)
+            return grid.reshape(b, -1, gh, gw).float()
+        if hidden.shape[0] == b * gh * gw // (m * m):  # merger: one row per merge block, in window order
+            return hidden[order].reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+        raise ValueError(f"A vision hidden state of {hidden.shape[0]} rows fits neither the {b * gh * gw} patches "
+                         f"nor the {b * gh * gw // (m * m)} merged cells of the latest forward pass.")
+
+    def ablation_layer(self):
+        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
+        positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
+        return TokenAblationLayer(self)

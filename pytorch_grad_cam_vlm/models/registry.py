@@ -1,0 +1,136 @@
+"""Which family a checkpoint belongs to, how to load it, and how to wrap it: read from the config alone, so that
+every entry point (the CLI, the benchmark) checks a model before loading its weights."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from pytorch_grad_cam_vlm.errors import InputError
+
+
+QWEN_MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+
+
+CLIP_FAMILIES = ("clip", "siglip", "siglip2")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {name} is not available here: CUDA is missing; use --device cpu.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def model_config(name: str):
+    """``(config, family)`` of a model folder or hub id, read from its config alone and checked to be supported."""
+    from transformers import AutoConfig
+
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+            raise InputError(f"Model folder not found or without config.json: {name}")
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    except Exception as error:  # noqa: BLE001 (hub, parsing and unknown-architecture errors alike)
+        reason = str(error).strip().split("\n")[0]
+        raise InputError(f"Cannot read the model config of {name!r}: {reason}") from error
+    family = getattr(config, "model_type", None)
+    if family not in QWEN_MODEL_CLASSES and family not in CLIP_FAMILIES:
+        raise InputError(f"Model family {family!r} is not supported: use a Qwen2.5-VL, Qwen2-VL, CLIP, SigLIP or "
+                         "SigLIP 2 model.")
+    return config, family
+
+
+def layer_count(config, family: str) -> int:
+    """How many layers the CLI picks from: Qwen's decoder layers, CLIP's vision layers."""
+    if family in QWEN_MODEL_CLASSES:
+        return getattr(config, "text_config", config).num_hidden_layers  # transformers 4.x: on the config itself
+    return config.vision_config.num_hidden_layers
+
+
+def check_question(family: str, prompt: Optional[str], texts: Optional[Sequence[str]], answer: Optional[str] = None,
+                   per_token: bool = False) -> None:
+    """Qwen models take a ``--prompt`` (and may take ``--answer`` / ``--per-token``), CLIP models ``--texts``."""
+    if (answer is not None or per_token) and family not in QWEN_MODEL_CLASSES:
+        raise InputError(f"--answer and --per-token explain a Qwen model's answer; a {family} model takes --texts.")
+    if answer is not None and not answer.strip():
+        raise InputError("--answer is empty: give the answer text to explain, or leave it out.")
+    if family in QWEN_MODEL_CLASSES:
+        if not prompt:
+            raise InputError(f"A {family} model needs --prompt, the question to explain.")
+        if texts:
+            raise InputError("--texts is for CLIP and SigLIP models; a Qwen model takes --prompt.")
+        return
+    if not texts:
+        raise InputError(f"A {family} model needs --texts, the captions to score the image against.")
+    if prompt:
+        raise InputError(f"--prompt is for Qwen models; a {family} model takes --texts.")
+    if len(set(texts)) != len(texts):
+        raise InputError(f"--texts must be distinct, got {list(texts)}.")
+
+
+def skip_last(family: str, gradients: bool) -> bool:
+    """Whether the last layer's image positions get no gradient: Qwen's decoder, and CLIP, which pools its class
+    token (SigLIP pools every patch)."""
+    return gradients and (family in QWEN_MODEL_CLASSES or family == "clip")
+
+
+def load_model(name: str, family: str, dtype: torch.dtype, device: torch.device):
+    """``(model, processor)`` of a supported family, in eval mode on ``device``."""
+    import transformers
+
+    model_cls = getattr(transformers, QWEN_MODEL_CLASSES[family]) if family in QWEN_MODEL_CLASSES \
+        else transformers.AutoModel
+    path = os.path.expanduser(name)
+    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    return model.eval(), transformers.AutoProcessor.from_pretrained(path)
+
+
+@dataclass
+class Subject:
+    """A wrapped model as the CLI explains it: its wrapper, the layers to pick from, and how it predicts."""
+
+    wrapper: torch.nn.Module
+    layers: List[torch.nn.Module]
+    family: str
+
+    def predict(self, x: torch.Tensor) -> Tuple[int, str, float]:
+        """The predicted class of the clean image, ``(index, label, probability)``: the next token and its
+        softmax probability for Qwen; the best text and its probability (softmax over the texts for CLIP, sigmoid
+        for SigLIP) for CLIP models."""
+        with torch.no_grad():
+            logits = self.wrapper(x)[0].float()
+        index = int(logits.argmax())
+        if getattr(self.wrapper, "answer", None) is not None:  # the answer's score: sum of its log-probabilities
+            return 0, str(self.wrapper.answer), float(logits[0].exp())
+        if self.family in QWEN_MODEL_CLASSES:
+            return index, self.wrapper.processor.tokenizer.decode([index]), float(logits.softmax(-1)[index])
+        probabilities = logits.softmax(-1) if self.family == "clip" else logits.sigmoid()
+        return index, self.wrapper.texts[index], float(probabilities[index])
+
+
+def make_subject(family: str, model, processor, prompt: Optional[str], texts: Optional[Sequence[str]]) -> Subject:
+    """The wrapper of a loaded model (:func:`check_question` has checked ``prompt`` and ``texts``)."""
+    if family in QWEN_MODEL_CLASSES:
+        from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
+
+        wrapper = QwenVLWrapper(model, processor, prompt=prompt)
+        return Subject(wrapper, wrapper.decoder_layers, family)
+    from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
+
+    wrapper = CLIPWrapper(model, processor, texts=list(texts))
+    return Subject(wrapper, wrapper.vision_layers, family)
