@@ -9,6 +9,8 @@ from pytorch_grad_cam_vlm.benchmark.localization import localization_table
 from pytorch_grad_cam_vlm.demo import DemoSample, load_demo_model, make_demo_samples
 from pytorch_grad_cam_vlm.methods.answers import GeneratedExplanation, explain_generated, plot_per_token
 from pytorch_grad_cam_vlm.methods.attention import AttentionMap, AttentionRollout
+from pytorch_grad_cam_vlm.methods.auto import Explanation, explain
+from pytorch_grad_cam_vlm.methods.classify import classify_and_explain
 from pytorch_grad_cam_vlm.methods.shapley_cam import ShapleyCAM
 from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEigenGradCAM, SmoothFullGrad,
                                                       SmoothGrad, SmoothGradCAM, SmoothGradCAMElementWise,
@@ -16,20 +18,29 @@ from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEige
                                                       SmoothScoreCAM, SmoothShapleyCAM, SmoothXGradCAM, smooth)
 from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, auto_layer, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget, WordTarget
+from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, check_maps
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_map, pointing_hit
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
 from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
+from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
+from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
+from pytorch_grad_cam_vlm.models.tiny.llava import build_tiny_llava
+from pytorch_grad_cam_vlm.models.tiny.qwen3_vl import build_tiny_qwen3_vl
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_tiny_model
 
 __all__ = [
     "AnswerTarget", "AttentionMap", "AttentionRollout", "CLIPWrapper", "ContrastiveTarget", "DemoSample",
     "GeneratedExplanation", "LayerSweep", "auto_layer", "energy_in_box", "layer_sweep", "load_demo_model",
     "localization_table", "make_demo_samples", "occlusion_map", "pointing_hit", "select_layers",
-    "QwenVLWrapper", "ShapleyCAM", "SmoothEigenCAM", "SmoothEigenGradCAM", "SmoothFullGrad", "SmoothGrad",
-    "SmoothGradCAM", "SmoothGradCAMElementWise", "SmoothGradCAMPlusPlus", "SmoothHiResCAM", "SmoothLayerCAM",
-    "SmoothScoreCAM", "SmoothShapleyCAM", "SmoothXGradCAM", "TokenAblationLayer", "WordTarget", "build_tiny_clip",
-    "build_tiny_model", "explain_generated", "patchify", "plot_per_token", "smooth",
+    "Qwen3VLWrapper", "QwenVLWrapper", "ShapleyCAM", "SmoothEigenCAM", "SmoothEigenGradCAM", "SmoothFullGrad",
+    "SmoothGrad", "SmoothGradCAM", "SmoothGradCAMElementWise", "SmoothGradCAMPlusPlus", "SmoothHiResCAM",
+    "SmoothLayerCAM", "SmoothScoreCAM", "SmoothShapleyCAM", "SmoothXGradCAM", "TokenAblationLayer", "WordTarget",
+    "build_tiny_clip", "build_tiny_model", "build_tiny_qwen3_vl", "explain_generated", "patchify", "plot_per_token",
+    "smooth", "Explanation", "MapCheck", "check_maps", "explain",
+    "LlavaWrapper", "build_tiny_llava",
+    "ClassifierWrapper", "classify_and_explain",
 ]
 __version__ = "0.2.0"

@@ -5,20 +5,22 @@ import os
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 def load_rgb(image: ImageInput) -> Image.Image:
-    """Return ``image`` as an RGB PIL image; L, LA, RGBA, P and other modes are converted, bad input is refused
-    with a message that says what is accepted."""
+    """Return ``image`` as an RGB PIL image; L, LA, RGBA, P, CMYK and 16-bit modes are converted, a file is turned
+    as its EXIF orientation says and an animation gives its first frame (:func:`frame_count` tells), bad input is
+    refused with a message that says what is accepted."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"Image file not found: {image}")
         try:
             with Image.open(image) as opened:
-                image = opened.convert("RGB")
+                # The orientation a viewer shows (EXIF), and the first frame of an animation.
+                return to_8bit(ImageOps.exif_transpose(opened)).convert("RGB")
         except OSError as error:
             raise ValueError(f"Cannot read {image} as an image: {error}") from error
     if isinstance(image, np.ndarray):
@@ -31,6 +33,25 @@ def load_rgb(image: ImageInput) -> Image.Image:
             raise ValueError(f"Expected an HxW, HxWx3 or HxWx4 image array, got shape {image.shape}.")
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a path, a PIL image or a uint8 numpy array, got {type(image).__name__}.")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    image = to_8bit(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Images of more than 8 bits per channel scaled to 8 bits: PIL's own conversion clips 16-bit and 32-bit integer
+    values at 255 (a 16-bit photo turns white), so ``I;16``/``I`` images are divided by 257 (65535 -> 255) and
+    float (``F``) images taken as [0, 1] when their values lie there, else as 0..255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64) / 257.0
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        values = values * 255 if np.nanmax(values, initial=0) <= 1 else values
+    else:
+        return image
+    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8), mode="L")
+
+
+def frame_count(path: str) -> int:
+    """How many frames the image file holds (1 for a still image)."""
+    with Image.open(path) as opened:
+        return int(getattr(opened, "n_frames", 1))

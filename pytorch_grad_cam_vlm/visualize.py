@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -106,22 +106,24 @@ def mode_layers(mode: str, layers: Sequence[int]) -> List[int]:
 
 
 def save_figure(path: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers: Sequence[int], method: str,
-                token: str) -> str:
+                token: str, notes: Optional[Sequence[str]] = None) -> str:
     """Draw ``maps`` ``(L, H, W)`` of ``layers`` on ``rgb`` ``(H, W, 3)`` as the figure of ``mode`` and save it as a
-    PNG at ``path``. ``maps`` and ``layers`` are those of :func:`mode_layers`. Returns ``path``."""
+    PNG at ``path``. ``maps`` and ``layers`` are those of :func:`mode_layers`; ``notes`` (one per layer, e.g. the
+    map's deletion check) end each panel's label. Returns ``path``."""
+    notes = [f" · {n}" for n in notes] if notes else [""] * len(layers)
     maps = np.asarray(maps)
     if maps.ndim != 3 or len(maps) != len(layers) or maps.shape[1:] != rgb.shape[:2]:
         raise ValueError(f"Expected maps (L={len(layers)}, H, W) on the image's {rgb.shape[:2]} grid, "
                          f"got {maps.shape}.")
     rows, columns = panel_layout(mode, len(layers))
     if mode == "comparative":
-        panels = [(heatmap, m, f"{name} · layer {k} · heatmap") for name, k, m in zip(THIRDS, layers, maps)]
+        panels = [(heatmap, m, f"{name} · layer {k} · heatmap{n}") for name, k, m, n in zip(THIRDS, layers, maps, notes)]
         panels += [(overlay, m, f"{name} · layer {k} · overlay") for name, k, m in zip(THIRDS, layers, maps)]
     elif mode == "grid":
-        panels = [(overlay, m, f"layer {k}") for k, m in zip(layers, maps)]
+        panels = [(overlay, m, f"layer {k}{n}") for k, m, n in zip(layers, maps, notes)]
     else:  # single and multi: heatmap and overlay of each layer, one layer per row
-        panels = [(draw, m, f"layer {k} · {kind}") for k, m in zip(layers, maps)
-                  for draw, kind in ((heatmap, "heatmap"), (overlay, "overlay"))]
+        panels = [(draw, m, f"layer {k} · {kind}" + (n if kind == "heatmap" else "")) for k, m, n in
+                  zip(layers, maps, notes) for draw, kind in ((heatmap, "heatmap"), (overlay, "overlay"))]
     drawn = []
     for draw, cam, label in panels:
         if not cam.max() > 0:
@@ -145,12 +147,13 @@ def save_maps(path: str, maps: np.ndarray) -> str:
 
 
 def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers: Sequence[int],
-           method: str, token: str) -> List[str]:
-    """Write what ``mode`` shows for one image into ``out_dir``: the mode's figure, the raw maps
-    (``{stem}_{method}_maps.npy``, ``(L, H, W)`` in the order of ``layers``) and, in single mode, the overlay at the
-    image's size. Returns the paths written."""
+           method: str, token: str, notes: Optional[Sequence[str]] = None, title: Optional[str] = None) -> List[str]:
+    """Write what ``mode`` shows for one image into ``out_dir``: the mode's figure (titled ``title``, default
+    ``method``; panel labels ending in ``notes``), the raw maps (``{stem}_{method}_maps.npy``, ``(L, H, W)`` in the
+    order of ``layers``) and, in single mode, the overlay at the image's size. Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, f"{stem}_{method}")
-    files = [save_figure(f"{prefix}_{mode}.png", mode, rgb, maps, layers, method, token),
+    files = [save_figure(f"{prefix}_{mode}.png", mode, rgb, maps, layers, title or method, token, notes),
              save_maps(f"{prefix}_maps.npy", maps)]
     if mode == "single":
         files.append(save_overlay(f"{prefix}_layer{layers[0]}_overlay.png", rgb, maps[0]))

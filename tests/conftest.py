@@ -1,11 +1,80 @@
-"""Shared fixtures: tiny models built from configs, saved and loaded back, once per test session."""
+"""Shared fixtures: tiny models built from configs, saved and loaded back, once per test session; and the devices
+that tests computing maps run on (the CPU always, CUDA when there is one)."""
+import copy
+
 import numpy as np
 import pytest
+import torch
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
 from pytorch_grad_cam_vlm.models.state import watching_hooks
 
 PROMPT = "What color is the circle?"
+
+# Tests that compute maps take the `device` fixture and run once per device. The CUDA runs carry the `cuda` marker
+# (`python -m pytest -m cuda` runs them alone) and are skipped, before any fixture is built, where CUDA is missing.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available")])]
+# The half-precision dtypes, for tests parametrised over them.
+HALF_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device a test computes its maps on: ``cpu``, and ``cuda`` when CUDA is available. On CUDA, float32
+    convolutions run in full precision for the test (cuDNN's default is TF32, 10-bit mantissas), so that maps
+    compare with float32 references as they do on the CPU."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    owner, name, full = ((conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision")  # torch >= 2.9
+                         else (torch.backends.cudnn, "allow_tf32", False))
+    previous = getattr(owner, name)
+    setattr(owner, name, full)
+    try:
+        yield torch.device(request.param)
+    finally:
+        setattr(owner, name, previous)
+
+
+@pytest.fixture(scope="session")
+def to_device():
+    """``to_device(module, device)``: the module itself on the CPU, else a copy of it on ``device``, made once per
+    session (the session's models stay on the CPU, where the other tests use them)."""
+    copies = {}
+
+    def move(module, device):
+        device = torch.device(device)
+        if device.type == "cpu":
+            return module
+        key = (id(module), str(device))
+        if key not in copies:  # the original is kept too, so that its id is not reused
+            copies[key] = (module, copy.deepcopy(module).to(device))
+        return copies[key][1]
+    return move
+
+
+@pytest.fixture
+def qwen(tiny_qwen, device, to_device, request):
+    """``tiny_qwen``'s (model, processor) on ``device``."""
+    model, processor = tiny_qwen
+    yield to_device(model, device), processor
+    assert_no_hooks_left(to_device(model, device), request.node.name)
+
+
+@pytest.fixture
+def qwen2(tiny_qwen2, device, to_device, request):
+    """``tiny_qwen2``'s (model, processor) on ``device``."""
+    model, processor = tiny_qwen2
+    yield to_device(model, device), processor
+    assert_no_hooks_left(to_device(model, device), request.node.name)
+
+
+@pytest.fixture
+def qwen_wrapper(qwen):
+    """The wrapper of ``qwen``: the tiny Qwen2.5-VL on ``device``."""
+    return QwenVLWrapper(*qwen, prompt=PROMPT)
 
 
 @pytest.fixture(scope="session")
@@ -26,20 +95,29 @@ def wrapper(tiny_qwen):
     return QwenVLWrapper(model, processor, prompt=PROMPT)
 
 
+def assert_same_map(actual, expected, device):
+    """Two computations of one map: bit for bit on the CPU; on CUDA, whose kernels may sum in another order from
+    call to call (atomics in backward passes), to within float32 rounding."""
+    if device.type == "cpu":
+        np.testing.assert_array_equal(actual, expected)
+    else:
+        np.testing.assert_allclose(actual, expected, atol=1e-6)
+
+
 def random_image(height, width, seed=0):
     return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
 
 
-def chat_inputs(processor, image, prompt=PROMPT):
-    """The reference path: the processor on the chat-formatted prompt and the raw image."""
+def chat_inputs(processor, image, prompt=PROMPT, device="cpu"):
+    """The reference path: the processor on the chat-formatted prompt and the raw image (tensors on ``device``)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=[text], images=[image], return_tensors="pt")
+    return processor(text=[text], images=[image], return_tensors="pt").to(device)
 
 
 def hidden_and_grad(model, inputs, layer, target=None):
     """By hand on the raw model (parameters as loaded, full graph): ``layer``'s output and its gradient for the
-    last position's logit of ``target`` (default: the argmax), and the target."""
+    last position's logit of ``target`` (default: the argmax), and the target; both on the CPU."""
     store = {}
 
     def keep(module, args, output):
@@ -52,7 +130,7 @@ def hidden_and_grad(model, inputs, layer, target=None):
     target = int(logits.argmax()) if target is None else target
     logits[target].backward()
     model.zero_grad(set_to_none=True)
-    return store["hidden"].detach(), store["hidden"].grad, target
+    return store["hidden"].detach().cpu(), store["hidden"].grad.cpu(), target
 
 
 def model_state(model):
@@ -73,9 +151,13 @@ def _hook_count(model):
 
 @pytest.fixture(autouse=True)
 def no_hooks_left_on_shared_models(request):
-    """Every test leaves the session's tiny models without hooks (grad-cam's included)."""
+    """Every test leaves the session's tiny models without hooks (grad-cam's included); ``qwen`` and ``qwen2`` check
+    their copies on other devices."""
     yield
     for name in ("tiny_qwen", "tiny_qwen2"):
         if name in request.fixturenames:
-            model = request.getfixturevalue(name)[0]
-            assert _hook_count(model) == 0, f"{request.node.name} left hooks on the {name} model"
+            assert_no_hooks_left(request.getfixturevalue(name)[0], request.node.name, name)
+
+
+def assert_no_hooks_left(model, test, name="device's"):
+    assert _hook_count(model) == 0, f"{test} left hooks on the {name} model"

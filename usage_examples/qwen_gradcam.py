@@ -1,21 +1,20 @@
-"""Grad-CAM on Qwen2.5-VL: where in the image the model looks for the next word of its answer, as overlay PNGs.
+"""Where in the image Qwen2.5-VL looks for the next word of its answer, as overlay PNGs, with the map chosen by
+measurement: every candidate method and decoder layer, each map scored by the deletion check, the best one kept.
 
     python usage_examples/qwen_gradcam.py --model Qwen/Qwen2.5-VL-3B-Instruct --image cat.jpg \
         --prompt "What animal is this?"
     python usage_examples/qwen_gradcam.py        # the embedded demo model on one of its held-out images, no download
 
-Writes ``gradcam_overlay.png`` (one layer) and ``gradcam_layers.png`` (every usable layer, from one pass).
+Writes ``auto_overlay.png`` (the best-checked map) and ``auto_layers.png`` (every candidate layer of the chosen
+method, from one pass, each panel with its check).
 """
 import argparse
 
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from pytorch_grad_cam_vlm import QwenVLWrapper
-from pytorch_grad_cam_vlm.methods.sweep import auto_layer
-from pytorch_grad_cam_vlm.methods.sweep import layer_sweep, select_layers
+from pytorch_grad_cam_vlm import QwenVLWrapper, explain
 from pytorch_grad_cam_vlm.visualize import save_figure
 
 parser = argparse.ArgumentParser()
@@ -43,18 +42,19 @@ wrapper = QwenVLWrapper(model, processor, prompt=prompt)  # images (B, 3, H, W) 
 x = wrapper.preprocess(image)  # the processor's resize and normalisation, as one (1, 3, H, W) tensor
 rgb = wrapper.to_rgb(x)[0]
 
-# One layer. targets=None explains the token the model says next; the last decoder layer gets no gradient.
-layer = auto_layer(wrapper)
-with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[layer]],
-             reshape_transform=wrapper.reshape_transform) as cam:
-    grayscale = cam(input_tensor=x, targets=None)[0]
-    token = processor.tokenizer.decode([int(cam.outputs[0].argmax())])
-Image.fromarray(show_cam_on_image(rgb, grayscale, use_rgb=True)).save("gradcam_overlay.png")
+# targets=None explains the token the model says next. Each candidate method runs one forward and one backward pass
+# for all candidate layers; the deletion check scores every map in batched forward passes.
+result = explain(wrapper, x, targets=None)
+method, layer, check = result.methods[0], result.layers[0], result.checks[0]
+token = processor.tokenizer.decode([result.targets[0].category])
+Image.fromarray(show_cam_on_image(rgb, result.maps[0], use_rgb=True)).save("auto_overlay.png")
+for line in result.warnings():  # a chosen map that fails the check (blank or inverted) is said so
+    print("warning:", line)
 
-# Every usable layer from one forward and one backward pass: maps (1, L, H, W) instead of their mean.
-layers = select_layers(len(wrapper.decoder_layers), "all")
-with layer_sweep(GradCAM)(model=wrapper, target_layers=[wrapper.decoder_layers[i] for i in layers],
-                          reshape_transform=wrapper.reshape_transform) as cam:
-    maps = cam(input_tensor=x, targets=None)[0]
-save_figure("gradcam_layers.png", "grid", rgb, maps, layers, "GradCAM", token)
-print(f"Next token {token!r}: wrote gradcam_overlay.png (layer {layer}) and gradcam_layers.png (layers {layers})")
+m = result.candidate_methods.index(method)
+checks = result.candidate_checks[0][m]
+save_figure("auto_layers.png", "grid", rgb, result.candidate_maps[0, m], result.candidate_layers, method, token,
+            notes=[f"check {c.score:+.3g}" for c in checks])
+print(f"Next token {token!r}: {method} at layer {layer} (deletion check {check.score:+.3g}, best of "
+      f"{'/'.join(result.candidate_methods)} at layers {result.candidate_layers}); wrote auto_overlay.png and "
+      "auto_layers.png")

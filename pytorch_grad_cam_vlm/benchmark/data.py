@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pytorch_grad_cam_vlm.benchmark.masks import MaskSpec, load_mask
 from pytorch_grad_cam_vlm.errors import InputError
 
 
@@ -17,7 +18,8 @@ Box = Tuple[float, float, float, float]
 @dataclass
 class Sample:
     """One benchmark question. Boxes are ``(x0, y0, x1, y1)`` in the pixels of the image file (``x1``, ``y1``
-    exclusive); ``where`` names the data row in error messages."""
+    exclusive); ``masks`` are evidence masks of the image's size (:mod:`~pytorch_grad_cam_vlm.benchmark.masks`
+    specs, checked); ``where`` names the data row in error messages."""
 
     index: int
     where: str
@@ -26,6 +28,7 @@ class Sample:
     answer: Optional[str] = None
     boxes: List[Box] = field(default_factory=list)
     distractor_boxes: List[Box] = field(default_factory=list)
+    masks: List[MaskSpec] = field(default_factory=list)
 
 
 def load_samples(path: str, limit: Optional[int] = None,
@@ -33,11 +36,13 @@ def load_samples(path: str, limit: Optional[int] = None,
     """The samples of a data file, each checked (image readable, boxes inside it) with an error naming its row.
 
     JSONL (``.jsonl``): one object per line with ``image`` (a path, relative to the data file's folder),
-    ``prompt``, and optionally ``answer``, ``boxes`` (evidence, a list of ``[x0, y0, x1, y1]``) and
-    ``distractor_boxes``. COCO (``.json`` with ``images``, ``annotations``, ``categories``): one sample per image and
-    category present, asked ``coco_prompt`` with ``{category}`` filled in; that category's boxes are the evidence,
-    the other categories' boxes the distractors. ``limit`` keeps the first samples. CLIP models
-    (``needs_prompt=False``) take no prompt: a row's ``answer`` names the text to explain."""
+    ``prompt``, and optionally ``answer``, ``boxes`` (evidence, a list of ``[x0, y0, x1, y1]``),
+    ``distractor_boxes`` and ``masks`` (evidence, paths to binary PNGs of the image's size, relative to the data
+    file's folder). COCO (``.json`` with ``images``, ``annotations``, ``categories``): one sample per image and
+    category present, asked ``coco_prompt`` with ``{category}`` filled in; that category's boxes (and
+    ``segmentation`` RLEs or polygons, as masks) are the evidence, the other categories' boxes the distractors.
+    ``limit`` keeps the first samples. CLIP models (``needs_prompt=False``) take no prompt: a row's ``answer`` names
+    the text to explain."""
     if not os.path.isfile(path):
         raise InputError(f"Data file not found: {path}")
     with open(path) as f:
@@ -81,10 +86,14 @@ def _coco_rows(document, name: str, prompt: str) -> List[Tuple[str, dict]]:
     try:
         categories = {c["id"]: c["name"] for c in document["categories"]}
         boxes: Dict[object, Dict[object, List[Box]]] = {}
+        masks: Dict[Tuple[object, object], list] = {}
         for k, annotation in enumerate(document["annotations"]):
             x, y, w, h = annotation["bbox"]
             boxes.setdefault(annotation["image_id"], {}).setdefault(annotation["category_id"], []).append(
                 (x, y, x + w, y + h))
+            if annotation.get("segmentation"):
+                masks.setdefault((annotation["image_id"], annotation["category_id"]), []).append(
+                    annotation["segmentation"])
             if annotation["category_id"] not in categories:
                 raise InputError(f"{name} annotations[{k}]: unknown category_id {annotation['category_id']}.")
         rows = []
@@ -94,7 +103,9 @@ def _coco_rows(document, name: str, prompt: str) -> List[Tuple[str, dict]]:
                 rows.append((f"{name} images[{k}] (id {image['id']}, category {categories[category]!r})",
                              dict(image=image["file_name"], prompt=prompt.format(category=categories[category]),
                                   boxes=by_category[category],
-                                  distractor_boxes=[b for c, bs in by_category.items() if c != category for b in bs])))
+                                  distractor_boxes=[b for c, bs in by_category.items() if c != category for b in bs],
+                                  **({"masks": masks[image["id"], category]} if (image["id"], category) in masks
+                                     else {}))))
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"{name}: not a COCO-style file ({type(error).__name__}: {error}); images need id and "
                          "file_name, annotations image_id, category_id and bbox [x, y, width, height].") from error
@@ -107,9 +118,10 @@ def _check_row(index: int, where: str, row: dict, folder: str, needs_prompt: boo
     for key in ("image", "prompt") if needs_prompt else ("image",):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise InputError(f"{where}: missing {key!r} (a non-empty string).")
-    unknown = sorted(set(row) - {"image", "prompt", "answer", "boxes", "distractor_boxes", "id"})
+    unknown = sorted(set(row) - {"image", "prompt", "answer", "boxes", "distractor_boxes", "masks", "id"})
     if unknown:
-        raise InputError(f"{where}: unknown keys {unknown}; use image, prompt, answer, boxes, distractor_boxes.")
+        raise InputError(f"{where}: unknown keys {unknown}; use image, prompt, answer, boxes, distractor_boxes, "
+                         "masks.")
     answer = row.get("answer")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise InputError(f"{where}: 'answer' must be a non-empty string, got {answer!r}.")
@@ -120,8 +132,14 @@ def _check_row(index: int, where: str, row: dict, folder: str, needs_prompt: boo
         raise InputError(f"{where}: {error}") from error
     boxes = {key: [_check_box(box, width, height, f"{where}: {key}") for box in _box_list(row, key, where)]
              for key in ("boxes", "distractor_boxes")}
+    masks = row.get("masks", [])
+    if not isinstance(masks, list):
+        raise InputError(f"{where}: 'masks' must be a list of mask PNG paths, got {masks!r}.")
+    masks = [os.path.join(folder, os.path.expanduser(m)) if isinstance(m, str) else m for m in masks]
+    for k, mask in enumerate(masks):
+        load_mask(mask, height, width, f"{where}: masks[{k}]")
     prompt = row.get("prompt") if needs_prompt else None
-    return Sample(index, where, image, prompt, answer, boxes["boxes"], boxes["distractor_boxes"])
+    return Sample(index, where, image, prompt, answer, boxes["boxes"], boxes["distractor_boxes"], masks)
 
 
 def _box_list(row: dict, key: str, where: str) -> list:

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_map, pointing_hit
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
@@ -39,6 +40,18 @@ def occlusion_method(window: int = 28) -> MapMaker:
     return make
 
 
+def auto_method(**options) -> MapMaker:
+    """:func:`pytorch_grad_cam_vlm.methods.auto.explain` as a map maker: the best-scoring map of its candidate
+    methods and layers (it has no single layer); ``options`` go to ``explain``."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pytorch_grad_cam_vlm.methods.auto import explain
+
+    def make(wrapper: QwenVLWrapper, layer: Optional[int], x: torch.Tensor, target_token_id: int) -> np.ndarray:
+        return explain(wrapper, x, [ClassifierOutputTarget(target_token_id)], **options).maps[0]
+    return make
+
+
 def default_methods(smooth_grad_samples: int = 8) -> Dict[str, Tuple[MapMaker, bool]]:
     """The methods of the table: name -> (map maker, whether it runs per decoder layer). SmoothGradCAM averages
     ``smooth_grad_samples`` noisy copies (noise 0.15 of the input's range, fixed seed); "Attention" is the raw
@@ -48,7 +61,8 @@ def default_methods(smooth_grad_samples: int = 8) -> Dict[str, Tuple[MapMaker, b
     from pytorch_grad_cam_vlm.methods.attention import AttentionMap
     from pytorch_grad_cam_vlm.methods.smooth_grad import SmoothGradCAM
 
-    methods: Dict[str, Tuple[MapMaker, bool]] = {"Occlusion": (occlusion_method(), False)}
+    methods: Dict[str, Tuple[MapMaker, bool]] = {"Occlusion": (occlusion_method(), False),
+                                                 "auto": (auto_method(), False)}
     for cls in (GradCAM, HiResCAM, GradCAMPlusPlus, LayerCAM, EigenCAM):
         methods[cls.__name__] = (grad_cam_method(cls), True)
     methods["SmoothGradCAM"] = (grad_cam_method(partial(SmoothGradCAM, n_samples=smooth_grad_samples, seed=0)), True)
@@ -83,21 +97,20 @@ def localization_table(wrapper: QwenVLWrapper, samples: Sequence, methods: Optio
         answer_id = tokenizer.convert_tokens_to_ids(sample.answer)
         prepared.append((wrappers[sample.prompt], wrappers[sample.prompt].preprocess(sample.image), answer_id, sample))
     rows = []
-    for name, (make, layered) in methods.items():
-        for layer in (layers if layered else [None]):
-            hits, distractor_hits, energy, seconds = 0, 0, 0.0, 0.0
-            for sample_wrapper, x, answer_id, sample in prepared:
-                start = time.perf_counter()
-                cam = make(sample_wrapper, layer, x, answer_id)
-                seconds += time.perf_counter() - start
-                hits += pointing_hit(cam, sample.evidence_box, tolerance_px)
-                distractor_hits += any(pointing_hit(cam, box, tolerance_px) for box in sample.distractor_boxes)
-                energy += energy_in_box(cam, sample.evidence_box)
-            n = len(prepared)
-            rows.append(dict(method=name, layer=layer, n=n, pointing=hits / n, distractor=distractor_hits / n,
-                             energy=energy / n, seconds_per_map=seconds / n))
-            if progress:
-                print(format_row(rows[-1]), flush=True)
+    units = [(name, make, layer) for name, (make, layered) in methods.items()
+             for layer in (layers if layered else [None])]
+    for name, make, layer in tqdm(units, desc="localization table", unit="row", disable=not progress):
+        hits, distractor_hits, energy, seconds = 0, 0, 0.0, 0.0
+        for sample_wrapper, x, answer_id, sample in prepared:
+            start = time.perf_counter()
+            cam = make(sample_wrapper, layer, x, answer_id)
+            seconds += time.perf_counter() - start
+            hits += pointing_hit(cam, sample.evidence_box, tolerance_px)
+            distractor_hits += any(pointing_hit(cam, box, tolerance_px) for box in sample.distractor_boxes)
+            energy += energy_in_box(cam, sample.evidence_box)
+        n = len(prepared)
+        rows.append(dict(method=name, layer=layer, n=n, pointing=hits / n, distractor=distractor_hits / n,
+                         energy=energy / n, seconds_per_map=seconds / n))
     return rows
 
 

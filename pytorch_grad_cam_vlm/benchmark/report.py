@@ -4,9 +4,11 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from pytorch_grad_cam_vlm.errors import InputError
 
 
 def format_value(value) -> str:
@@ -63,37 +65,129 @@ def _cell(value: Optional[float], signed: bool = False) -> str:
 
 
 def _versus(row: dict, baseline: Optional[dict], score: str) -> str:
-    if baseline is None or row[score] is None or baseline[score] is None:
+    if baseline is None or row.get(score) is None or baseline.get(score) is None:
         return "–"
     return _cell(row[score] - baseline[score], signed=True)
 
 
-def markdown_tables(summary: Sequence[dict], header: str) -> str:
-    """The best-layer table of every method against RandomCAM at the same layer, then the full method x layer
-    table."""
+# column -> (label, whether higher is better, unit)
+METRICS: Dict[str, Tuple[str, bool, str]] = {
+    "road_combined": ("ROAD combined", True, "logits"), "road_morf": ("MoRF", False, "logits"),
+    "road_lerf": ("LeRF", True, "logits"), "deletion_auc": ("deletion AUC", False, "score x share"),
+    "insertion_auc": ("insertion AUC", True, "score x share"), "pointing": ("pointing", True, "share of maps"),
+    "distractor": ("distractor", False, "share of maps"), "energy": ("energy in box", True, "share of mass"),
+    "mask_pointing": ("mask pointing", True, "share of maps"), "mask_energy": ("energy in mask", True,
+                                                                            "share of mass"),
+    "sanity": ("sanity", False, "Spearman rho"),
+}
+
+
+def _number(row: dict, metric: str) -> Optional[float]:
+    value = row.get(metric)
+    return None if value is None or math.isnan(value) else value
+
+
+def best_per_metric(summary: Sequence[dict]) -> Dict[str, dict]:
+    """Per metric with a value, the method x layer (RandomCAM left out) that scores best on it (the first in table
+    order on ties)."""
+    best: Dict[str, dict] = {}
+    for metric, (_, higher, _) in METRICS.items():
+        rows = [r for r in summary if r["method"] != BASELINE and _number(r, metric) is not None]
+        if rows:
+            best[metric] = (max if higher else min)(rows, key=lambda r: _number(r, metric))
+    return best
+
+
+def reading(summary: Sequence[dict]) -> str:
+    """One paragraph that reads the numbers: the most often best method x layer, how many pairs beat RandomCAM at
+    their layer on ROAD and on insertion - deletion, whether ROAD and the AUCs agree, and the sanity check."""
+    from scipy.stats import spearmanr
+
+    best = best_per_metric(summary)
+    if not best:
+        return "No scores to read."
     by_key = {(r["method"], r["layer"]): r for r in summary}
-    lines = [header, "",
-             "Each method at its best layer (highest ROAD combined); \"vs RandomCAM\" is the difference with RandomCAM "
-             "at the same layer. ROAD: change of the target logit when pixels are removed (MoRF: most relevant "
-             "first, lower is better; LeRF: least relevant first, higher is better; combined = (LeRF - MoRF) / 2, "
-             "higher is better). Pointing / distractor: share of maps whose maximum lies in an evidence / "
-             "distractor box. Sanity: rank correlation with the map of the randomized model (lower is better).", "",
-             "| method | layer | ROAD combined | vs RandomCAM | MoRF | LeRF | pointing | vs RandomCAM | distractor "
-             "| energy in box | sanity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    wins: Dict[Tuple[str, int], List[str]] = {}
+    for metric, row in best.items():
+        wins.setdefault((row["method"], row["layer"]), []).append(METRICS[metric][0])
+    (method, layer), won = max(wins.items(), key=lambda item: len(item[1]))
+    text = [f"{method} at layer {layer} is best on {len(won)} of {len(best)} metrics ({', '.join(won)})."]
+    pairs = [r for r in summary if r["method"] != BASELINE]
+    for metric, label in (("road_combined", "ROAD combined"), ("auc_gap", "insertion - deletion AUC")):
+        beat, total = 0, 0
+        for row in pairs:
+            random_row = by_key.get((BASELINE, row["layer"]))
+            values = [_gap(r) if metric == "auc_gap" else _number(r, metric) for r in (row, random_row or {})]
+            if random_row is not None and None not in values:
+                total += 1
+                beat += values[0] > values[1]
+        if total:
+            text.append(f"{beat} of {total} method x layer pairs beat RandomCAM at their layer on {label}.")
+    road = [(_number(r, "road_combined"), _gap(r)) for r in pairs]
+    road = [v for v in road if None not in v]
+    if len(road) >= 3:
+        rho = spearmanr(*zip(*road))[0]
+        verdict = "agree" if rho >= 0.5 else "partly agree" if rho > 0 else "disagree"
+        text.append(f"ROAD combined and insertion - deletion AUC {verdict} on the ranking of the pairs (Spearman "
+                    f"{rho:+.2f}).")
+    sanity = best.get("road_combined", {}).get("sanity")
+    if sanity is not None and not math.isnan(sanity):
+        text.append(f"The best ROAD pair's map correlates {sanity:+.2f} with the randomized model's"
+                    + (" (above 0.5: it depends little on what the model learned)." if sanity > 0.5 else "."))
+    n = max(r["n"] for r in summary)
+    samples = f"{n} sample" + ("s" if n != 1 else "")
+    return " ".join(text) + f" Means over {samples}: differences of a few hundredths can be noise."
+
+
+def _gap(row: dict) -> Optional[float]:
+    insertion, deletion = _number(row, "insertion_auc"), _number(row, "deletion_auc")
+    return None if insertion is None or deletion is None else insertion - deletion
+
+
+def _present(summary: Sequence[dict], metrics: Sequence[str]) -> List[str]:
+    """The metrics of ``metrics`` with a value in some row (mask columns only appear where samples have masks)."""
+    return [m for m in metrics if any(_number(r, m) is not None for r in summary)]
+
+
+def markdown_tables(summary: Sequence[dict], header: str) -> str:
+    """The best method x layer per metric and a reading of the results, the best-layer table of every method
+    against RandomCAM at the same layer, then the full method x layer table."""
+    by_key = {(r["method"], r["layer"]): r for r in summary}
+    lines = [header, "", "Best method x layer per metric (RandomCAM left out; its value at the same layer beside):",
+             "", "| metric | better | method | layer | value | RandomCAM |", "|---|---|---|---|---|---|"]
+    for metric, row in best_per_metric(summary).items():
+        label, higher, unit = METRICS[metric]
+        random_row = by_key.get((BASELINE, row["layer"]), {})
+        lines.append(f"| {label} ({unit}) | {'higher' if higher else 'lower'} | {row['method']} | {row['layer']} | "
+                     f"{_cell(row[metric])} | {_cell(random_row.get(metric))} |")
+    lines += ["", reading(summary), "",
+              "Each method at its best layer (highest ROAD combined); \"vs RandomCAM\" is the difference with "
+              "RandomCAM at the same layer. ROAD: change of the target logit when pixels are removed (MoRF: most "
+              "relevant first, lower is better; LeRF: least relevant first, higher is better; combined = (LeRF - "
+              "MoRF) / 2, higher is better). Deletion / insertion: area under the target's score as the most relevant "
+              "pixels are removed (lower is better) or inserted (higher is better). Pointing / distractor: share of "
+              "maps whose maximum lies in an evidence / distractor box (mask pointing: in an evidence mask). Sanity: "
+              "rank correlation with the map of the randomized model (lower is better).", ""]
+    masks = _present(summary, ("mask_pointing", "mask_energy"))
+    columns = ["road_morf", "road_lerf", "deletion_auc", "insertion_auc"]
+    tail = ["distractor", "energy"] + masks + ["sanity"]
+    lines += ["| method | layer | ROAD combined | vs RandomCAM | " + " | ".join(METRICS[c][0] for c in columns)
+              + " | pointing | vs RandomCAM | " + " | ".join(METRICS[c][0] for c in tail) + " |",
+              "|---|---|" + "---|" * (len(columns) + len(tail) + 4)]
     for method, row in best_layers(summary).items():
         baseline = by_key.get((BASELINE, row["layer"])) if method != BASELINE else None
         lines.append(f"| {method} | {row['layer']} | {_cell(row['road_combined'])} | "
-                     f"{_versus(row, baseline, 'road_combined')} | {_cell(row['road_morf'])} | "
-                     f"{_cell(row['road_lerf'])} | {_cell(row['pointing'])} | {_versus(row, baseline, 'pointing')} | "
-                     f"{_cell(row['distractor'])} | {_cell(row['energy'])} | {_cell(row['sanity'])} |")
+                     f"{_versus(row, baseline, 'road_combined')} | "
+                     + "".join(f"{_cell(row.get(c))} | " for c in columns)
+                     + f"{_cell(row['pointing'])} | {_versus(row, baseline, 'pointing')} | "
+                     + " | ".join(_cell(row.get(c)) for c in tail) + " |")
+    every = ["road_combined"] + columns + ["pointing"] + tail
     lines += ["", "Every method and layer:", "",
-              "| method | layer | samples | ROAD combined | MoRF | LeRF | pointing | distractor | energy in box | "
-              "sanity |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | layer | samples | " + " | ".join(METRICS[c][0] for c in every) + " |",
+              "|---|---|---|" + "---|" * len(every)]
     for row in summary:
-        lines.append(f"| {row['method']} | {row['layer']} | {row['n']} | {_cell(row['road_combined'])} | "
-                     f"{_cell(row['road_morf'])} | {_cell(row['road_lerf'])} | {_cell(row['pointing'])} | "
-                     f"{_cell(row['distractor'])} | {_cell(row['energy'])} | {_cell(row['sanity'])} |")
+        lines.append(f"| {row['method']} | {row['layer']} | {row['n']} | "
+                     + " | ".join(_cell(row.get(c)) for c in every) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,9 +204,10 @@ def plot_road_curves(summary: Sequence[dict], percentiles: Sequence[float], path
         for method, row in best_layers(summary).items():
             axes.plot(removed, [row[f"{curve}_{p:g}"] for p in percentiles], marker="o",
                       linestyle="--" if method == BASELINE else "-", label=f"{method} (layer {row['layer']})")
-        axes.set(title=title, xlabel="pixels removed (%)", ylabel="change of the target logit")
+        axes.set(title=title, xlabel="pixels removed and imputed (% of the image)",
+                 ylabel="change of the target logit (logits)")
         axes.grid(alpha=0.3)
-    figure.axes[0].legend(fontsize=8)
+        axes.legend(fontsize=8, title="method (best layer)", title_fontsize=8)
     figure.savefig(path, dpi=120)
 
 
@@ -130,8 +225,8 @@ def plot_heat_table(summary: Sequence[dict], methods: Sequence[str], layers: Seq
             axes.text(j, i, _cell(values[i, j]), ha="center", va="center", color="white", fontsize=8)
     axes.set_xticks(range(len(layers)), [str(l) for l in layers])
     axes.set_yticks(range(len(methods)), list(methods))
-    axes.set(xlabel="decoder layer", title="ROAD combined (higher is better)")
-    figure.colorbar(image, ax=axes)
+    axes.set(xlabel="decoder layer (index)", ylabel="method", title="ROAD combined (higher is better)")
+    figure.colorbar(image, ax=axes, label="ROAD combined (logits)")
     figure.savefig(path, dpi=120)
 
 
@@ -152,7 +247,41 @@ def write_outputs(out_dir: str, rows: Sequence[Dict[str, str]], methods: Sequenc
     return paths
 
 
+def read_summary(run: str) -> Dict[Tuple[str, int], Dict[str, Optional[float]]]:
+    """The ``summary.csv`` of a run folder: (method, layer) -> metric -> mean (None where it does not apply)."""
+    path = os.path.join(run, "summary.csv")
+    if not os.path.isfile(path):
+        raise InputError(f"{run}: not a benchmark run folder (no summary.csv there).")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {(row["method"], int(row["layer"])): {m: float(row[m]) if row.get(m) not in (None, "") else None
+                                                     for m in METRICS} for row in rows}
+    except (KeyError, ValueError, TypeError) as error:
+        raise InputError(f"{path}: not a benchmark summary ({type(error).__name__}: {error}).") from error
+
+
+def compare_runs(run_a: str, run_b: str) -> str:
+    """The difference ``B - A`` of two runs' summaries, per method x layer (those in both) and per metric (those
+    with a value in both), as a markdown table, with the pairs found in one run only named below it."""
+    a, b = read_summary(run_a), read_summary(run_b)
+    shared = [key for key in a if key in b]
+    metrics = [m for m in METRICS if any(a[k][m] is not None and b[k][m] is not None for k in shared)]
+    lines = [f"B - A: B = {run_b}, A = {run_a} (higher is better for "
+             + ", ".join(METRICS[m][0] for m in metrics if METRICS[m][1]) + "; lower for the others).", "",
+             "| method | layer | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for method, layer in shared:
+        cells = [_cell(b[method, layer][m] - a[method, layer][m], signed=True)
+                 if a[method, layer][m] is not None and b[method, layer][m] is not None else "–" for m in metrics]
+        lines.append(f"| {method} | {layer} | " + " | ".join(cells) + " |")
+    alone = [f"Only in {name}: " + ", ".join(f"{m} layer {l}" for m, l in only) + "."
+             for name, only in (("A", [k for k in a if k not in b]), ("B", [k for k in b if k not in a])) if only]
+    return "\n".join(lines + ([""] + alone if alone else [])) + "\n"
+
+
 BASELINE = "RandomCAM"
 
 
-SCORES = ("road_combined", "road_morf", "road_lerf", "pointing", "distractor", "energy", "sanity")
+SCORES = ("road_combined", "road_morf", "road_lerf", "deletion_auc", "insertion_auc", "pointing", "distractor",
+          "energy", "mask_pointing", "mask_energy", "sanity")

@@ -10,13 +10,21 @@ Every method x layer is scored on every sample against RandomCAM (always added a
   target's logit when the most (MoRF) or least (LeRF) relevant pixels are removed and imputed, at each percentile;
   ``road_combined = (mean LeRF - mean MoRF) / 2``, as grad-cam's ``ROADCombined``: higher is better. Pixels of
   equal map value are removed in random order (``--road-ties``, :func:`ranked_map`).
+- Deletion and insertion AUC (Petsiuk et al. 2018): the target's probability (``--auc-score``) as the map's most
+  relevant pixels are removed onto, or inserted into, a blurred or mean-colour baseline (``--auc-baseline``) in
+  ``--auc-steps`` steps; lower deletion and higher insertion AUC are better
+  (:mod:`pytorch_grad_cam_vlm.metrics.perturbation`).
 - Pointing game (the map's maximum in an evidence box, widened by ``--tolerance`` pixels), the same on the
-  distractor boxes, and the share of the map's positive mass in the evidence boxes, where a sample has boxes.
+  distractor boxes, and the share of the map's positive mass in the evidence boxes, where a sample has boxes; the
+  same two on the union of its evidence masks, where it has masks (``mask_pointing``, ``mask_energy``).
 - Model-parameter randomization (Adebayo et al. 2018): the Spearman rank correlation between the map of the trained
   model and the map, same method, layer, image and target, of a copy whose decoder layers and ``lm_head`` are
   re-initialised (:func:`randomized_copy`). Lower means the map depends more on what the model learned.
 
 The target is the first token of the sample's answer, or without an answer the model's next token on the clean image.
+A row's perturbed images go through the model in batches of ``--batch-size``; its imputation systems are solved on
+``--imputation-threads`` threads (CPU) or by conjugate gradients on the GPU (CUDA), with the results of the serial
+path (the imputer's noise is drawn afterwards, in order).
 
 Rows of ``per_sample.csv`` are appended as they finish; a run started again with the same ``--out`` skips the rows
 there (and refuses other settings). Each process of an ``accelerate launch`` takes the samples whose index modulo
@@ -26,12 +34,11 @@ layer, so results do not depend on the sharding or on which rows a resumed run s
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import random
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -39,36 +46,29 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.benchmark.data import Sample, load_samples, pixel_boxes
-from pytorch_grad_cam_vlm.benchmark.report import BASELINE, SCORES, format_value, write_outputs
+from pytorch_grad_cam_vlm.benchmark.masks import pixel_mask
+from pytorch_grad_cam_vlm.benchmark.report import BASELINE, write_outputs
+from pytorch_grad_cam_vlm.benchmark.rows import PER_SAMPLE, RowWriter, consolidate, read_rows, row_fields, row_key
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.output import check_out_dir
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import select_layers
-from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, pointing_hit
-from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastROADLeastRelevantFirst, FastROADMostRelevantFirst
+from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
+from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, energy_in_mask, pointing_hit, pointing_in_mask
+from pytorch_grad_cam_vlm.metrics.perturbation import (AUC_BASELINES, AUC_SCORES, AUC_STEPS, SOLVERS,
+                                                       PerturbationScorer, make_executor)
+from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
 from pytorch_grad_cam_vlm.metrics.sanity import randomized_copy, spearman
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, check_question, layer_count, load_model,
                                                   make_subject, model_config, resolve_device, resolve_dtype,
                                                   skip_last)
 
-PER_SAMPLE = "per_sample.csv"
 SETTINGS = "settings.json"
-KEY = ("sample", "method", "layer")
 PHASES = {"map": 0, "road": 1}
 
 
 # ------------------------------------------------------------------------------------------------ scores
-
-
-def ranked_map(cam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The map's pixel ranks scaled to [0, 1], ties in random order. grad-cam's ROAD keeps the pixels below the
-    p-th percentile (``cam < percentile``): on a map that is 0 (after the ReLU) over more than p% of the image the
-    percentile is 0, and MoRF removes every pixel instead of the most relevant (100 - p)%. Ranks keep the map's
-    order and make every removed share exact."""
-    order = np.lexsort((rng.random(cam.size), np.ravel(cam)))
-    ranks = np.empty(cam.size)
-    ranks[order] = np.arange(cam.size)
-    return (ranks / max(1, cam.size - 1)).reshape(cam.shape).astype(np.float32)
 
 
 def seed_everything(seed: int, sample: int, method: str, layer: int, phase: str) -> None:
@@ -88,9 +88,12 @@ class Scorer:
 
     def __init__(self, family: str, model, processor, methods: Dict[str, type], percentiles: Sequence[float],
                  seed: int, tolerance_px: Optional[float], randomized: Optional[torch.nn.Module],
-                 road_ties: str = "random", texts: Optional[Sequence[str]] = None) -> None:
+                 road_ties: str = "random", texts: Optional[Sequence[str]] = None, imputation_threads: int = 1,
+                 **perturbation) -> None:
+        """``perturbation``: the options of :class:`PerturbationScorer` (``batch_size``, ``steps``, ``baseline``,
+        ``score``, ``solver``)."""
         self.family, self.model, self.processor, self.methods = family, model, processor, methods
-        self.texts = texts
+        self.texts, self.imputation_threads, self.perturbation = texts, imputation_threads, perturbation
         self.percentiles, self.seed, self.tolerance_px = list(percentiles), seed, tolerance_px
         self.randomized, self.road_ties = randomized, road_ties
         self._subjects: Dict[Tuple[str, bool], object] = {}
@@ -122,40 +125,54 @@ class Scorer:
         image = load_rgb(sample.image)
         x = wrapper.preprocess(image)
         cropped = getattr(self.processor.image_processor, "do_center_crop", False) and image.size[0] != image.size[1]
-        if cropped and (sample.boxes or sample.distractor_boxes):
+        cropped = cropped and not hasattr(wrapper, "input_boxes")  # LLaVA maps boxes itself (canvas, crop)
+        if cropped and (sample.boxes or sample.distractor_boxes or sample.masks):
             raise InputError(f"{sample.where}: the processor center-crops this {image.size[0]}x{image.size[1]} image, "
                              "so its boxes cannot be mapped onto the map; use square images for CLIP models.")
         scale_x, scale_y = x.shape[3] / image.size[0], x.shape[2] / image.size[1]
         boxes = pixel_boxes(sample.boxes, scale_x, scale_y)
         distractors = pixel_boxes(sample.distractor_boxes, scale_x, scale_y)
+        if hasattr(wrapper, "input_boxes"):  # anyres: the picture lies letterboxed in the canvas
+            boxes, distractors = (wrapper.input_boxes(b, image.size[::-1]) for b in (sample.boxes,
+                                                                                       sample.distractor_boxes))
+        if sample.masks and hasattr(wrapper, "input_boxes"):
+            raise InputError(f"{sample.where}: masks cannot be mapped onto this model's anyres canvas; use boxes.")
+        mask = pixel_mask(sample.masks, image.size, tuple(x.shape[2:]), sample.where) if sample.masks else None
         tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.token_cell / 2
         token = self.target_token(sample, wrapper, x)
         targets = [ClassifierOutputTarget(token)]
-        with torch.no_grad():
-            clean = np.float32(targets[0](wrapper(x)[0]).cpu().numpy())
-        for method, layer in units:
-            cam = self.cam(subject, method, layer, x, targets, sample.index)
-            seed_everything(self.seed, sample.index, method, layer, "road")
-            road_cam = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31))) \
-                if self.road_ties == "random" else cam
-            morf = [FastROADMostRelevantFirst(p)(x, road_cam[None], targets, wrapper, return_diff=False)[0] - clean
-                    for p in self.percentiles]
-            lerf = [FastROADLeastRelevantFirst(p)(x, road_cam[None], targets, wrapper, return_diff=False)[0] - clean
-                    for p in self.percentiles]
-            row = dict(sample=sample.index, method=method, layer=layer, target_token=token,
-                       road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf),
-                       road_lerf=np.mean(lerf), pointing=None, distractor=None, energy=None, sanity=None)
-            if boxes:
-                row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in boxes),
-                           energy=energy_in_boxes(cam, boxes))
-            if distractors:
-                row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in distractors)
-            if self.randomized is not None:
-                random_cam = self.cam(self.subject(sample.prompt, True), method, layer, x, targets, sample.index)
-                row["sanity"] = spearman(cam, random_cam)
-            row.update({f"morf_{p:g}": v for p, v in zip(self.percentiles, morf)})
-            row.update({f"lerf_{p:g}": v for p, v in zip(self.percentiles, lerf)})
-            yield row
+        executor = make_executor(self.imputation_threads)
+        with executor or nullcontext():
+            perturb = PerturbationScorer(wrapper, x, token, self.percentiles, executor=executor, **self.perturbation)
+            for method, layer in units:
+                yield self.row(sample, subject, method, layer, x, targets, perturb, boxes, distractors, mask,
+                               tolerance)
+
+    def row(self, sample: Sample, subject, method: str, layer: int, x: torch.Tensor, targets,
+            perturb: PerturbationScorer, boxes, distractors, mask: Optional[np.ndarray], tolerance: float) -> dict:
+        """The scores of one (method, layer) of a sample."""
+        cam = self.cam(subject, method, layer, x, targets, sample.index)
+        seed_everything(self.seed, sample.index, method, layer, "road")
+        ranks = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31)))
+        scores = perturb(ranks if self.road_ties == "random" else cam, ranks)
+        morf, lerf = scores.morf, scores.lerf
+        row = dict(sample=sample.index, method=method, layer=layer, target_token=int(targets[0].category),
+                   road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf), road_lerf=np.mean(lerf),
+                   deletion_auc=scores.deletion_auc, insertion_auc=scores.insertion_auc, pointing=None,
+                   distractor=None, energy=None, mask_pointing=None, mask_energy=None, sanity=None)
+        if boxes:
+            row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in boxes),
+                       energy=energy_in_boxes(cam, boxes))
+        if distractors:
+            row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in distractors)
+        if mask is not None:
+            row.update(mask_pointing=pointing_in_mask(cam, mask, tolerance), mask_energy=energy_in_mask(cam, mask))
+        if self.randomized is not None:
+            random_cam = self.cam(self.subject(sample.prompt, True), method, layer, x, targets, sample.index)
+            row["sanity"] = spearman(cam, random_cam)
+        row.update({f"morf_{p:g}": v for p, v in zip(self.percentiles, morf)})
+        row.update({f"lerf_{p:g}": v for p, v in zip(self.percentiles, lerf)})
+        return row
 
     def cam(self, subject, method: str, layer: int, x: torch.Tensor, targets, sample: int) -> np.ndarray:
         """The map of ``method`` at decoder layer ``layer`` for one image, ``(H, W)``. Seeded alike for the trained
@@ -180,69 +197,6 @@ def answer_token(tokenizer, sample: Sample, texts: Optional[Sequence[str]] = Non
     return int(ids[0])
 
 
-# ------------------------------------------------------------------------------------------------ rows on disk
-def row_fields(percentiles: Sequence[float]) -> List[str]:
-    """Columns of ``per_sample.csv``."""
-    return (list(KEY) + ["target_token"] + list(SCORES) + [f"morf_{p:g}" for p in percentiles]
-            + [f"lerf_{p:g}" for p in percentiles])
-
-
-def read_rows(path: str) -> List[Dict[str, str]]:
-    """The complete rows of a per-sample CSV (a last line cut off by a killed run is left out); [] if absent."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        text = f.read()
-    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
-
-
-def part_files(out_dir: str) -> List[str]:
-    return sorted(os.path.join(out_dir, name) for name in os.listdir(out_dir)
-                  if name.startswith("per_sample.part") and name.endswith(".csv"))
-
-
-def row_key(row: Dict[str, str]) -> Tuple[int, str, int]:
-    return int(row["sample"]), row["method"], int(row["layer"])
-
-
-def consolidate(out_dir: str, fields: Sequence[str]) -> List[Dict[str, str]]:
-    """Merge the part files of every process into ``per_sample.csv`` (rows sorted by sample, method, layer; each
-    key once), remove them, and return the rows."""
-    rows: Dict[Tuple[int, str, int], Dict[str, str]] = {}
-    parts = part_files(out_dir)
-    for path in [os.path.join(out_dir, PER_SAMPLE)] + parts:
-        for row in read_rows(path):
-            rows.setdefault(row_key(row), row)
-    merged = [rows[key] for key in sorted(rows)]
-    staging = os.path.join(out_dir, PER_SAMPLE + ".tmp")
-    with open(staging, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(merged)
-    os.replace(staging, os.path.join(out_dir, PER_SAMPLE))
-    for path in parts:
-        os.remove(path)
-    return merged
-
-
-class RowWriter:
-    """Appends finished rows to one process's part file, flushed row by row."""
-
-    def __init__(self, path: str, fields: Sequence[str]) -> None:
-        new = not os.path.isfile(path) or os.path.getsize(path) == 0
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=list(fields))
-        if new:
-            self.writer.writeheader()
-
-    def write(self, row: dict) -> None:
-        self.writer.writerow({k: format_value(v) for k, v in row.items()})
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 # ------------------------------------------------------------------------------------------------ command
 
 
@@ -254,6 +208,18 @@ def _percentiles(text: str) -> List[float]:
     if not values or any(not 0 < v < 100 for v in values) or len(set(values)) != len(values):
         raise InputError(f"--percentiles {text}: expected distinct numbers between 0 and 100 (exclusive).")
     return values
+
+
+def _check_numbers(args: "BenchmarkOptions") -> None:
+    """The options argparse's types and choices do not check (the runner is also called directly)."""
+    for name, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                             ("--auc-steps", args.auc_steps, 2), ("--imputation-threads", args.imputation_threads, 1)):
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise InputError(f"{name} {value}: expected a whole number >= {low}.")
+    for name, value, choices in (("--auc-baseline", args.auc_baseline, AUC_BASELINES),
+                                 ("--auc-score", args.auc_score, AUC_SCORES), ("--solver", args.solver, SOLVERS)):
+        if value not in choices:
+            raise InputError(f"{name} {value}: expected one of {', '.join(choices)}.")
 
 
 @dataclass
@@ -275,6 +241,14 @@ class BenchmarkOptions:
     coco_prompt: str = "Is there a {category} in this image?"
     dtype: str = "auto"
     device: str = "auto"
+    allow_pickle: bool = False  # load a pickle checkpoint (it can run code)
+    trust_remote_code: bool = False
+    batch_size: Optional[int] = None  # perturbed images per forward pass (default: metrics.perturbation's auto)
+    auc_steps: int = AUC_STEPS  # deletion / insertion steps
+    auc_baseline: str = "blur"  # "blur" or "mean"
+    auc_score: str = "probability"  # "probability" (softmax) or "logit"
+    imputation_threads: Optional[int] = None  # ROAD's imputation threads (default: this process's share of cores)
+    solver: str = "auto"  # ROAD's imputation: "direct" (CPU), "cg" (torch), "auto" (cg on CUDA)
 
 
 def _settings(args: BenchmarkOptions, model: str, percentiles: Sequence[float]) -> dict:
@@ -282,7 +256,8 @@ def _settings(args: BenchmarkOptions, model: str, percentiles: Sequence[float]) 
     return dict(model=os.path.abspath(model) if os.path.exists(model) else model,
                 data=os.path.abspath(args.data), percentiles=list(percentiles), seed=args.seed,
                 tolerance=args.tolerance, sanity=args.sanity, coco_prompt=args.coco_prompt, dtype=args.dtype,
-                road_ties=args.road_ties)
+                road_ties=args.road_ties, auc_steps=args.auc_steps, auc_baseline=args.auc_baseline,
+                auc_score=args.auc_score)
 
 
 def _check_resume(out_dir: str, settings: dict) -> None:
@@ -305,8 +280,7 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
 
     state = PartialState()
     percentiles = _percentiles(args.percentiles)
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit {args.limit}: expected a number of samples >= 1.")
+    _check_numbers(args)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = {cls.__name__: cls for cls in map(resolve_method, names + [BASELINE])}
     model_name = embedded_model_path(args.model)
@@ -321,8 +295,7 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
         layers = select_layers(layer_count(config, family), args.layers, skip_last=skip_last(family, True))
     except ValueError as error:
         raise InputError(f"--layers {args.layers}: {error}") from error
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a file, not a folder.")
+    check_out_dir(args.out)
     settings = _settings(args, model_name, percentiles)
     _check_resume(args.out, settings)
     fields = row_fields(percentiles)
@@ -336,7 +309,8 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
     state.wait_for_everyone()
 
     device = state.device if args.device == "auto" else resolve_device(args.device)
-    model, processor = load_model(model_name, family, resolve_dtype(args.dtype, device), device)
+    model, processor = load_model(model_name, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
+                                  args.trust_remote_code)
     for sample in samples:
         if sample.answer is not None:
             answer_token(processor.tokenizer, sample, args.texts)
@@ -344,8 +318,11 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
     if args.sanity:
         layers_to_randomize = make_subject(family, model, processor, samples[0].prompt, args.texts).layers
         randomized = randomized_copy(model, layers_to_randomize, args.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.imputation_threads or max(1, cores // state.num_processes)
     scorer = Scorer(family, model, processor, methods, percentiles, args.seed, args.tolerance, randomized,
-                    args.road_ties, args.texts)
+                    args.road_ties, args.texts, threads, batch_size=args.batch_size, steps=args.auc_steps,
+                    baseline=args.auc_baseline, score=args.auc_score, solver=args.solver)
 
     done = {row_key(row) for row in read_rows(os.path.join(args.out, PER_SAMPLE))}
     work = [(sample, [(m, l) for m in methods for l in layers if (sample.index, m, l) not in done])
@@ -370,7 +347,9 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
         wanted = {s.index for s in samples}
         rows = [r for r in rows if int(r["sample"]) in wanted]
         header = (f"Faithfulness benchmark of {args.model} on {len(samples)} samples of {args.data} (seed "
-                  f"{args.seed}; ROAD percentiles {', '.join(f'{p:g}' for p in percentiles)}).")
+                  f"{args.seed}; ROAD percentiles {', '.join(f'{p:g}' for p in percentiles)}; deletion / insertion "
+                  f"in {args.auc_steps} steps onto the {args.auc_baseline} baseline, AUC of the target's "
+                  f"{args.auc_score}).")
         paths = write_outputs(args.out, rows, list(methods), layers, percentiles, header)
         with open(paths[1]) as f:
             print(f.read())

@@ -5,6 +5,7 @@ only, one module per subcommand; nothing in the package imports it.
     pytorch-grad-cam-vlm explain --model Qwen/Qwen2.5-VL-3B-Instruct --image photos/ --prompt "What is this?" \\
         --method SmoothGradCAM --layers auto --mode grid --out maps/
     pytorch-grad-cam-vlm benchmark --model demo --data data.jsonl --methods GradCAM,LayerCAM --out bench/
+    pytorch-grad-cam-vlm app --model demo                      # the explorer, at http://127.0.0.1:7860
 
 Every input is checked before anything is written; files are written into a staging folder and moved into ``--out``
 at the end, so a failed run leaves nothing behind. Bad input prints one ``error:`` line and exits with code 2.
@@ -15,7 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from pytorch_grad_cam_vlm.cli import benchmark, demo, explain
+from pytorch_grad_cam_vlm.cli import app, benchmark, demo, explain
 from pytorch_grad_cam_vlm.cli.common import EXIT_BAD_INPUT, PROG
 from pytorch_grad_cam_vlm.errors import InputError
 
@@ -29,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Overlays, a layer grid and the localization table of the embedded demo model on held-out "
                     "samples."))
     benchmark.add_arguments(commands.add_parser(
-        "benchmark", help="faithfulness benchmark: ROAD, pointing and sanity over methods x layers",
-        description="Score methods x layers on ROAD, the pointing game and the randomization sanity check."))
+        "benchmark", help="faithfulness benchmark: ROAD, deletion / insertion, pointing, sanity over methods x layers",
+        description="Score methods x layers on ROAD, deletion and insertion AUC, the pointing game and the "
+                    "randomization sanity check; or compare two runs (--compare)."))
     explain.add_arguments(commands.add_parser(
         "explain", help="explain a model's prediction on images",
         description="Maps of the predicted next token (Qwen) or best-matching text (CLIP, SigLIP) for one image or "
                     "a folder of images."))
+    app.add_arguments(commands.add_parser(
+        "app", help="interactive explorer in the browser (needs the app extra: Gradio)",
+        description="A local web page to explain images interactively on one model: methods, layers, the deletion "
+                    "check, the layer strip and per-token maps. Listens on 127.0.0.1 only by default."))
     return parser
 
 

@@ -5,24 +5,29 @@ import argparse
 
 from dataclasses import fields
 
+from pytorch_grad_cam_vlm.benchmark.report import compare_runs
 from pytorch_grad_cam_vlm.benchmark.runner import BenchmarkOptions, run
+from pytorch_grad_cam_vlm.cli.common import add_loading_arguments
+from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
+from pytorch_grad_cam_vlm.metrics.perturbation import (AUC_BASELINES, AUC_SCORES, AUC_STEPS, CPU_BATCH_PIXELS,
+                                                       DEFAULT_BATCH_SIZE, SOLVERS)
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``benchmark`` options, and ``run`` as the parser's ``run`` default (as the CLI's subcommands have)."""
-    parser.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen2-VL / CLIP / SigLIP folder or hub id; "
-                                                       "'demo' for the embedded demo model")
+    parser.add_argument("--model", help="Qwen2.5-VL / Qwen2-VL / CLIP / SigLIP folder or hub id; 'demo' for the "
+                                        "embedded demo model (required, as --data and --out, unless --compare)")
     parser.add_argument("--texts", nargs="+", help="CLIP / SigLIP: the captions to score (a row's answer names "
                                                    "the one to explain; default the best-scoring)")
-    parser.add_argument("--data", required=True, help="JSONL (image, prompt, answer, boxes, distractor_boxes per "
-                                                      "line) or COCO-style .json with boxes")
+    parser.add_argument("--data", help="JSONL (image, prompt, answer, boxes, distractor_boxes, masks per line) or "
+                                       "COCO-style .json with boxes (and segmentations as masks)")
     parser.add_argument("--methods", default="GradCAM", help="comma-separated grad-cam method names; RandomCAM is "
                                                               "always added as the baseline")
     parser.add_argument("--layers", default="auto", help=f"decoder layers (CLIP: vision layers): "
                                                          f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7")
-    parser.add_argument("--out", required=True, help="output folder; a run started again there resumes")
+    parser.add_argument("--out", help="output folder; a run started again there resumes")
     parser.add_argument("--percentiles", default=",".join(map(str, PERCENTILES)),
                         help="ROAD percentiles (default 10..90)")
     parser.add_argument("--tolerance", type=float, help="pointing-game tolerance in pixels (default: half a token "
@@ -41,6 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="auto", help="auto (the process's device under accelerate), cpu, cuda:N")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"perturbed images (ROAD, deletion, insertion) per forward pass (default: "
+                             f"{DEFAULT_BATCH_SIZE} on CUDA; on the CPU as many as fit in {CPU_BATCH_PIXELS} pixels, "
+                             f"at most {DEFAULT_BATCH_SIZE}; measured in benchmarks/benchmark_speed.md)")
+    parser.add_argument("--auc-steps", type=int, default=AUC_STEPS,
+                        help=f"deletion / insertion steps (default {AUC_STEPS}: 5 %% of the pixels each)")
+    parser.add_argument("--auc-baseline", choices=AUC_BASELINES, default="blur",
+                        help="what deleted pixels become and insertion starts from: the image blurred (Gaussian, "
+                             "8 px) or the processor's mean colour")
+    parser.add_argument("--auc-score", choices=AUC_SCORES, default="probability",
+                        help="the deletion / insertion curve: the target's softmax probability or its logit")
+    parser.add_argument("--imputation-threads", type=int,
+                        help="threads solving ROAD's imputations on the CPU (default: this process's cores)")
+    parser.add_argument("--solver", choices=SOLVERS, default="auto",
+                        help="ROAD's imputation solver: direct (sparse LU, CPU), cg (conjugate gradients in torch, "
+                             "on the model's device), auto (cg on CUDA, else direct)")
+    parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="print the difference B - A of two finished runs' summaries and exit")
+    add_loading_arguments(parser)
     parser.set_defaults(run=run_benchmark)
     return parser
 
@@ -52,5 +76,12 @@ def options_from(args: argparse.Namespace) -> BenchmarkOptions:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    """Run :func:`pytorch_grad_cam_vlm.benchmark.runner.run` with the parsed options."""
+    """Run :func:`pytorch_grad_cam_vlm.benchmark.runner.run` with the parsed options, or with ``--compare`` print
+    :func:`pytorch_grad_cam_vlm.benchmark.report.compare_runs`."""
+    if args.compare:
+        print(compare_runs(*args.compare), end="")
+        return 0
+    missing = [f"--{name}" for name in ("model", "data", "out") if getattr(args, name) is None]
+    if missing:
+        raise InputError(f"the following arguments are required: {', '.join(missing)} (or --compare RUN_A RUN_B).")
     return run(options_from(args))

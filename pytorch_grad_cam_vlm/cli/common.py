@@ -3,21 +3,24 @@ output atomically with a report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import csv
 import json
 import os
-import shutil
-import uuid
-from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
+import sys
+from typing import List, Optional, Sequence
 
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
-from pytorch_grad_cam_vlm.methods.sweep import check_sweep, default_single_layer, select_layers
+from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
+from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, failure_warning
 from pytorch_grad_cam_vlm.models.registry import Subject, skip_last
 from pytorch_grad_cam_vlm.visualize import mode_layers, render
 
 PROG = "pytorch-grad-cam-vlm"
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses more
 EXIT_BAD_INPUT = 2
 
 
@@ -41,9 +44,12 @@ def find_images(path: str) -> List[str]:
         raise InputError(f"Image file or folder not found: {path}")
     for image in images:
         try:
-            load_rgb(image)
+            width, height = load_rgb(image).size
         except (ValueError, OSError) as error:
             raise InputError(str(error).split("\n")[0]) from error
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(f"{image} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT_RATIO} cannot be "
+                             "resized onto the model's token grid; crop it first.")
     return images
 
 
@@ -55,51 +61,36 @@ def output_stems(images: Sequence[str]) -> List[str]:
             for image, stem in zip(images, stems)]
 
 
-def smooth_options(method_cls: type, n_samples: Optional[int], noise_level: Optional[float],
+def smooth_options(methods: Sequence[type], n_samples: Optional[int], noise_level: Optional[float],
                    seed: Optional[int]) -> dict:
-    """The Smooth methods' keywords that were given; refused for other methods."""
-    if not is_smooth(method_cls):
+    """The Smooth methods' keywords that were given; refused unless every method is a Smooth one."""
+    plain = [cls.__name__ for cls in methods if not is_smooth(cls)]
+    if plain:
         if n_samples is not None or noise_level is not None:
-            raise InputError(f"--n-samples and --noise-level apply to Smooth methods only, not "
-                             f"{method_cls.__name__}: try --method Smooth{method_cls.__name__}.")
+            raise InputError(f"--n-samples and --noise-level apply to Smooth methods only, not {plain[0]}: try "
+                             f"--method Smooth{plain[0]}.")
         return {}
     return {k: v for k, v in dict(n_samples=n_samples, noise_level=noise_level, seed=seed).items() if v is not None}
 
 
-def choose_layers(method_cls: type, family: str, n_layers: int, spec: str, mode: str,
-                  gradients: bool) -> Optional[List[int]]:
-    """The layer indices a mode draws for ``--layers spec``; ``None`` for ``--mode single --layers auto``, whose
-    layer :func:`~pytorch_grad_cam_vlm.methods.sweep.auto_single_layer` picks once the model is loaded."""
+def choose_layers(methods: Sequence[type], family: str, n_layers: int, spec: str, mode: str,
+                  gradients: bool) -> List[int]:
+    """The candidate layers of ``--layers spec``: ``auto`` is :func:`~pytorch_grad_cam_vlm.methods.auto.
+    candidate_layers`; the single mode draws the one of them whose map scores best on the deletion check, the
+    other modes draw what :func:`~pytorch_grad_cam_vlm.visualize.mode_layers` takes of them."""
     try:
-        if mode == "single" and spec.strip().lower() == "auto":
-            default_single_layer(n_layers, skip_last(family, gradients))  # refuses a model without a usable layer
-            return None
-        layers = mode_layers(mode, select_layers(n_layers, spec, skip_last(family, gradients)))
-        check_sweep(method_cls, len(layers))
+        last_blank = skip_last(family, gradients)
+        if spec.strip().lower() == "auto":
+            layers = candidate_layers(n_layers, last_blank)
+        else:
+            layers = select_layers(n_layers, spec, last_blank)
+        if mode != "single":
+            mode_layers(mode, layers)  # refuses a mode that cannot draw these layers
+        for cls in methods:
+            check_sweep(cls, len(layers))
         return layers
     except ValueError as error:
         raise InputError(f"--layers {spec}: {error}") from error
-
-
-@contextmanager
-def staged_output(out_dir: str) -> Iterator[str]:
-    """A staging folder beside ``out_dir``; on success its files move into ``out_dir`` (created if needed,
-    files of the same name replaced), on any error it is deleted."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{PROG}-staging-{uuid.uuid4().hex[:12]}")
-    os.mkdir(staging)  # not tempfile.mkdtemp: its 0700 mode would stay on the output folder
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not os.path.exists(out_dir):
-        os.rename(staging, out_dir)
-        return
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    os.rmdir(staging)
 
 
 def write_report(rows: Sequence[dict], out_dir: str) -> List[str]:
@@ -116,18 +107,68 @@ def write_report(rows: Sequence[dict], out_dir: str) -> List[str]:
     return [json_path, csv_path]
 
 
-def explain_image(subject: Subject, cam, image, stem: str, mode: str, layers: Sequence[int], method: str,
-                  out_dir: str, source: str) -> dict:
-    """Maps of ``layers`` for the predicted token of one image, drawn as ``mode`` into ``out_dir``; the report row."""
+def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequence[type], method_name: str,
+                  layers: Sequence[int], options: dict, out_dir: str, source: str) -> dict:
+    """Maps of the candidate ``methods`` x ``layers`` for the predicted token of one image, each scored by the
+    deletion check (:func:`~pytorch_grad_cam_vlm.methods.auto.explain`); the best map (single mode) or the best
+    method's layers (other modes) drawn as ``mode`` into ``out_dir``, one warning line on stderr for each drawn map
+    that fails the check. Returns the report row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     x = subject.wrapper.preprocess(image)
     index, label, probability = subject.predict(x)
-    maps = cam(x, targets=[ClassifierOutputTarget(index)])[0]
+    with inner_progress_silenced(methods):
+        result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options)
+    m = result.candidate_methods.index(result.methods[0])
+    drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers)
+    positions = [result.candidate_layers.index(k) for k in drawn]
+    checks = [result.candidate_checks[0][m][p] for p in positions]
+    best = result.best_layer(0)
+    warnings = [failure_warning(source, f"{result.methods[0]} at layer {k}", check,
+                                f"layer {best}" if best not in (None, k) else None) for k, check in zip(drawn, checks)]
+    warnings = [w for w in warnings if w]
+    for line in warnings:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     rgb = subject.wrapper.to_rgb(x)[0]
-    files = render(out_dir, stem, mode, rgb, maps, layers, method, label)
-    return dict(image=source, predicted_token=label, probability=round(probability, 6), method=method, mode=mode,
-                layers=list(layers), files=[os.path.basename(f) for f in files])
+    chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
+    files = render(out_dir, stem, mode, rgb, result.candidate_maps[0, m, positions], drawn, method_name, label,
+                   notes=[check_note(c) for c in checks], title=chosen)
+    return dict(image=source, predicted_token=label, probability=round(probability, 6), method=result.methods[0],
+                mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
+                verdict=[c.verdict for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
+                f"{','.join(map(str, result.candidate_layers))}", warning=" ".join(warnings), note=image_note(image),
+                files=[os.path.basename(f) for f in files])
+
+
+def inner_progress_silenced(methods: Sequence[type]):
+    """grad-cam's ScoreCAM draws a progress bar per batch of channels, hundreds per image: silence stderr while a
+    ScoreCAM-based method runs, so that the command's own bar (created before, on the real stderr) is the one shown.
+    Exceptions still propagate."""
+    from pytorch_grad_cam import ScoreCAM
+
+    if any(issubclass(cls, ScoreCAM) for cls in methods):
+        return contextlib.redirect_stderr(io.StringIO())
+    return contextlib.nullcontext()
+
+
+def image_note(image) -> str:
+    """What the report says about how an image file was read: an animation's first frame is explained."""
+    from pytorch_grad_cam_vlm.image import frame_count
+
+    frames = frame_count(image) if isinstance(image, str) else 1
+    return f"animated: the first of {frames} frames explained" if frames > 1 else ""
+
+
+def method_name(spec: str, methods: Sequence[type]) -> str:
+    """``auto`` for ``--method auto``, else the method's class name."""
+    return "auto" if spec.strip().lower() == "auto" else methods[0].__name__
+
+
+def check_note(check: MapCheck) -> str:
+    """The deletion check as a panel label says it: ``check +0.31``, ``check -0.2 · inverted``, ``blank``."""
+    if check.blank:
+        return "blank"
+    return f"check {check.score:+.3g}" + (" · inverted" if check.inverted else "")
 
 
 def _positive_int(text: str) -> int:
@@ -142,3 +183,12 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--allow-pickle`` and ``--trust-remote-code``: both off, because each lets a checkpoint run code."""
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a pickle checkpoint (pytorch_model.bin), which can run code: only from a source "
+                             "you trust (default: safetensors only)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the checkpoint's own Python code (transformers' trust_remote_code; default off)")

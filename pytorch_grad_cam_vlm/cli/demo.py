@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from pytorch_grad_cam_vlm.cli.common import (_positive_int, choose_layers, explain_image, staged_output,
+from pytorch_grad_cam_vlm.cli.common import (_positive_int, choose_layers, explain_image, method_name,
                                              write_report)
-from pytorch_grad_cam_vlm.errors import InputError
-from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method, uses_gradients
-from pytorch_grad_cam_vlm.methods.sweep import auto_single_layer, layer_sweep
+from pytorch_grad_cam_vlm.methods.auto import candidate_methods
+from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
 from pytorch_grad_cam_vlm.models.registry import make_subject
+from pytorch_grad_cam_vlm.output import check_out_dir, staged_output
 
 
-DEMO_TABLE_METHODS = ("Occlusion", "GradCAM", "GradCAMPlusPlus", "LayerCAM", "EigenCAM", "Attention")
+DEMO_TABLE_METHODS = ("Occlusion", "auto", "GradCAM", "GradCAMPlusPlus", "LayerCAM", "HiResCAM", "EigenCAM",
+                      "Attention")
 
 
 def demo_methods() -> dict:
@@ -33,30 +34,28 @@ def run_demo(args: argparse.Namespace) -> int:
     """The embedded demo model on held-out samples: a single-layer figure and a layer grid for the first samples,
     and the localization table of the methods against occlusion on all of them."""
     from PIL import Image
+    from tqdm import tqdm
 
     from pytorch_grad_cam_vlm.demo import load_demo_model, make_demo_samples
     from pytorch_grad_cam_vlm.benchmark.localization import localization_table, write_table
 
-    method_cls = resolve_method(args.method)
-    gradients = uses_gradients(method_cls, {})
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a file, not a folder.")
+    methods = candidate_methods(args.method)
+    name = method_name(args.method, methods)
+    gradients = all(uses_gradients(cls, {}) for cls in methods)
+    check_out_dir(args.out)
     model, processor = load_demo_model()
     samples = make_demo_samples(args.n, seed=args.seed, split="test")
     rows = []
     with staged_output(args.out) as staging:
-        for i, sample in enumerate(samples[:args.figures]):
+        for i, sample in enumerate(tqdm(samples[:args.figures], desc="demo figures", unit="sample")):
             subject = make_subject("qwen2_5_vl", model, processor, sample.prompt, None)
             Image.fromarray(sample.image).save(os.path.join(staging, f"sample{i}.png"))
             for mode, spec, stem in (("single", "auto", f"sample{i}"), ("grid", "all", f"sample{i}_layers")):
-                layers = choose_layers(method_cls, "qwen2_5_vl", len(subject.layers), spec, mode, gradients) \
-                    or [auto_single_layer(subject, gradients)]
-                with layer_sweep(method_cls)(model=subject.wrapper, target_layers=[subject.layers[k] for k in layers],
-                                             **cam_options(method_cls, subject.wrapper, {})) as cam:
-                    row = explain_image(subject, cam, sample.image, stem, mode, layers, method_cls.__name__,
-                                        staging, f"sample{i}.png")
+                layers = choose_layers(methods, "qwen2_5_vl", len(subject.layers), spec, mode, gradients)
+                row = explain_image(subject, sample.image, stem, mode, methods, name, layers, {}, staging,
+                                    f"sample{i}.png")
                 rows.append(dict(row, prompt=sample.prompt, answer=sample.answer))
-        table = localization_table(subject.wrapper, samples, demo_methods())
+        table = localization_table(subject.wrapper, samples, demo_methods(), progress=True)
         header = (f"Localization on {len(samples)} held-out demo samples (seed {args.seed}): the share of maps whose "
                   "maximum lies on the asked object (pointing) or on another object (distractor); SmoothGradCAM "
                   "with 8 noisy copies.\n\n")
@@ -75,7 +74,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``demo`` options, and :func:`run_demo` as the parser's ``run`` default."""
     parser.add_argument("--out", default="pytorch_grad_cam_vlm_demo", help="output folder")
-    parser.add_argument("--method", default="GradCAM", help="method of the figures (default GradCAM)")
+    parser.add_argument("--method", default="auto", help="method of the figures (default auto: chosen per image by "
+                                                         "the deletion check)")
     parser.add_argument("--n", type=_positive_int, default=8, help="held-out samples in the localization table")
     parser.add_argument("--figures", type=_positive_int, default=2, help="samples drawn as figures")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out samples")

@@ -6,14 +6,18 @@ import argparse
 import os
 from typing import Sequence
 
-from pytorch_grad_cam_vlm.cli.common import (PROG, _non_negative_float, _positive_int, choose_layers, explain_image,
-                                             find_images, output_stems, smooth_options, staged_output, write_report)
+from pytorch_grad_cam_vlm.cli import classify
+from pytorch_grad_cam_vlm.cli.common import (PROG, add_loading_arguments, _non_negative_float, _positive_int, choose_layers, explain_image,
+                                             find_images, method_name, output_stems, smooth_options, write_report)
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
-from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method, uses_gradients
-from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS, auto_single_layer, layer_sweep
+from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_methods, explain
+from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, uses_gradients
+from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
+from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, Subject, check_question, layer_count, load_model, make_subject,
                                                   model_config, resolve_device, resolve_dtype)
+from pytorch_grad_cam_vlm.output import check_out_dir, staged_output
 from pytorch_grad_cam_vlm.visualize import MODES
 
 
@@ -21,94 +25,121 @@ def run_explain(args: argparse.Namespace) -> int:
     """Check every input (the model by its config alone), then load the model and explain each image."""
     from tqdm import tqdm
 
-    method_cls = resolve_method(args.method)
-    smooth = smooth_options(method_cls, args.n_samples, args.noise_level, args.seed)
+    if is_classifier_spec(args.model):
+        return classify.run_classify(args)
+    methods = candidate_methods(args.method)
+    smooth = smooth_options(methods, args.n_samples, args.noise_level, args.seed)
     images = find_images(args.image)
     device = resolve_device(args.device)
     model_path = embedded_model_path(args.model)
     config, family = model_config(model_path)
     check_question(family, args.prompt, args.texts, args.answer, args.per_token)
-    gradients = uses_gradients(method_cls, smooth)
-    layers = choose_layers(method_cls, family, layer_count(config, family), args.layers, args.mode, gradients)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a file, not a folder.")
+    if args.answer is not None or args.per_token:
+        for cls in methods:
+            check_answer_method(cls)
+    gradients = all(uses_gradients(cls, smooth) for cls in methods)
+    layers = choose_layers(methods, family, layer_count(config, family), args.layers, args.mode, gradients)
+    check_out_dir(args.out)
 
-    model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device)
+    model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
+                                  args.trust_remote_code)
     subject = make_subject(family, model, processor, args.prompt, args.texts)
-    layers = layers or [auto_single_layer(subject, gradients)]
     if args.per_token:
-        return run_per_token(args, subject, method_cls, smooth, images, layers[-1])
+        return run_per_token(args, subject, methods, smooth, images, layers)
     if args.answer is not None:
         try:
             subject.wrapper.set_answer(args.answer)
         except ValueError as error:
             raise InputError(f"--answer {args.answer!r}: {error}") from error
     rows = []
+    name = method_name(args.method, methods)
     with staged_output(args.out) as staging:
-        with layer_sweep(method_cls)(model=subject.wrapper, target_layers=[subject.layers[i] for i in layers],
-                                     **cam_options(method_cls, subject.wrapper, smooth)) as cam:
-            progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
-            for image, stem in zip(progress, output_stems(images)):
-                rows.append(explain_image(subject, cam, image, stem, args.mode, layers, method_cls.__name__,
-                                          staging, image))
+        progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
+        for image, stem in zip(progress, output_stems(images)):
+            rows.append(explain_image(subject, image, stem, args.mode, methods, name, layers, smooth, staging,
+                                      image))
         write_report(rows, staging)
     kind = "decoder" if family in QWEN_MODEL_CLASSES else "vision"
-    print(f"Explained {len(rows)} image(s) with {method_cls.__name__} at {kind} layer(s) "
-          f"{', '.join(map(str, layers))}; wrote {sum(len(r['files']) for r in rows) + 2} files to {args.out}, "
-          f"listed in {os.path.join(args.out, 'report.csv')} and report.json.")
+    chosen = sorted({(row["method"], layer) for row in rows for layer in row["layers"]})
+    choice = (f" (chosen by the deletion check among {'/'.join(cls.__name__ for cls in methods)} at layers "
+              f"{', '.join(map(str, layers))})" if args.mode == "single" and len(layers) > 1 or len(methods) > 1 else "")
+    print(f"Explained {len(rows)} image(s) with {name} at {kind} layer(s) "
+          f"{', '.join(f'{m} {k}' if len(methods) > 1 else str(k) for m, k in chosen)}{choice}; wrote "
+          f"{sum(len(r['files']) for r in rows) + 2} files to {args.out}, listed in "
+          f"{os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
 
 
-def run_per_token(args: argparse.Namespace, subject: Subject, method_cls: type, smooth: dict,
-                  images: Sequence[str], layer: int) -> int:
+def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[type], smooth: dict,
+                  images: Sequence[str], layers: Sequence[int]) -> int:
     """``--per-token``: generate the answer (or take ``--answer``) and explain each of its tokens at one layer, with
-    the tokens before it teacher-forced; a figure of every token's map and the maps as ``.npy`` per image."""
+    the tokens before it teacher-forced; a figure of every token's map and the maps as ``.npy`` per image. With
+    several candidate methods or layers (``auto``), the one whose map of the whole answer scores best on the
+    deletion check explains the tokens."""
     from functools import partial
 
     import numpy as np
     from tqdm import tqdm
 
-    from pytorch_grad_cam_vlm.methods.answers import explain_generated, plot_per_token
+    from pytorch_grad_cam_vlm.methods.answers import explain_generated, generate_answer, plot_per_token
 
-    method = partial(method_cls, **cam_options(method_cls, subject.wrapper, smooth))
-    rows = []
+    if args.layers.strip().lower() != "auto" and len(layers) > 1:
+        raise InputError(f"--per-token draws one layer, got --layers {args.layers}: pass one layer, or auto to "
+                         "take the layer whose answer map scores best on the deletion check.")
+    wrapper, rows = subject.wrapper, []
     with staged_output(args.out) as staging:
         progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
         for image, stem in zip(progress, output_stems(images)):
-            x = subject.wrapper.preprocess(image)
+            x = wrapper.preprocess(image)
             try:
-                result = explain_generated(subject.wrapper, x, [subject.layers[layer]], method=method,
-                                           max_new_tokens=args.max_new_tokens, answer=args.answer)
+                if args.answer is None:
+                    answer = generate_answer(wrapper, x, args.max_new_tokens)
+                else:
+                    wrapper.set_answer(args.answer)
+                    answer = wrapper.layout_for(x.shape[2], x.shape[3]).answer_ids.tolist()
+                wrapper.set_answer(answer)
+                whole = explain(wrapper, x, None, methods, layers, options=smooth)
+                wrapper.set_answer(None)
+                method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
+                layer = whole.layers[0]
+                result = explain_generated(wrapper, x, [subject.layers[layer]], answer=answer,
+                                           method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)))
             except ValueError as error:
                 raise InputError(str(error)) from error
             figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
-            plot_per_token(result, subject.wrapper.to_rgb(x)[0], figure,
-                           title=f"{method_cls.__name__} · layer {layer} · answer {result.text!r}")
+            plot_per_token(result, wrapper.to_rgb(x)[0], figure,
+                           title=f"{method_cls.__name__} · layer {layer} · answer {result.text!r} · check "
+                                 f"{whole.checks[0].score:+.3g}")
             maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
             np.save(maps, result.maps)
             rows.append(dict(image=image, answer=result.text, tokens=list(result.tokens),
                              probabilities=[round(float(p), 6) for p in result.probabilities],
                              method=method_cls.__name__, mode="per-token", layers=[layer],
+                             check=[round(whole.checks[0].score, 6)], verdict=[whole.checks[0].verdict],
                              files=[os.path.basename(figure), os.path.basename(maps)]))
         write_report(rows, staging)
-    print(f"Explained the answers of {len(rows)} image(s) token by token with {method_cls.__name__} at decoder "
-          f"layer {layer}; wrote {2 * len(rows) + 2} files to {args.out}, listed in "
-          f"{os.path.join(args.out, 'report.csv')} and report.json.")
+    chosen = sorted({(row["method"], row["layers"][0]) for row in rows})
+    print(f"Explained the answers of {len(rows)} image(s) token by token with "
+          f"{', '.join(f'{m} at decoder layer {k}' for m, k in chosen)}; wrote {2 * len(rows) + 2} files to "
+          f"{args.out}, listed in {os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``explain`` options, and :func:`run_explain` as the parser's ``run`` default."""
-    parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id; or an image classifier: "
+                                                       "torchvision:NAME or timm:NAME (with --weights)")
     parser.add_argument("--image", required=True, help="image file, or a folder of images (run as a batch)")
-    parser.add_argument("--prompt", help="question for Qwen2.5-VL / Qwen2-VL models")
+    parser.add_argument("--prompt", help="question for Qwen-VL (Qwen2-VL to Qwen3.5) and LLaVA models")
     parser.add_argument("--texts", nargs="+", help="captions for CLIP / SigLIP models")
-    parser.add_argument("--method", default="GradCAM",
-                         help="grad-cam method by class name, or its Smooth twin (e.g. SmoothGradCAM)")
+    parser.add_argument("--method", default="auto",
+                         help="grad-cam method by class name, or its Smooth twin (e.g. SmoothGradCAM); default auto: "
+                              f"the one of {', '.join(AUTO_METHODS)} whose map scores best on the deletion check")
     parser.add_argument("--layers", default="auto",
-                         help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7 (default auto: 6 layers spread over "
-                              "depth; with --mode single, one measured layer)")
-    parser.add_argument("--mode", choices=MODES, default="grid", help="figure (default grid)")
+                         help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7; default auto: every usable layer "
+                              "(a spread of 8 for deeper models), the single mode drawing the one whose map scores "
+                              "best on the deletion check")
+    parser.add_argument("--mode", choices=MODES, default="single", help="figure (default single)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                          help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -123,5 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          help="Qwen: generate the answer (or take --answer) and draw one map per answer token")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16,
                          help="longest generated answer of --per-token (default 16)")
+    add_loading_arguments(parser)
+    classify.add_arguments(parser)
     parser.set_defaults(run=run_explain)
     return parser

@@ -19,7 +19,8 @@ import torch
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import DEFAULT_WORDS
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
-EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR}  # model names every subcommand accepts
+# Model names every subcommand accepts: the two development models (demo/crosses.py describes the second).
+EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR, "crosses": os.path.join(os.path.dirname(DEMO_MODEL_DIR), "crosses_model")}
 CANVAS = 112  # pixels: 8x8 patches of 14 px, 4x4 image tokens of 28 px, 2x2 attention windows of 56 px
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30),
@@ -66,19 +67,20 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
     return np.abs(xx - c) <= c * yy / size
 
 
-def _place_boxes(rng: np.random.Generator, size: int) -> List[Box]:
-    """One box per object, each inside its own 28-pixel token cell (jittered within it); cells at least one cell
-    apart, so that boxes are at least ``MIN_GAP`` pixels apart."""
-    cells = CANVAS // CELL
+def place_boxes(rng: np.random.Generator, size: int, rows: int = CANVAS // CELL, cols: int = CANVAS // CELL,
+                count: int = N_OBJECTS) -> List[Box]:
+    """``count`` boxes of ``size`` pixels on a grid of ``rows x cols`` 28-pixel token cells, each inside its own
+    cell (jittered within it); cells at least one cell apart, also diagonally, so that boxes are at least
+    ``MIN_GAP`` pixels apart."""
     while True:
         chosen: List[Tuple[int, int]] = []
-        for index in rng.permutation(cells * cells):
-            row, col = divmod(int(index), cells)
+        for index in rng.permutation(rows * cols):
+            row, col = divmod(int(index), cols)
             if all(max(abs(row - r), abs(col - c)) >= 2 for r, c in chosen):
                 chosen.append((row, col))
-            if len(chosen) == N_OBJECTS:
+            if len(chosen) == count:
                 break
-        if len(chosen) == N_OBJECTS:
+        if len(chosen) == count:
             break
     boxes = []
     for row, col in chosen:
@@ -95,7 +97,7 @@ def make_sample(rng: np.random.Generator) -> DemoSample:
     asked_color = ASKED_COLORS[int(rng.integers(len(ASKED_COLORS)))]
     colors = [asked_color] + [str(c) for c in rng.choice(others, size=N_OBJECTS - 1, replace=False)]
     shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=N_OBJECTS)]
-    boxes = _place_boxes(rng, OBJECT_SIZE)
+    boxes = place_boxes(rng, OBJECT_SIZE)
     for shape, color, (x0, y0, x1, y1) in zip(shapes, colors, boxes):
         mask = _shape_mask(shape, OBJECT_SIZE)
         patch = np.array(COLORS[color], dtype=float) + rng.normal(0, 12, size=(OBJECT_SIZE, OBJECT_SIZE, 3))

@@ -78,7 +78,7 @@ class AttentionMap(BaseCAM):
         self.head_fusion = head_fusion
         # A function, not a bound method: grad-cam's hooks hold it, and a reference back to this object would keep
         # the hooks alive after the object is dropped (grad-cam removes them when it is deleted).
-        super().__init__(model, [_attention_module(layer) for layer in target_layers],
+        super().__init__(model, [_attention_module(layer, model) for layer in target_layers],
                          reshape_transform=self._reader(model), uses_gradients=False)
 
     def forward(self, input_tensor: torch.Tensor, targets: Optional[List[torch.nn.Module]],
@@ -115,17 +115,25 @@ class AttentionRollout(AttentionMap):
     def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets, eigen_smooth: bool) -> List[np.ndarray]:
         # Hooks run in execution order, so the matrices are listed from the first layer to the last.
         rollout = attention_rollout(self.activations_and_grads.activations, self.discard_ratio)
-        query, keys, (h, w) = token_geometry(self.model)
-        cam = rollout[:, query, keys].reshape(rollout.shape[0], h, w).float().numpy()
+        cam = image_row_on_grid(rollout[:, token_geometry(self.model)[0]], self.model)[:, 0].float().numpy()
         return [scale_cam_image(cam, self.get_target_width_height(input_tensor))[:, None]]
 
 
 def query_attention_on_grid(output, wrapper: torch.nn.Module, head_fusion: HeadFusion) -> torch.Tensor:
     """An attention module's output, with weights ``(B, heads, S, S)``, to the head-fused attention of the query
     token to the image tokens on their grid, ``(B, 1, h, w)``."""
-    query, keys, (h, w) = token_geometry(wrapper)
-    row = fuse_heads(_attention_weights(output)[:, :, query], head_fusion)
-    return row[:, keys.to(row.device)].reshape(row.shape[0], 1, h, w).float()
+    row = fuse_heads(_attention_weights(output)[:, :, token_geometry(wrapper)[0]], head_fusion)
+    return image_row_on_grid(row, wrapper).float()
+
+
+def image_row_on_grid(row: torch.Tensor, wrapper: torch.nn.Module) -> torch.Tensor:
+    """A value per sequence position ``(B, S)`` to ``(B, 1, h, w)`` on the image grid of the wrapper's latest forward
+    pass: the image tokens in raster order, or, for LLaVA (whose anyres models place a base image and tiles on one
+    canvas), the wrapper's own placement."""
+    if hasattr(wrapper, "image_row_to_grid"):
+        return wrapper.image_row_to_grid(row)
+    _, keys, (h, w) = token_geometry(wrapper)
+    return row[:, keys.to(row.device)].reshape(row.shape[0], 1, h, w)
 
 
 def fused_attention(output, head_fusion: HeadFusion) -> torch.Tensor:
@@ -138,6 +146,8 @@ def token_geometry(wrapper: torch.nn.Module) -> Tuple[int, torch.Tensor, Tuple[i
     raster order, and their grid ``(h, w)``."""
     from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
 
+    if hasattr(wrapper, "token_geometry"):  # LLaVA: the last position attending to the base image's tokens
+        return wrapper.token_geometry()
     if isinstance(wrapper, QwenVLWrapper):
         (gh, gw), m = wrapper.layout.patch_grid, wrapper.merge_size
         return -1, wrapper.layout.vision_positions, (gh // m, gw // m)
@@ -147,18 +157,30 @@ def token_geometry(wrapper: torch.nn.Module) -> Tuple[int, torch.Tensor, Tuple[i
 
 def _check_has_query_token(model: torch.nn.Module) -> None:
     from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
+    from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
     from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
 
     if isinstance(model, CLIPWrapper) and model.prefix_tokens == 0:
         raise ValueError(f"{model.family} has no class token whose attention could be read: it pools its patches "
                          "with an attention head outside the encoder. Use a gradient method such as GradCAM on "
                          "wrapper.vision_layers.")
-    if not isinstance(model, (QwenVLWrapper, CLIPWrapper)):
-        raise TypeError(f"Attention maps need a QwenVLWrapper or CLIPWrapper as model, got {type(model).__name__}.")
+    if not isinstance(model, (QwenVLWrapper, CLIPWrapper, LlavaWrapper)):
+        raise TypeError("Attention maps need a QwenVLWrapper or CLIPWrapper (or LlavaWrapper) as model, got "
+                        f"{type(model).__name__}.")
 
 
-def _attention_module(layer: torch.nn.Module) -> torch.nn.Module:
-    """The module whose output carries the attention weights: a layer's ``self_attn``, or that module itself."""
+def _attention_module(layer: torch.nn.Module, wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output carries the attention weights: a layer's ``self_attn``, or that module itself.
+    Linear-attention layers (Qwen3.5's Gated DeltaNet) have no attention weights: refused, naming the layers that
+    have them."""
+    if "linear_attention" in (getattr(layer, "block_type", None), getattr(layer, "layer_type", None)):
+        decoder = getattr(wrapper, "decoder_layers", [])
+        where = next((f"Decoder layer {i}" for i, d in enumerate(decoder) if layer is d or layer in d.modules()),
+                     f"{type(layer).__name__}")
+        full = getattr(wrapper, "full_attention_layers", [])
+        raise ValueError(f"{where} is a linear-attention (Gated DeltaNet) layer, which computes no softmax "
+                         "attention weights to read. Use a full-attention layer: wrapper.decoder_layers[i] for i in "
+                         f"{full} (wrapper.full_attention_layers).")
     attention = getattr(layer, "self_attn", None)
     if attention is not None:
         return attention

@@ -65,6 +65,19 @@ def cam_options(method_cls: type, wrapper: torch.nn.Module, smooth: dict) -> dic
     from pytorch_grad_cam import AblationCAM
 
     options = dict(smooth, reshape_transform=wrapper.reshape_transform)
+    if getattr(wrapper, "answer", None) is not None:
+        check_answer_method(method_cls)
     if issubclass(method_cls, AblationCAM):
         options["ablation_layer"] = wrapper.ablation_layer()
     return options
+
+
+def check_answer_method(method_cls: type) -> None:
+    """Refuse a method that cannot explain an answer's score (a log-probability, negative)."""
+    from pytorch_grad_cam import AblationCAM
+
+    if issubclass(method_cls, AblationCAM):
+        raise InputError("AblationCAM weighs each channel by (score - ablated score) / score and assumes a positive "
+                         "score, but an answer's score is a log-probability (negative): its maps come out inverted "
+                         "or blank. Explain answers with a gradient method (GradCAM, LayerCAM, HiResCAM) or "
+                         "ScoreCAM.")

@@ -145,16 +145,6 @@ def select_layers(n_layers: int, spec: LayerSpec, skip_last: bool = True) -> Lis
     return sorted(resolved)
 
 
-def default_single_layer(n_layers: int, skip_last: bool = True) -> int:
-    """A single layer when nothing better is known: about two thirds of the way down the layers, never the last
-    one with ``skip_last``. (Qwen models use :func:`pytorch_grad_cam_vlm.metrics.localization.auto_layer`, measured on the
-    demo model.)"""
-    usable = n_layers - 1 if skip_last else n_layers
-    if usable < 1:
-        raise ValueError(f"A model with {n_layers} layer(s) has no layer usable for gradient methods.")
-    return min(usable - 1, int(round(2 * n_layers / 3)))
-
-
 def _parse_indices(spec: LayerSpec) -> List[int]:
     if isinstance(spec, (int, np.integer)):
         return [int(spec)]
@@ -181,8 +171,9 @@ AUTO_LAYER_DEPTH = 0.0
 
 
 def auto_layer(wrapper) -> int:
-    """The decoder layer that ``auto`` selects: the layer at relative depth :data:`AUTO_LAYER_DEPTH` (the demo
-    model's measured best layer), never the last one, whose outputs at image positions get no gradient."""
+    """The demo model's best fixed GradCAM layer, as a relative depth (:data:`AUTO_LAYER_DEPTH`), never the last
+    layer. A fixed depth does not transfer between models (benchmarks/auto_layer.md): to choose a layer for an image,
+    use :func:`pytorch_grad_cam_vlm.explain`, which scores every candidate layer's map with the deletion check."""
     n = len(wrapper.decoder_layers)
     if n < 2:
         raise ValueError("The model has a single decoder layer, whose image positions get no gradient: use a vision "
@@ -190,12 +181,3 @@ def auto_layer(wrapper) -> int:
     return min(n - 2, int(round(AUTO_LAYER_DEPTH * (n - 1))))
 
 
-def auto_single_layer(subject, gradients: bool) -> int:
-    """The layer of ``--mode single --layers auto`` for a :class:`~pytorch_grad_cam_vlm.models.registry.Subject`:
-    for Qwen the demo model's measured best relative depth (:func:`auto_layer`), for CLIP models two thirds of the
-    depth."""
-    from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, skip_last
-
-    if subject.family in QWEN_MODEL_CLASSES:
-        return auto_layer(subject.wrapper)
-    return default_single_layer(len(subject.layers), skip_last(subject.family, gradients))

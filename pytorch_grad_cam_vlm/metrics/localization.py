@@ -97,5 +97,27 @@ def energy_in_boxes(cam: np.ndarray, boxes: Sequence[Box]) -> float:
     inside = np.zeros(cam.shape, dtype=bool)
     for x0, y0, x1, y1 in boxes:
         inside[y0:y1, x0:x1] = True
+    return energy_in_mask(cam, inside)
+
+
+def energy_in_mask(cam: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the map's positive mass inside the binary ``mask`` (the map's size). The mask's pixels are
+    gathered into one strip, so the strip's box holds exactly their mass."""
+    inside = np.asarray(mask, dtype=bool)
     strip = np.concatenate([cam[inside], cam[~inside]])[None]
     return energy_in_box(strip, (0, 0, int(inside.sum()), 1))
+
+
+def pointing_in_mask(cam: np.ndarray, mask: np.ndarray, tolerance_px: float = 14) -> bool:
+    """Pointing game on a binary ``mask`` (the map's size): whether the map's maximum lies in the box of one of the
+    mask's pixels widened by ``tolerance_px``, which for a mask that fills a box is exactly :func:`pointing_hit` on
+    that box. A blank map points nowhere."""
+    peak = map_peak(cam)
+    if peak is None:
+        return False
+    x, y = peak
+    height, width = np.shape(mask)
+    # Pixel (mx, my) hits when mx - t <= x < mx + 1 + t, i.e. x - 1 - t < mx <= x + t (and alike for y).
+    columns = slice(max(0, int(np.floor(x - 1 - tolerance_px)) + 1), max(0, int(np.floor(x + tolerance_px)) + 1))
+    rows = slice(max(0, int(np.floor(y - 1 - tolerance_px)) + 1), max(0, int(np.floor(y + tolerance_px)) + 1))
+    return bool(np.asarray(mask, dtype=bool)[rows, columns].any())

@@ -106,11 +106,15 @@ class FastNoisyLinearImputer(NoisyLinearImputer):
     them (1 keeps a pixel, 0 imputes it)."""
 
     def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fill(img, *impute_linear(mask.numpy(), img.numpy()))
+
+    def fill(self, img: torch.Tensor, values, unknown: np.ndarray) -> torch.Tensor:
+        """``img`` ``(C, H, W)`` with the flat pixels ``unknown`` set to ``values`` ``(N, C)`` (numpy, or a torch
+        tensor on ``img``'s device) plus the imputer's noise, drawn from torch's generator as grad-cam draws it."""
         flat = img.reshape(img.shape[0], -1)
-        values, unknown = impute_linear(mask.numpy(), img.numpy())
-        res = torch.tensor(values, dtype=torch.float)
+        res = torch.tensor(values, dtype=torch.float) if isinstance(values, np.ndarray) else values.float()
         infilled = flat.clone()
-        infilled[:, torch.from_numpy(unknown)] = res.t() + self.noise * torch.randn_like(res.t())
+        infilled[:, torch.from_numpy(unknown).to(img.device)] = res.t() + self.noise * torch.randn_like(res.t())
         return infilled.reshape_as(img)
 
 

@@ -19,13 +19,15 @@ class TokenAblationLayer(AblationLayer):
     def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
         self.returns_tuple = isinstance(activations, tuple)
         hidden = activations[0] if self.returns_tuple else activations
+        if hidden.dim() != 3:  # AblationCAM has put this layer in the model: take it out before refusing
+            self._wrapper[0]._put_back_layers()
+            raise ValueError("TokenAblationLayer ablates decoder layers (B, seq, C); vision blocks and mergers are "
+                             "not supported by AblationCAM here (the model's layers are back in place): use a "
+                             "gradient or score method for them.")
         self.activations = hidden[input_batch_index].detach().clone().unsqueeze(0).repeat(
             num_channels_to_ablate, 1, 1)
 
     def __call__(self, *args, **kwargs):
-        if self.activations.dim() != 3:
-            raise ValueError("TokenAblationLayer ablates decoder layers (B, seq, C); vision blocks are not supported "
-                             "by AblationCAM here, use a gradient or score method for them.")
         output = self.activations.clone()
         positions = self._wrapper[0].layout.vision_positions.to(output.device)
         for row in range(output.size(0)):

@@ -26,7 +26,8 @@ def word_token_id(tokenizer, word: str) -> int:
     return int(ids[0])
 
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+                 "<image>", "<video>")  # the last two: LLaVA's
 
 
 def vision_token_ids(tokenizer) -> List[int]:

@@ -4,13 +4,17 @@ from __future__ import annotations
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Sequence, Tuple, Type
+from typing import Iterator, List, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.models.state import (eager_attention, explaining, graph_starts_at, has_forward_hooks,
-                                              hookable_tuple_outputs, shallowest_hooked)
+from pytorch_grad_cam_vlm.models.state import (Stage, eager_attention, explaining, graph_starts_at,
+                                              has_forward_hooks, hookable_tuple_outputs, shallowest_hooked,
+                                              stage_modules)
+
+
+MAX_NORMALISED = 50.0  # |value| above which an input cannot be normalised pixels
 
 
 class ModelWrapper(torch.nn.Module):
@@ -23,6 +27,7 @@ class ModelWrapper(torch.nn.Module):
     """
 
     ablation_layer_type: Type[torch.nn.Module]  # what the subclass's ablation_layer() returns
+    refuses_fullgrad = True  # FullGrad needs Conv2d/BatchNorm2d biases: CNN classifiers have them, transformers not
 
     def __init__(self, model: torch.nn.Module, processor, efficient_gradients: bool = True) -> None:
         super().__init__()
@@ -39,17 +44,44 @@ class ModelWrapper(torch.nn.Module):
         raise NotImplementedError
 
     @property
+    def layers(self) -> List[torch.nn.Module]:
+        """The layers that layer choices index: a VLM's decoder layers, a CLIP model's vision layers."""
+        raise NotImplementedError
+
+    @property
+    def last_layer_blank(self) -> bool:
+        """Whether the last of :attr:`layers` gets no gradient at the image positions (its gradient maps are
+        blank): layer choices leave it out."""
+        raise NotImplementedError
+
+    @property
     def token_cell(self) -> int:
         """The side in pixels of the image area one token covers: image sizes are multiples of it, and the
         pointing game's tolerance is half of it."""
         return self.patch_size
 
-    def _watch_layers(self, *layer_lists: torch.nn.ModuleList) -> None:
+    def _watch_layers(self, *parents: torch.nn.Module) -> None:
         """Remember the layers (see :meth:`_restore_layers`) and anchor grad-cam's input device: grad-cam moves
         inputs to the device of the wrapper's first parameter, and with accelerate offloading the model's first
         parameter may live on "meta", so the wrapper leads with an empty one on the input device."""
         self.input_anchor = torch.nn.Parameter(torch.empty(0, device=self.input_device), requires_grad=False)
-        self._originals = [(layers, list(layers)) for layers in layer_lists]
+        self._originals = []
+        self._watch_children(*parents)
+
+    def _watch_children(self, *parents: torch.nn.Module) -> None:
+        """Remember the direct children of each of ``parents`` (a ``ModuleList``'s layers, or a module's named
+        submodules such as a vision encoder's merger), to put back any that AblationCAM leaves replaced."""
+        self._originals += [(parent, dict(parent._modules)) for parent in parents]
+
+    def _replaced_layers(self) -> list:
+        """``(parent, name, original)`` of each watched layer that another module stands in for."""
+        return [(parent, name, original) for parent, children in self._originals
+                for name, original in children.items() if parent._modules.get(name) is not original]
+
+    def _put_back_layers(self) -> None:
+        """Put every watched layer back in its place."""
+        for parent, name, original in self._replaced_layers():
+            parent._modules[name] = original
 
     def to_rgb(self, x: torch.Tensor) -> np.ndarray:
         """Undo the normalisation: ``(B, 3, H, W)`` to ``(B, H, W, 3)`` float32 in [0, 1], for overlays."""
@@ -74,24 +106,29 @@ class ModelWrapper(torch.nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"Expected normalised images of shape (B, 3, H, W), got {shape}; "
                              "use wrapper.preprocess(image) to make one.")
+        if not x.is_floating_point():
+            raise ValueError(f"Expected normalised float images, got dtype {x.dtype} (raw pixels?); use "
+                             "wrapper.preprocess(image) to make them.")
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f"Image height and width must be multiples of {multiple} pixels, got "
                              f"{x.shape[2]}x{x.shape[3]}; use wrapper.preprocess(image) to resize as the model does.")
+        # Normalised pixels lie within a few units of 0 (SmoothGrad's noise included); 0..255 values do not.
+        if bool(x.detach().abs().amax() > MAX_NORMALISED):
+            raise ValueError(f"Image values reach {float(x.detach().abs().amax()):.4g}, far outside normalised "
+                             "pixels (about -2..2.5): these look like raw 0..255 pixels; use wrapper.preprocess(image).")
 
     def _restore_layers(self) -> None:
         """grad-cam's AblationCAM swaps a layer for its ablation layer and, when that layer fails (an IndexError,
         which grad-cam's ``with`` block swallows), leaves it inside the model: put the original layers back and say
         what to use instead."""
-        for layers, originals in self._originals:
-            foreign = [m for m, o in zip(layers, originals)
-                       if m is not o and not isinstance(m, self.ablation_layer_type)]
-            if foreign:
-                for i, original in enumerate(originals):
-                    layers[i] = original
-                raise ValueError(
-                    f"A {type(foreign[0]).__name__} had replaced a layer of the model (grad-cam's AblationCAM leaves "
-                    "it there when its ablation layer fails on transformer layers); the original layers are back. "
-                    "Use AblationCAM(..., ablation_layer=wrapper.ablation_layer()).")
+        foreign = [parent._modules.get(name) for parent, name, _ in self._replaced_layers()
+                   if not isinstance(parent._modules.get(name), self.ablation_layer_type)]
+        if foreign:
+            self._put_back_layers()
+            raise ValueError(
+                f"A {type(foreign[0]).__name__} had replaced a layer of the model (grad-cam's AblationCAM leaves "
+                "it there when its ablation layer fails on transformer layers); the original layers are back. "
+                "Use AblationCAM(..., ablation_layer=wrapper.ablation_layer()).")
 
     def _warn_if_hooked(self, layer: torch.nn.Module, why: str) -> None:
         """Warn when a gradient method targets ``layer``, whose image outputs get no gradient."""
@@ -100,12 +137,14 @@ class ModelWrapper(torch.nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     @contextmanager
-    def _explaining(self, x: torch.Tensor, stages: Sequence[torch.nn.Module]) -> Iterator[torch.Tensor]:
+    def _explaining(self, x: torch.Tensor, stages: Sequence[Stage]) -> Iterator[torch.Tensor]:
         """Around the model call of a forward pass: checks, eval mode, frozen parameters and the autograd graph
-        started at the shallowest hooked stage. Yields the input to use (one that requires grad when a hooked
-        module lies outside the stages: with frozen parameters only the input can put it in a graph)."""
+        started at the shallowest hooked stage (``stages`` in execution order; a stage is a module or a group of
+        modules started by its first one, see :func:`~pytorch_grad_cam_vlm.models.state.stage_modules`). Yields the
+        input to use (one that requires grad when a hooked module lies outside the stages: with frozen parameters
+        only the input can put it in a graph)."""
         self._restore_layers()
-        if x.requires_grad:
+        if x.requires_grad and self.refuses_fullgrad:
             _refuse_fullgrad()
         start = None
         if self.efficient_gradients and not x.requires_grad:
@@ -113,8 +152,36 @@ class ModelWrapper(torch.nn.Module):
             if start is None and torch.is_grad_enabled() and has_forward_hooks(self.model):
                 x = x.detach().requires_grad_(True)
         with explaining(self.model, self.efficient_gradients), graph_starts_at(start), \
-                hookable_tuple_outputs(stages):
+                hookable_tuple_outputs([module for stage in stages for module in stage_modules(stage)]):
             yield x
+
+
+class DecoderLayers:
+    """The layer lists of a wrapper around a language decoder (``self._decoder_layers``): what layer choices index,
+    and which layers attention maps can read."""
+
+    _decoder_layers: torch.nn.ModuleList
+
+    @property
+    def decoder_layers(self) -> List[torch.nn.Module]:
+        """The language decoder's layers. The last one's outputs at the image positions get no gradient."""
+        return list(self._decoder_layers)
+
+    @property
+    def layers(self) -> List[torch.nn.Module]:
+        """The decoder layers, which layer choices (``"auto"``, ``"3,5"``) index."""
+        return self.decoder_layers
+
+    @property
+    def last_layer_blank(self) -> bool:
+        """True: the last decoder layer's image positions reach the next-token logits through nothing."""
+        return True
+
+    @property
+    def full_attention_layers(self) -> List[int]:
+        """Indices of the decoder layers with softmax attention, whose weights attention maps read: every layer of
+        most models; Qwen3.5 puts linear-attention (Gated DeltaNet) layers between them."""
+        return [i for i, layer in enumerate(self._decoder_layers) if hasattr(layer, "self_attn")]
 
 
 def find_module_list(model: torch.nn.Module, sibling: str) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:

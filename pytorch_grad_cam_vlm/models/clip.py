@@ -94,6 +94,17 @@ class CLIPWrapper(ModelWrapper):
         return list(self._vision_layers)
 
     @property
+    def layers(self) -> List[torch.nn.Module]:
+        """The vision layers, which layer choices index."""
+        return self.vision_layers
+
+    @property
+    def last_layer_blank(self) -> bool:
+        """CLIP pools its class token, so the last layer's patch outputs get no gradient; SigLIP pools every
+        patch."""
+        return self.family == "clip"
+
+    @property
     def input_device(self) -> torch.device:
         return self.vision_tower.embeddings.patch_embedding.weight.device
 

@@ -11,7 +11,7 @@ import torch
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
-from pytorch_grad_cam_vlm.models.base import ModelWrapper, find_module_list
+from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 
 
 AnswerInput = Union[str, Sequence[int]]
@@ -65,7 +65,7 @@ def vision_window_index(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torc
     return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
 
 
-class QwenVLWrapper(ModelWrapper):
+class QwenVLWrapper(DecoderLayers, ModelWrapper):
     """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (all of one size, a multiple of 28 pixels, as
@@ -82,24 +82,30 @@ class QwenVLWrapper(ModelWrapper):
     after the generation prompt and ``forward`` returns the answer's score ``(B, 1)``: the sum (or, with
     ``answer_reduction="mean"``, the mean) of the answer tokens' log-probabilities. Every grad-cam method, target
     ``None`` and the ROAD metrics then explain the whole answer; :meth:`answer_logits` keeps the logits at hand.
+
+    ``chat_template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3.5).
     """
 
     ablation_layer_type = TokenAblationLayer
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
-                 answer: Optional[AnswerInput] = None, answer_reduction: str = "sum") -> None:
+                 answer: Optional[AnswerInput] = None, answer_reduction: str = "sum",
+                 chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
         if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
             raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
                              "processor's chat template.")
         super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         image_processor = processor.image_processor
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
         self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
         self.visual, self._vision_blocks = find_module_list(model, "merger")
-        self._watch_layers(self._decoder_layers, self._vision_blocks)
+        self._watch_layers(self._decoder_layers, self._vision_blocks, self.visual)
         self._layouts: Dict[Tuple[int, int], Layout] = {}
         self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
         self.answer: Optional[AnswerInput] = None
@@ -107,11 +113,6 @@ class QwenVLWrapper(ModelWrapper):
         self.set_answer(answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
-    @property
-    def decoder_layers(self) -> List[torch.nn.Module]:
-        """The language decoder's layers. The last one's outputs at vision positions get no gradient."""
-        return list(self._decoder_layers)
-
     @property
     def vision_blocks(self) -> List[torch.nn.Module]:
         """The vision encoder's transformer blocks (window-ordered outputs, undone by :meth:`reshape_transform`)."""
@@ -152,7 +153,7 @@ class QwenVLWrapper(ModelWrapper):
         """The prompt as the model sees it: the chat template around one image and the question, followed by the
         answer when one is set as text."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **self.chat_template_kwargs)
         return prompt + self.answer if isinstance(self.answer, str) else prompt
 
     # ----------------------------------------------------------------------------------------- answers
@@ -221,7 +222,8 @@ class QwenVLWrapper(ModelWrapper):
 
     @property
     def token_cell(self) -> int:
-        """28 pixels: one image token covers a 2x2 merge block of 14-pixel patches."""
+        """The pixels one image token covers, a merge block of patches: 28 for Qwen2-VL and Qwen2.5-VL (2x2 patches
+        of 14), 32 for Qwen3-VL and Qwen3.5 (2x2 patches of 16)."""
         return self.patch_size * self.merge_size
 
     def model_inputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -248,18 +250,23 @@ class QwenVLWrapper(ModelWrapper):
             "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
             "so their gradient is exactly zero and gradient-based maps there are blank. Use "
             f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
-        with self._explaining(x, self.vision_blocks + [self.merger] + self.decoder_layers) as x:
+        with self._explaining(x, self._stages()) as x:
             output = self.model(**self.model_inputs(x), logits_to_keep=n_answer + 1, use_cache=False)
         logits = output.logits.float()
         return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
+
+    def _stages(self) -> list:
+        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
+        return self.vision_blocks + [self.merger] + self.decoder_layers
 
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the true grid of the latest forward pass.
 
         Decoder layers ``(B, seq, C)`` (or a tuple whose first item is that, as older transformers return) give the
-        ``h/2 x w/2`` grid of image tokens; vision blocks ``(B*h*w, C)`` give the ``h x w`` grid of 14-pixel patches,
-        with the window order and 2x2 merge order undone; the merger ``(B*h*w/4, C)`` gives the 28-pixel grid.
+        ``h/2 x w/2`` grid of image tokens; vision blocks ``(B*h*w, C)`` give the ``h x w`` grid of patches (14 pixels,
+        16 for Qwen3-VL and Qwen3.5), with the window order (Qwen2.5-VL) and 2x2 merge order undone; the merger (and
+        Qwen3-VL's DeepStack mergers) ``(B*h*w/4, C)`` give the grid of image tokens.
         """
         hidden = output[0] if isinstance(output, tuple) else output
         if self.layout is None:

@@ -11,7 +11,19 @@ import torch
 from pytorch_grad_cam_vlm.errors import InputError
 
 
-QWEN_MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+# model_type -> model class. Qwen2-VL and Qwen2.5-VL are wrapped by QwenVLWrapper, the QWEN3_FAMILIES by
+# Qwen3VLWrapper; every one of them picks from its decoder layers.
+QWEN_MODEL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+}
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# The LLaVA families take a prompt and explain next tokens like Qwen's, so they join QWEN_MODEL_CLASSES (the
+# prompt-taking families); LlavaWrapper wraps them.
+LLAVA_MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                       "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+QWEN_MODEL_CLASSES.update(LLAVA_MODEL_CLASSES)
 
 
 CLIP_FAMILIES = ("clip", "siglip", "siglip2")
@@ -40,18 +52,31 @@ def model_config(name: str):
     """``(config, family)`` of a model folder or hub id, read from its config alone and checked to be supported."""
     from transformers import AutoConfig
 
+    from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
+
+    if is_classifier_spec(name):  # torchvision:NAME, timm:NAME have no config.json; `explain` takes them
+        raise InputError(f"{name} is an image classifier: explain it with `explain --model {name} --weights PATH`; "
+                         "this command takes vision-language models.")
     if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
         if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
             raise InputError(f"Model folder not found or without config.json: {name}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name))
-    except Exception as error:  # noqa: BLE001 (hub, parsing and unknown-architecture errors alike)
+        config = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=offline)
+    except OSError as error:
+        if offline:  # no retries: say at once that the hub cannot be reached
+            raise InputError(f"Model {name!r} is neither a local folder nor in the Hugging Face cache, and "
+                             "HF_HUB_OFFLINE is set: download it where there is a network, or pass a local "
+                             "folder.") from error
+        reason = str(error).strip().split("\n")[0]
+        raise InputError(f"Cannot read the model config of {name!r}: {reason}") from error
+    except Exception as error:  # noqa: BLE001 (parsing and unknown-architecture errors alike)
         reason = str(error).strip().split("\n")[0]
         raise InputError(f"Cannot read the model config of {name!r}: {reason}") from error
     family = getattr(config, "model_type", None)
     if family not in QWEN_MODEL_CLASSES and family not in CLIP_FAMILIES:
-        raise InputError(f"Model family {family!r} is not supported: use a Qwen2.5-VL, Qwen2-VL, CLIP, SigLIP or "
-                         "SigLIP 2 model.")
+        raise InputError(f"Model family {family!r} is not supported: use a Qwen3.5, Qwen3-VL, Qwen2.5-VL, Qwen2-VL, "
+                         "LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision, CLIP, SigLIP or SigLIP 2 model.")
     return config, family
 
 
@@ -89,15 +114,26 @@ def skip_last(family: str, gradients: bool) -> bool:
     return gradients and (family in QWEN_MODEL_CLASSES or family == "clip")
 
 
-def load_model(name: str, family: str, dtype: torch.dtype, device: torch.device):
-    """``(model, processor)`` of a supported family, in eval mode on ``device``."""
+def load_model(name: str, family: str, dtype: torch.dtype, device: torch.device, allow_pickle: bool = False,
+               trust_remote_code: bool = False):
+    """``(model, processor)`` of a supported family, in eval mode on ``device``. Weights load from safetensors
+    only: a pickle checkpoint (``pytorch_model.bin``) can run code when loaded, so it needs ``allow_pickle``; the
+    model's own Python code runs only with ``trust_remote_code``."""
     import transformers
 
     model_cls = getattr(transformers, QWEN_MODEL_CLASSES[family]) if family in QWEN_MODEL_CLASSES \
         else transformers.AutoModel
     path = os.path.expanduser(name)
-    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval(), transformers.AutoProcessor.from_pretrained(path)
+    try:
+        model = model_cls.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if allow_pickle or "safetensors" not in str(error).lower():
+            raise
+        raise InputError(f"{name} has no safetensors weights: a pickle checkpoint can run code when loaded; convert "
+                         "it to safetensors, or pass --allow-pickle if you trust its source.") from error
+    processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
 
 
 @dataclass
@@ -126,11 +162,16 @@ class Subject:
 def make_subject(family: str, model, processor, prompt: Optional[str], texts: Optional[Sequence[str]]) -> Subject:
     """The wrapper of a loaded model (:func:`check_question` has checked ``prompt`` and ``texts``)."""
     if family in QWEN_MODEL_CLASSES:
-        from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
+        if family in LLAVA_MODEL_CLASSES:
+            from pytorch_grad_cam_vlm.models.llava import LlavaWrapper as wrapper_cls
+        elif family in QWEN3_FAMILIES:
+            from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper as wrapper_cls
+        else:
+            from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper as wrapper_cls
 
-        wrapper = QwenVLWrapper(model, processor, prompt=prompt)
-        return Subject(wrapper, wrapper.decoder_layers, family)
+        wrapper = wrapper_cls(model, processor, prompt=prompt)
+        return Subject(wrapper, wrapper.layers, family)
     from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
 
     wrapper = CLIPWrapper(model, processor, texts=list(texts))
-    return Subject(wrapper, wrapper.vision_layers, family)
+    return Subject(wrapper, wrapper.layers, family)

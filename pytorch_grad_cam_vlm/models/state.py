@@ -3,7 +3,7 @@ graph started at the shallowest hooked layer, and hook-friendly outputs for laye
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -43,16 +43,27 @@ def has_forward_hooks(module: torch.nn.Module) -> bool:
     return any(watching_hooks(m) for m in module.modules())
 
 
-def shallowest_hooked(stages: Sequence[torch.nn.Module], model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The first of ``stages`` (listed in execution order) that holds a hooked module, or ``None`` when nothing is
-    hooked or a hooked module lies outside every stage (then the whole graph is needed)."""
+# A stage of a model's forward pass: a module, or a group of modules whose first one starts it (the others consume
+# only what the first one computes, such as a vision block and the DeepStack merger that reads its output).
+Stage = Union[torch.nn.Module, Tuple[torch.nn.Module, ...]]
+
+
+def stage_modules(stage: Stage) -> Tuple[torch.nn.Module, ...]:
+    """The modules of a stage, the one that starts it first."""
+    return tuple(stage) if isinstance(stage, (tuple, list)) else (stage,)
+
+
+def shallowest_hooked(stages: Sequence[Stage], model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module that starts the first of ``stages`` (listed in execution order) that holds a hooked module, or
+    ``None`` when nothing is hooked or a hooked module lies outside every stage (then the whole graph is needed)."""
     inside = set()
     first = None
     for stage in stages:
-        members = set(stage.modules())
+        group = stage_modules(stage)
+        members = {m for module in group for m in module.modules()}
         inside |= members
         if first is None and any(watching_hooks(m) for m in members):
-            first = stage
+            first = group[0]
     outside = any(watching_hooks(m) for m in model.modules() if m not in inside)
     return None if outside else first
 

@@ -17,6 +17,7 @@ from pytorch_grad_cam_vlm.benchmark import runner
 from pytorch_grad_cam_vlm.cli.benchmark import options_from
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.metrics import sanity
+from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, energy_in_boxes
 from pytorch_grad_cam_vlm.models.registry import make_subject
 
@@ -158,12 +159,12 @@ def test_spearman_and_box_scaling():
 def test_ranked_map_removes_exact_shares_where_the_threshold_removes_everything():
     cam = np.zeros((10, 10), dtype=np.float32)
     cam[:3] = np.arange(30).reshape(3, 10) + 1  # 70% of the map is 0, as after grad-cam's ReLU
-    ranked = runner.ranked_map(cam, np.random.default_rng(0))
+    ranked = ranked_map(cam, np.random.default_rng(0))
     kept = lambda m, p: int((m < np.percentile(m, p)).sum())  # RemoveMostRelevantFirst's mask
     assert kept(cam, 50) == 0 and kept(ranked, 50) == 50
     assert np.array_equal(np.argsort(ranked[:3].ravel()), np.arange(30))  # distinct values keep their order
     assert ranked[3:].max() < ranked[:3].min()
-    assert np.array_equal(ranked, runner.ranked_map(cam, np.random.default_rng(0)))
+    assert np.array_equal(ranked, ranked_map(cam, np.random.default_rng(0)))
 
 
 def test_randomized_copy_changes_decoder_and_head_only(tiny_qwen):

@@ -16,7 +16,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
 from pytorch_grad_cam_vlm.cli import common, main
-from pytorch_grad_cam_vlm.methods.sweep import auto_layer
+from pytorch_grad_cam_vlm.methods.auto import explain
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
 from pytorch_grad_cam_vlm.models.registry import load_model
 from pytorch_grad_cam_vlm.visualize import figure_size
 
@@ -90,6 +91,11 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         assert row["predicted_token"] == token
         assert row["probability"] == pytest.approx(probability, abs=1e-6)
         np.testing.assert_allclose(np.load(out / row["files"][1]), maps, atol=1e-5)
+        x = wrapper.preprocess(row["image"])
+        index = wrapper.processor.tokenizer.convert_tokens_to_ids(token)
+        checks = check_maps(wrapper, x, maps, ClassifierOutputTarget(index))  # the deletion check, by hand
+        assert row["check"] == pytest.approx([c.score for c in checks], abs=1e-5)
+        assert row["verdict"] == [c.verdict for c in checks]
         height, width = maps.shape[1:]
         assert Image.open(out / row["files"][0]).size == figure_size(1, 3, height, width)
         assert line == {k: ";".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in row.items()}
@@ -109,8 +115,13 @@ def test_explain_single_with_smooth_method_into_existing_folder(capsys, tmp_path
                      "--mode", "single", "--out", out, "--dtype", "float32", "--device", "cpu")
     assert code == 0
     [row] = json.loads((out / "report.json").read_text())
-    layer = auto_layer(wrapper)  # the demo model's measured best relative depth
-    assert row["layers"] == [layer]
+    [layer] = row["layers"]  # the best of the candidate layers on the deletion check
+    _, _, candidates = reference(wrapper, str(image), SmoothGradCAM, layers=[0, 1, 2], n_samples=2, noise_level=0.1,
+                                 seed=3)
+    x = wrapper.preprocess(str(image))
+    target = ClassifierOutputTarget(int(wrapper(x).argmax()))
+    scores = [c.score for c in check_maps(wrapper, x, candidates, target)]
+    assert layer == int(np.nanargmax(scores)) and row["check"] == pytest.approx([max(scores)], abs=1e-5)
     assert row["files"] == ["b_SmoothGradCAM_single.png", "b_SmoothGradCAM_maps.npy",
                             f"b_SmoothGradCAM_layer{layer}_overlay.png"]
     _, _, maps = reference(wrapper, str(image), SmoothGradCAM, layers=[layer], n_samples=2, noise_level=0.1, seed=3)
@@ -141,7 +152,6 @@ def bad_inputs(tmp_path_factory, model_dir, image_dir):
     (dict(layers="9"), "Layer 9 does not exist"),
     (dict(layers="3"), "last layer"),
     (dict(layers="deep"), "Unknown layer choice"),
-    (dict(layers="all", mode="single"), "one layer"),
     (dict(layers="1,2", mode="comparative"), "at least 3 layers"),
     (dict(model="{bad}/bert"), "Model family 'bert' is not supported"),
     (dict(model="{bad}/no_model"), "Model folder not found"),
@@ -175,7 +185,7 @@ def test_explain_answer_scores_and_maps_the_teacher_forced_answer(capsys, tmp_pa
     out = tmp_path / "out"
     image = image_dir / "b.png"
     code, _, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT,
-                     "--answer", "red circle", "--layers", "1", "--mode", "single", "--out", out)
+                     "--answer", "red circle", "--method", "GradCAM", "--layers", "1", "--out", out)
     assert code == 0
     row = json.loads((out / "report.json").read_text())[0]
     answered = QwenVLWrapper(wrapper.model, wrapper.processor, prompt=PROMPT, answer="red circle")
@@ -195,7 +205,7 @@ def test_explain_per_token_writes_one_map_per_answer_token(capsys, tmp_path, mod
     out = tmp_path / "out"
     image = image_dir / "a.jpg"
     code, _, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT, "--per-token",
-                     "--answer", "a red circle", "--layers", "2", "--mode", "single", "--out", out)
+                     "--answer", "a red circle", "--method", "GradCAM", "--layers", "2", "--out", out)
     assert code == 0
     row = json.loads((out / "report.json").read_text())[0]
     assert row["tokens"] == ["a", "red", "circle"] and row["mode"] == "per-token" and row["layers"] == [2]
@@ -271,9 +281,12 @@ def test_demo_writes_figures_and_localization_table(capsys, tmp_path):
     sample = make_demo_samples(2, seed=0, split="test")[0]
     demo_wrapper = QwenVLWrapper(*load_demo_model(), prompt=sample.prompt)
     assert single["prompt"] == grid["prompt"] == sample.prompt
-    assert single["layers"] == [auto_layer(demo_wrapper)]
-    assert grid["layers"] == list(range(len(demo_wrapper.decoder_layers) - 1))
     x = demo_wrapper.preprocess(sample.image)
+    chosen = explain(demo_wrapper, x)  # method and layer chosen by the deletion check, as the CLI's default
+    assert (single["method"], single["layers"]) == (chosen.methods[0], chosen.layers)
+    np.testing.assert_allclose(np.load(out / single["files"][1])[0], chosen.maps[0], atol=1e-5)
+    assert grid["method"] == chosen.methods[0] and grid["layers"] == chosen.candidate_layers
+    assert "auto →" not in single["files"][0] and single["files"][0] == "sample0_auto_single.png"
     with torch.no_grad():
         assert single["predicted_token"] == demo_wrapper.processor.tokenizer.decode([int(demo_wrapper(x).argmax())])
     for row in (single, grid):

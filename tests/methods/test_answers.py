@@ -25,8 +25,9 @@ def image():
     return random_image(SIZE, SIZE, seed=3)
 
 
-def processor_inputs(processor, image, answer_text="", answer_ids=()):
-    """The processor on the chat text (plus an answer as text), with answer token ids appended by hand."""
+def processor_inputs(processor, image, answer_text="", answer_ids=(), device="cpu"):
+    """The processor on the chat text (plus an answer as text), with answer token ids appended by hand; tensors on
+    ``device``."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True) + answer_text
     inputs = dict(processor(text=[text], images=[image], return_tensors="pt"))
@@ -35,7 +36,7 @@ def processor_inputs(processor, image, answer_text="", answer_ids=()):
         inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-    return inputs
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def cam_by_hand(model, processor, inputs, layer, score_fn, method="gradcam"):
@@ -57,7 +58,7 @@ def cam_by_hand(model, processor, inputs, layer, score_fn, method="gradcam"):
     acts = captured["hidden"][0, positions].detach().reshape(gh // 2, gw // 2, -1)
     grads = grad[0, positions].reshape(gh // 2, gw // 2, -1)
     cam = (acts * grads.mean((0, 1))).sum(-1) if method == "gradcam" else (acts * grads).sum(-1)
-    cam = np.maximum(cam.numpy(), 0)[None]
+    cam = np.maximum(cam.cpu().numpy(), 0)[None]
     return scale_cam_image(scale_cam_image(cam, (gh * 14, gw * 14)))[0]
 
 
@@ -148,8 +149,8 @@ def test_answer_as_token_ids_matches_answer_as_text(tiny_qwen, image):
 
 
 @pytest.mark.parametrize("method, name", [(GradCAM, "gradcam"), (HiResCAM, "hirescam")])
-def test_answer_map_equals_map_of_answer_log_probs_by_hand(tiny_qwen, image, method, name):
-    model, processor = tiny_qwen
+def test_answer_map_equals_map_of_answer_log_probs_by_hand(qwen, device, image, method, name):
+    model, processor = qwen
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT, answer=ANSWER)
     x = wrapper.preprocess(image)
     layer = wrapper.decoder_layers[1]
@@ -159,7 +160,8 @@ def test_answer_map_equals_map_of_answer_log_probs_by_hand(tiny_qwen, image, met
     def answer_log_prob(logits):
         return torch.log_softmax(logits[0, -n - 1:-1], -1)[torch.arange(n), ids].sum()
 
-    expected = cam_by_hand(model, processor, processor_inputs(processor, image, ANSWER), layer, answer_log_prob, name)
+    expected = cam_by_hand(model, processor, processor_inputs(processor, image, ANSWER, device=device), layer,
+                           answer_log_prob, name)
     default = run_cam(method, wrapper, x, None, layer)[0]
     np.testing.assert_allclose(default, expected, atol=1e-5)
     np.testing.assert_allclose(run_cam(method, wrapper, x, [AnswerTarget()], layer)[0], default, atol=1e-6)
@@ -215,8 +217,9 @@ def test_contrastive_map_equals_gradcam_of_logit_difference(wrapper, tiny_qwen, 
 
 
 # ------------------------------------------------------------------------------------------------- generated
-def test_per_token_maps_equal_single_token_maps_with_prefix(wrapper, tiny_qwen, image):
-    model, processor = tiny_qwen
+def test_per_token_maps_equal_single_token_maps_with_prefix(qwen_wrapper, qwen, device, image):
+    wrapper = qwen_wrapper
+    model, processor = qwen
     x = wrapper.preprocess(image)
     layer = wrapper.decoder_layers[1]
     before = model_state(model)
@@ -235,14 +238,14 @@ def test_per_token_maps_equal_single_token_maps_with_prefix(wrapper, tiny_qwen, 
     assert len(tokens) == 3 and result.maps.shape == (3, SIZE, SIZE) and result.combined.shape == (SIZE, SIZE)
     assert result.tokens == [processor.tokenizer.decode([t]) for t in tokens]
     for t, token in enumerate(tokens):
-        inputs = processor_inputs(processor, image, answer_ids=tokens[:t])
+        inputs = processor_inputs(processor, image, answer_ids=tokens[:t], device=device)
         expected = cam_by_hand(model, processor, inputs, layer, lambda logits: logits[0, -1, token])
         np.testing.assert_allclose(result.maps[t], expected, atol=1e-5)
         with torch.no_grad():
             probability = torch.softmax(model(**inputs).logits[0, -1].float(), -1)[token]
         assert result.probabilities[t] == pytest.approx(probability.item(), abs=1e-5)
     n = len(tokens)
-    inputs = processor_inputs(processor, image, answer_ids=tokens)
+    inputs = processor_inputs(processor, image, answer_ids=tokens, device=device)
     combined = cam_by_hand(model, processor, inputs, layer,
                            lambda logits: logits[0, -n - 1:-1][torch.arange(n), tokens].sum())
     np.testing.assert_allclose(result.combined, combined, atol=1e-5)

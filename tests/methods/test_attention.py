@@ -15,18 +15,28 @@ from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
 HEIGHT, WIDTH = 112, 84  # 8x6 patches of 14 pixels, a 4x3 grid of image tokens
 
 
-@pytest.fixture(scope="module")
-def reported(tiny_qwen):
-    """The image, its image-token positions, and the model's own attentions from the processor's inputs."""
-    model, processor = tiny_qwen
+def report(model, processor):
+    """The image, its image-token positions, and the model's own attentions (on the CPU) from the processor's
+    inputs."""
     image = random_image(HEIGHT, WIDTH)
-    inputs = chat_inputs(processor, image)
+    inputs = chat_inputs(processor, image, device=model.device)
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    positions = (inputs["input_ids"][0] == image_token).nonzero().flatten()
+    positions = (inputs["input_ids"][0].cpu() == image_token).nonzero().flatten()
     with eager(model), torch.no_grad():
-        attentions = model(**inputs, output_attentions=True).attentions
+        attentions = tuple(a.cpu() for a in model(**inputs, output_attentions=True).attentions)
     assert len(attentions) == model.config.text_config.num_hidden_layers
     return image, positions, attentions
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_qwen):
+    return report(*tiny_qwen)
+
+
+@pytest.fixture
+def reported_on(reported, qwen, device):
+    """``reported``, by the model on ``device``."""
+    return reported if device.type == "cpu" else report(*qwen)
 
 
 def eager(model):
@@ -50,8 +60,10 @@ def as_cam(grid):
 
 @pytest.mark.parametrize("head_fusion", ["mean", "max", 1])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_attention_map_is_the_last_tokens_attention_to_the_image_tokens(wrapper, reported, head_fusion, layer):
-    image, positions, attentions = reported
+def test_attention_map_is_the_last_tokens_attention_to_the_image_tokens(qwen_wrapper, reported_on, head_fusion,
+                                                                       layer):
+    wrapper = qwen_wrapper
+    image, positions, attentions = reported_on
     model = wrapper.model
     before = model_state(model)
     implementation = model.config._attn_implementation
@@ -66,8 +78,9 @@ def test_attention_map_is_the_last_tokens_attention_to_the_image_tokens(wrapper,
 
 
 @pytest.mark.parametrize("head_fusion, discard_ratio", [("mean", 0.0), ("max", 0.5)])
-def test_rollout_multiplies_the_reported_attentions(wrapper, reported, head_fusion, discard_ratio):
-    image, positions, attentions = reported
+def test_rollout_multiplies_the_reported_attentions(qwen_wrapper, reported_on, head_fusion, discard_ratio):
+    wrapper = qwen_wrapper
+    image, positions, attentions = reported_on
     with AttentionRollout(model=wrapper, target_layers=wrapper.decoder_layers, head_fusion=head_fusion,
                           discard_ratio=discard_ratio) as cam:
         maps = cam(input_tensor=wrapper.preprocess(image), targets=None)

@@ -6,9 +6,15 @@ from conftest import model_state, random_image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, default_single_layer, layer_sweep, select_layers
+from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, layer_sweep, select_layers
 
 LAYERS = [0, 1, 2]  # every decoder layer of the tiny model but the last
+
+
+@pytest.fixture
+def wrapper(qwen_wrapper):
+    """The tiny Qwen2.5-VL's wrapper on each device (conftest's ``device``): every sweep here runs on each."""
+    return qwen_wrapper
 
 
 @pytest.fixture
@@ -132,9 +138,3 @@ def test_select_layers_without_gradients_may_take_the_last_layer():
 def test_select_layers_refuses_bad_choices(spec, message):
     with pytest.raises(ValueError, match=message):
         select_layers(8, spec)
-
-
-def test_default_single_layer():
-    assert default_single_layer(8) == 5
-    assert default_single_layer(4) == 2  # never the last layer
-    assert default_single_layer(3, skip_last=False) == 2

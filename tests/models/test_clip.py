@@ -39,7 +39,7 @@ class ProcessorPath(torch.nn.Module):
     def __init__(self, model, processor, family):
         super().__init__()
         self.model = model
-        self.text_inputs = processor(text=TEXTS, return_tensors="pt", **DEFAULT_TEXT_KWARGS[family])
+        self.text_inputs = processor(text=TEXTS, return_tensors="pt", **DEFAULT_TEXT_KWARGS[family]).to(model.device)
 
     def forward(self, x):
         return self.model(**self.text_inputs, pixel_values=x, interpolate_pos_encoding=True).logits_per_image
@@ -50,14 +50,15 @@ def reference_reshape(prefix, h, w):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "siglip2"])
-def test_logits_equal_the_models_own_for_two_sizes(tiny, family):
+def test_logits_equal_the_models_own_for_two_sizes(tiny, family, device, to_device):
     model, processor = tiny(family)
+    model = to_device(model, device)
     wrapper = CLIPWrapper(model, processor, texts=TEXTS)
     for seed, (height, width) in enumerate([(40, 56), (64, 48)]):
         image = random_image(height, width, seed)
         with torch.no_grad():
             expected = model(**processor(text=TEXTS, images=image, return_tensors="pt",
-                                         **DEFAULT_TEXT_KWARGS[family])).logits_per_image
+                                         **DEFAULT_TEXT_KWARGS[family]).to(device)).logits_per_image
         logits = wrapper(wrapper.preprocess(image))
         assert logits.shape == (1, len(TEXTS))
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
@@ -126,10 +127,11 @@ METHODS = [GradCAM, HiResCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, EigenCAM, Eig
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
-def test_every_method_gives_the_map_of_the_models_own_forward(tiny, method):
+def test_every_method_gives_the_map_of_the_models_own_forward(tiny, method, device, to_device):
     """On a 6x8 grid, with targets by text and by index: the wrapper's map equals the method's map on the model's
     own forward pass, and the model is left as it was."""
     model, processor = tiny("clip")
+    model = to_device(model, device)
     wrapper = CLIPWrapper(model, processor, texts=TEXTS)
     x = wrapper.preprocess(random_image(40, 56), **OTHER_SIZE)
     layer = wrapper.vision_layers[-2]

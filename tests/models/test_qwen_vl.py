@@ -16,7 +16,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import PROMPT, chat_inputs, hidden_and_grad, model_state, random_image
+from conftest import HALF_DTYPES, PROMPT, chat_inputs, hidden_and_grad, model_state, random_image
 from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, patchify
 from pytorch_grad_cam_vlm.models.state import HookableTuple, hookable_tuple_outputs
 
@@ -27,9 +27,9 @@ def image_positions(processor, input_ids):
 
 def direct_gradcam(model, processor, image, layer, target=None):
     """Grad-CAM by hand on model(**processor(...)): hooks on the raw model, parameters as loaded, full graph."""
-    inputs = chat_inputs(processor, image)
+    inputs = chat_inputs(processor, image, device=model.device)
     hidden, grad, target = hidden_and_grad(model, inputs, layer, target)
-    positions = image_positions(processor, inputs["input_ids"])
+    positions = image_positions(processor, inputs["input_ids"].cpu())
     activations, grads = hidden[0, positions], grad[0, positions]
     cam = torch.relu((activations * grads.mean(0)).sum(-1))
     _, gh, gw = inputs["image_grid_thw"][0].tolist()
@@ -42,19 +42,19 @@ def gradcam_pipeline(cam, x):
 
 
 @pytest.mark.parametrize("size", [(60, 100), (112, 112), (130, 250)])
-def test_logits_equal_processor_path(tiny_qwen, size):
-    model, processor = tiny_qwen
+def test_logits_equal_processor_path(qwen, device, size):
+    model, processor = qwen
     image = random_image(*size)
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
     x = wrapper.preprocess(image)
-    inputs = chat_inputs(processor, image)
+    inputs = chat_inputs(processor, image, device=device)
     _, gh, gw = inputs["image_grid_thw"][0].tolist()
     assert x.shape == (1, 3, gh * 14, gw * 14)
-    assert torch.equal(patchify(x, 14, 2, 2), inputs["pixel_values"])
+    assert torch.equal(patchify(x, 14, 2, 2), inputs["pixel_values"].cpu())
     with torch.no_grad():
         reference = model(**inputs).logits[:, -1]
         logits = wrapper(x)
-    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape and logits.device.type == device.type
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
 
 
@@ -63,8 +63,9 @@ def test_smart_resize_changes_size(wrapper):
     assert wrapper.preprocess(random_image(130, 250)).shape == (1, 3, 140, 252)
 
 
-def test_gradcam_equals_direct_computation(tiny_qwen, wrapper):
-    model, processor = tiny_qwen
+def test_gradcam_equals_direct_computation(qwen, qwen_wrapper):
+    model, processor = qwen
+    wrapper = qwen_wrapper
     image = random_image(112, 168, seed=3)
     layer = wrapper.decoder_layers[1]
     reference, target, inputs = direct_gradcam(model, processor, image, layer)
@@ -103,8 +104,8 @@ def make_cam(method, wrapper, layers):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
-def test_every_method_runs_unchanged(tiny_qwen, method):
-    model, processor = tiny_qwen
+def test_every_method_runs_unchanged(qwen, method):
+    model, processor = qwen
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
     x = wrapper.preprocess(random_image(56, 84, seed=1))
     pair = torch.cat([x, torch.flip(x, dims=[3])])
@@ -224,10 +225,14 @@ def test_metrics_run_through_the_wrapper(wrapper):
         assert result.shape == (2,) and np.isfinite(result).all()
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
-def test_half_precision_map_close_to_float32(tiny_qwen, dtype, tolerance):
-    model, processor = tiny_qwen
-    half = Qwen2_5_VLForConditionalGeneration.from_pretrained(model.name_or_path, dtype=dtype)
+HALF_TOLERANCE = {torch.bfloat16: 0.03, torch.float16: 0.005}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_map_close_to_float32(qwen, device, dtype):
+    model, processor = qwen
+    tolerance = HALF_TOLERANCE[dtype]
+    half = Qwen2_5_VLForConditionalGeneration.from_pretrained(model.name_or_path, dtype=dtype).to(device)
     image = random_image(112, 112, seed=5)
     maps = {}
     for name, m in (("float32", model), ("half", half)):
@@ -241,8 +246,8 @@ def test_half_precision_map_close_to_float32(tiny_qwen, dtype, tolerance):
     assert np.abs(maps["half"] - maps["float32"]).max() < tolerance
 
 
-def test_model_state_restored_after_call_and_after_exception(tiny_qwen):
-    model, processor = tiny_qwen
+def test_model_state_restored_after_call_and_after_exception(qwen):
+    model, processor = qwen
     model.model.visual.requires_grad_(False)  # a partly frozen model in train mode
     model.train()
     try:
@@ -265,9 +270,10 @@ def test_model_state_restored_after_call_and_after_exception(tiny_qwen):
         model.eval()
 
 
-def test_frozen_while_computing_and_graph_starts_at_target(wrapper):
+def test_frozen_while_computing_and_graph_starts_at_target(qwen_wrapper):
     """While a map is computed no parameter takes part in autograd, and no graph is built below the target layer.
     Probes are forward pre-hooks: only forward hooks mark a layer as watched."""
+    wrapper = qwen_wrapper
     x = wrapper.preprocess(random_image(56, 56))
     seen = {}
     params = [p.requires_grad for p in wrapper.model.parameters()]
@@ -369,13 +375,14 @@ def test_offloaded_dispatch_gives_the_same_map(tiny_qwen, tmp_path):
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)
 
 
-def test_qwen2_vl_through_the_same_class(tiny_qwen2):
-    model, processor = tiny_qwen2
+def test_qwen2_vl_through_the_same_class(qwen2, device):
+    model, processor = qwen2
     image = random_image(84, 140, seed=9)
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
     x = wrapper.preprocess(image)
     with torch.no_grad():
-        torch.testing.assert_close(wrapper(x), model(**chat_inputs(processor, image)).logits[:, -1], atol=1e-4, rtol=0)
+        reference = model(**chat_inputs(processor, image, device=device)).logits[:, -1]
+        torch.testing.assert_close(wrapper(x), reference, atol=1e-4, rtol=0)
     reference, target, _ = direct_gradcam(model, processor, image, wrapper.decoder_layers[1])
     with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
                  reshape_transform=wrapper.reshape_transform) as cam:

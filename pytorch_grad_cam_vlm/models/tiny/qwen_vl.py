@@ -40,23 +40,56 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def build_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
+def build_tokenizer(words: Iterable[str] = DEFAULT_WORDS, special_tokens: Sequence[str] = QWEN_SPECIAL_TOKENS,
+                    chat_template: str = QWEN_CHAT_TEMPLATE):
     """A word-level fast tokenizer with Qwen's special tokens, whitespace/punctuation pre-tokenisation and
-    Qwen's chat template."""
+    Qwen's chat template (by default Qwen2.5-VL's; the Qwen3 families pass theirs)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    special_tokens = tuple(special_tokens)
     vocab = {}
-    for token in ("[UNK]",) + QWEN_SPECIAL_TOKENS + tuple(words):
+    for token in ("[UNK]",) + special_tokens + tuple(words):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>",
-        additional_special_tokens=list(QWEN_SPECIAL_TOKENS),
+        additional_special_tokens=list(special_tokens),
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_bpe_tokenizer(tokenizer_cls, words: Iterable[str] = DEFAULT_WORDS,
+                        special_tokens: Sequence[str] = QWEN_SPECIAL_TOKENS, chat_template: str = QWEN_CHAT_TEMPLATE,
+                        base_tokens: Sequence[str] = ("<|endoftext|>",), **tokenizer_kwargs):
+    """A byte-level BPE tokenizer of one of Qwen's own tokenizer classes (``Qwen2Tokenizer``, ``Qwen3_5Tokenizer``),
+    with that class's pre-tokenizer and merges trained here so that each of ``words`` is one token, with and
+    without a leading space (``"red"`` and ``" red"`` have their own ids, as in Qwen's real vocabulary), plus Qwen's
+    special tokens and ``chat_template``. For families whose ``AutoTokenizer`` insists on its own class.
+
+    Other BPE classes work alike (``LlamaTokenizer`` for LLaVA, whose Metaspace pre-tokenizer gives ``"▁red"``):
+    ``base_tokens`` open the trained vocabulary (Qwen's ``<|endoftext|>``; Llama's ``<unk>``, ``<s>``, ``</s>``),
+    the rest of ``special_tokens`` is added after it, and ``tokenizer_kwargs`` go to the class (default: Qwen's
+    ``eos_token`` and ``pad_token``)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = list(words)
+    trainer = trainers.BpeTrainer(vocab_size=1 << 20, min_frequency=1, special_tokens=list(base_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = tokenizer_cls().backend_tokenizer.pre_tokenizer
+    bpe.train_from_iterator(words + [" " + word for word in words] + ["\n"], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer_kwargs = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **tokenizer_kwargs}
+    tokenizer = tokenizer_cls(vocab=trained["vocab"], merges=[tuple(merge) for merge in trained["merges"]],
+                              extra_special_tokens=[t for t in special_tokens if t not in base_tokens],
+                              **tokenizer_kwargs)
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -90,6 +123,13 @@ def _family_classes(family: str):
     raise ValueError(f"Unknown family {family!r}: use 'qwen2_5_vl' or 'qwen2_vl'.")
 
 
+def mrope_section(rotary_dim: int) -> list:
+    """How mrope splits the ``rotary_dim / 2`` rotary frequencies over (t, h, w): the rest to t, a third each to h
+    and w."""
+    half = rotary_dim // 2
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
 def tiny_config(tokenizer, family: str = "qwen2_5_vl", text_layers: int = 4, text_width: int = 64,
                 vision_blocks: int = 4, vision_width: int = 32, window_size: int = 56,
                 fullatt_block_indexes: Sequence[int] = (1, 3), heads: int = 4, vision_heads: int = 2):
@@ -97,10 +137,7 @@ def tiny_config(tokenizer, family: str = "qwen2_5_vl", text_layers: int = 4, tex
     full-attention blocks at ``fullatt_block_indexes``."""
     config_cls = _family_classes(family)[2]
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = text_width // heads
-    # mrope splits head_dim/2 rotary frequencies over (t, h, w).
-    half = head_dim // 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
+    section = mrope_section(text_width // heads)
     text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
                 num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                 max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": section},

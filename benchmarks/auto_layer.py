@@ -1,0 +1,169 @@
+"""Which method and layer to trust, measured on the trained demo models: the pointing game of every method x decoder
+layer, of occlusion, and of choosing per image by the deletion check (``auto``) over several candidate method lists;
+and how well the check flags blank, inverted and the default's own maps.
+
+    python benchmarks/auto_layer.py --models demo,crosses --n 200      # writes benchmarks/auto_layer.md and .csv
+
+Every method's maps of every layer come from one sweep pass per sample (equal to single-layer calls, tested in
+tests/methods/test_sweep.py), and every map is checked once; the ``auto`` rows take, per image, the best-checked map
+among a candidate list, so each candidate list is scored on the same maps.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from itertools import combinations
+from typing import Dict, List
+
+import numpy as np
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from tqdm import tqdm
+
+from pytorch_grad_cam_vlm import QwenVLWrapper, occlusion_map, pointing_hit
+from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_layers
+from pytorch_grad_cam_vlm.methods.catalog import resolve_method
+from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, check_maps
+
+METHODS = ("GradCAM", "HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM")
+
+
+def tasks() -> Dict[str, tuple]:
+    """name -> (model loader, sample maker) of the trained demo models that are installed."""
+    from pytorch_grad_cam_vlm import demo
+
+    found = {"demo": (demo.load_demo_model, demo.make_demo_samples)}
+    try:
+        from pytorch_grad_cam_vlm.demo import crosses
+        found["crosses"] = (crosses.load_crosses_model, crosses.make_crosses_samples)
+    except ImportError:
+        pass
+    return found
+
+
+def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str = "mean",
+            occlusion: bool = True) -> List[dict]:
+    load, make = tasks()[name]
+    model, processor = load()
+    samples = make(n, seed=seed, split="test")
+    wrappers: Dict[str, QwenVLWrapper] = {}
+    layers = candidate_layers(len(QwenVLWrapper(model, processor, samples[0].prompt).decoder_layers))
+    tolerance = 14
+    rows: Dict[tuple, dict] = {}
+
+    def add(method, layer, hit, distractor, flagged, seconds=0.0):
+        row = rows.setdefault((method, layer), dict(model=name, method=method, layer=layer, n=0, pointing=0,
+                                                     distractor=0, flagged=0, hit_when_flagged=0,
+                                                     hit_when_passed=0, seconds=0.0))
+        row["n"] += 1
+        row["pointing"] += hit
+        row["distractor"] += distractor
+        row["flagged"] += flagged
+        row["hit_when_flagged" if flagged else "hit_when_passed"] += hit
+        row["seconds"] += seconds
+
+    inverted_flagged = blank_flagged = 0
+    for sample in tqdm(samples, desc=name, unit="sample"):
+        wrapper = wrappers.setdefault(sample.prompt, QwenVLWrapper(model, processor, sample.prompt))
+        x = wrapper.preprocess(sample.image)
+        token = processor.tokenizer.convert_tokens_to_ids(sample.answer)
+        target = ClassifierOutputTarget(token)
+        scored = {}
+        for method in METHODS:
+            start = time.perf_counter()
+            cls = resolve_method(method)
+            with layer_sweep(cls)(model=wrapper, target_layers=[wrapper.decoder_layers[k] for k in layers],
+                                  reshape_transform=wrapper.reshape_transform) as cam:
+                maps = cam(input_tensor=x, targets=[target])[0]
+            checks = check_maps(wrapper, x, maps, target, fractions, fill)
+            per_map = (time.perf_counter() - start) / len(layers)
+            for k, cam_map, check in zip(layers, maps, checks):
+                scored[(method, k)] = (cam_map, check)
+                hit = pointing_hit(cam_map, sample.evidence_box, tolerance)
+                add(method, k, hit, any(pointing_hit(cam_map, b, tolerance) for b in sample.distractor_boxes),
+                    check.failed, per_map)
+        if occlusion:
+            start = time.perf_counter()
+            reference = occlusion_map(wrapper, x, token)
+            add("Occlusion", None, pointing_hit(reference, sample.evidence_box, tolerance),
+                any(pointing_hit(reference, b, tolerance) for b in sample.distractor_boxes), False,
+                time.perf_counter() - start)
+        for size in (1, 2, 3, 4):
+            for subset in combinations(METHODS, size):
+                candidates = [(m, k) for m in subset for k in layers]
+                scores = np.array([scored[c][1].score for c in candidates])
+                best = candidates[int(np.nanargmax(scores))] if not np.all(np.isnan(scores)) else candidates[0]
+                cam_map, check = scored[best]
+                add("auto: " + "+".join(subset), None, pointing_hit(cam_map, sample.evidence_box, tolerance),
+                    any(pointing_hit(cam_map, b, tolerance) for b in sample.distractor_boxes), check.failed)
+        # The default's map (AUTO_METHODS) inverted must fail; a flat map must be blank.
+        default = [(m, k) for m in AUTO_METHODS for k in layers]
+        scores = np.array([scored[c][1].score for c in default])
+        good = scored[default[int(np.nanargmax(scores))]][0]
+        inverted, blank = check_maps(wrapper, x, np.stack([1 - good, np.full_like(good, 0.3)]), target, fractions,
+                                     fill)
+        inverted_flagged += inverted.failed
+        blank_flagged += blank.blank
+    table = []
+    for row in rows.values():
+        count = row["n"]
+        flagged = row["flagged"]
+        table.append(dict(model=name, method=row["method"], layer="" if row["layer"] is None else row["layer"],
+                          n=count, pointing=row["pointing"] / count, distractor=row["distractor"] / count,
+                          flagged=flagged / count,
+                          pointing_when_flagged=row["hit_when_flagged"] / flagged if flagged else "",
+                          pointing_when_passed=row["hit_when_passed"] / (count - flagged) if count > flagged else "",
+                          ms_per_map=1000 * row["seconds"] / count if row["seconds"] else ""))
+    table.append(dict(model=name, method="inverted default maps flagged", layer="", n=len(samples),
+                      pointing="", distractor="", flagged=inverted_flagged / len(samples), pointing_when_flagged="",
+                      pointing_when_passed="", ms_per_map=""))
+    table.append(dict(model=name, method="blank maps flagged", layer="", n=len(samples), pointing="",
+                      distractor="", flagged=blank_flagged / len(samples), pointing_when_flagged="",
+                      pointing_when_passed="", ms_per_map=""))
+    return table
+
+
+def cell(value) -> str:
+    return value if isinstance(value, str) else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown(table: List[dict], header: str) -> str:
+    columns = list(table[0])
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(tasks()))
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--fractions", default=",".join(map(str, DEFAULT_FRACTIONS)), help="the check's fractions")
+    parser.add_argument("--fill", default="mean", choices=("mean", "blur"), help="the check's fill")
+    parser.add_argument("--no-occlusion", action="store_true", help="leave out the occlusion reference (faster)")
+    args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+    table = sum((measure(name, args.n, args.seed, fractions, args.fill, not args.no_occlusion)
+                 for name in args.models.split(",")), [])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "auto_layer.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    header = (f"Pointing game (tolerance 14 px) on {args.n} held-out samples per model (seed {args.seed}); "
+              "`flagged`: share of maps that fail the deletion check (blank or inverted; fractions "
+              f"{args.fractions}, {args.fill} fill); `auto: A+B`: per image, the best-checked map among methods A, B "
+              f"at every candidate layer; CPU, {torch.get_num_threads()} thread(s). Written by "
+              f"`python benchmarks/auto_layer.py --n {args.n} --fractions {args.fractions} --fill {args.fill}`.")
+    with open(os.path.join(args.out, "auto_layer.md"), "w") as f:
+        f.write(markdown(table, header))
+    print(markdown(table, header))
+
+
+if __name__ == "__main__":
+    main()

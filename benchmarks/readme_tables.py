@@ -1,0 +1,105 @@
+"""README's tables of numbers, generated from the CSV files the benchmarks wrote, so that the README cannot drift
+from the measurements.
+
+    python benchmarks/readme_tables.py            # rewrites the generated blocks of README.md
+    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from what the CSVs give
+
+A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; NAME is a key of
+:data:`TABLES`. tests/test_docs.py checks that README.md equals what this script makes of it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from typing import Callable, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, os.pardir, "README.md")
+
+
+def read_csv(name: str) -> List[dict]:
+    with open(os.path.join(HERE, name), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def number(text: str) -> str:
+    return "–" if text in ("", None) else f"{float(text):.3f}"
+
+
+def auto_layer_table() -> str:
+    """Pointing / distractor / flagged of every method x layer, occlusion and the auto rows, one column group per
+    model (benchmarks/auto_layer.csv)."""
+    from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
+
+    rows = read_csv("auto_layer.csv")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    default = "auto: " + "+".join(sorted(AUTO_METHODS, key=lambda m: [r["method"] for r in rows].index(m)))
+    checks = ("inverted default maps flagged", "blank maps flagged")
+    keys = list(dict.fromkeys((r["method"], r["layer"]) for r in rows if r["method"] not in checks
+                              and (not r["method"].startswith("auto") or "+" not in r["method"]
+                                   or r["method"] == default)))
+    order = list(dict.fromkeys(method for method, _ in keys))
+    keys.sort(key=lambda k: (k[0].startswith("auto"), k[0] == default, order.index(k[0]), int(k[1] or -1)))
+    by_key = {(r["model"], r["method"], r["layer"]): r for r in rows}
+    header = "| method | layer | " + " | ".join(f"{m}: pointing | {m}: distractor | {m}: flagged" for m in models)
+    lines = [header + " |", "|---|---|" + "---|---|---|" * len(models)]
+    for method, layer in keys:
+        cells = []
+        for model in models:
+            row = by_key.get((model, method, layer))
+            cells += [number(row["pointing"]), number(row["distractor"]), number(row["flagged"])] if row \
+                else ["–"] * 3
+        name = f"**{method}** (default)" if method == default else method
+        lines.append(f"| {name} | {layer or '–'} | " + " | ".join(cells) + " |")
+    for check in checks:
+        lines.append(f"| {check} | – | " + " | ".join(
+            f"– | – | {number(by_key[(m, check, '')]['flagged'])}" for m in models) + " |")
+    return "\n".join(lines)
+
+
+def faithfulness_table() -> str:
+    """The benchmark's own tables of README's example run (benchmarks/faithfulness_demo/summary.csv)."""
+    from pytorch_grad_cam_vlm.benchmark.report import markdown_tables
+
+    summary = []
+    for row in read_csv(os.path.join("faithfulness_demo", "summary.csv")):
+        parsed = {k: (None if v == "" else float(v)) for k, v in row.items() if k not in ("method", "layer", "n")}
+        summary.append(dict(method=row["method"], layer=int(row["layer"]), n=int(row["n"]), **parsed))
+    return markdown_tables(summary, "").strip()
+
+
+TABLES: Dict[str, Callable[[], str]] = {"auto_layer": auto_layer_table, "faithfulness_demo": faithfulness_table}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block replaced by what its table function gives now."""
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in TABLES:
+            raise KeyError(f"README.md has a generated block {name!r} that readme_tables.py does not know.")
+        return f"<!-- generated: {name} -->\n{TABLES[name]()}\n<!-- end: {name} -->"
+    return re.sub(r"<!-- generated: (\w+) -->\n(?:.*?\n)?<!-- end: \1 -->", fill, text, flags=re.S)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+    args = parser.parse_args()
+    with open(README) as f:
+        text = f.read()
+    rendered = render(text)
+    if args.check:
+        if rendered != text:
+            print("README.md differs from the tables the CSVs give: run python benchmarks/readme_tables.py")
+            return 1
+        return 0
+    with open(README, "w") as f:
+        f.write(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What the explorer's page shows of a result of :func:`~pytorch_grad_cam_vlm.cli.explorer.explain_request`: the
+summary, the JSON details, the heatmap figure with its colour bar, the layer strip and a token's map; plain
+functions of the result dict."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import numpy as np
+
+from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.visualize import heatmap, overlay
+
+
+def token_map(result: dict, index: Optional[int]) -> np.ndarray:
+    """The map a token chip shows: token ``index``'s, or the whole answer's for ``None``."""
+    if index is None:
+        return result["map"]
+    if result["token_maps"] is None or not 0 <= index < len(result["token_maps"]):
+        raise InputError("Explain the generated answer first, then pick one of its tokens.")
+    return result["token_maps"][index]
+
+
+def summary(result: dict) -> str:
+    """The page's summary of a result, in Markdown: the prediction, the method and layer, the check and warning."""
+    said = (f"**Answer** `{result['predicted_token']}`" if result["tokens"]
+            else f"**Predicted** `{result['predicted_token']}`")
+    if result["probability"] is not None:
+        said += f" · probability **{result['probability']:.3f}**"
+    method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
+              else result["method"])
+    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
+    lines = [said, f"**Map** {method} · {result['target']} layer {result['layer']} · deletion check **{check}**"]
+    if result["warning"]:
+        lines.append(f"⚠️ {result['warning']}")
+    return "\n\n".join(lines)
+
+
+def details(result: dict) -> dict:
+    """The JSON-safe part of a result (what the page's API returns besides images and files)."""
+    return dict(predicted_token=result["predicted_token"], probability=result["probability"],
+                method=result["method"], layer=int(result["layer"]), target=result["target"],
+                check=None if np.isnan(result["check"]) else float(result["check"]),
+                verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
+                strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
+                tokens=result["tokens"], token_probabilities=result["token_probabilities"],
+                files=[os.path.basename(f) for f in result.get("files", [])])
+
+
+def heatmap_figure(cam: np.ndarray, title: str):
+    """The raw map with a colour bar, in the overlays' colours (OpenCV's jet on [0, 1], as
+    :func:`~pytorch_grad_cam_vlm.visualize.heatmap` draws it), as a matplotlib ``Figure`` (Agg canvas, no window)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    colours = ListedColormap(heatmap(None, np.linspace(0, 1, 256)[None])[0] / 255.0, name="opencv_jet")
+    figure = Figure(figsize=(4.2, 3.6), dpi=100)
+    axes = figure.add_subplot()
+    shown = axes.imshow(cam, cmap=colours, vmin=0, vmax=1)
+    axes.set_axis_off()
+    axes.set_title(title + ("" if np.max(cam) > 0 else " · blank"), fontsize=9)
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="relevance")
+    figure.tight_layout()
+    return figure
+
+
+def strip_items(result: dict) -> List[tuple]:
+    """The layer strip as ``(overlay, caption)`` pairs, one per layer."""
+    return [(overlay(result["rgb"], cam), f"layer {k}" + ("" if c is None else f" {c:+.2g}"))
+            for k, cam, c in zip(result["strip_layers"], result["strip_maps"], result["strip_checks"])]

@@ -1,0 +1,143 @@
+"""The map to trust, chosen by measurement: every candidate layer's map of every candidate method from one sweep pass
+per method, each scored by the deletion check (:mod:`pytorch_grad_cam_vlm.metrics.deletion_check`) in batched
+forward passes, and the best-scoring map kept per image.
+
+    result = explain(wrapper, x)                 # method="auto", layers="auto"
+    result.maps[0], result.methods[0], result.layers[0], result.checks[0]
+
+Which method and which layer localise best differs from model to model (``benchmarks/auto_layer.md``): a fixed
+choice that suits one trained model points at distractors on another, while choosing per image by the check
+follows each model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
+from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
+from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_BATCH_SIZE, DEFAULT_FRACTIONS, MapCheck,
+                                                         check_maps, failure_warning)
+
+# The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_layer.md, 200 held-out
+# samples each): the best-checked map among these four points at the evidence 0.870 / 0.915 of the time (occlusion:
+# 0.760 / 1.000). GradCAM++ and LayerCAM lead on the demo model and fail on the crosses model (0.060 / 0.250), HiResCAM
+# and XGradCAM the other way round; GradCAM leads on neither and is left out. The best pair on one model is poor on
+# the other (GradCAM+LayerCAM: 0.920 on the demo model).
+AUTO_METHODS = ("HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM")
+# Models with at most this many usable layers try every one of them; deeper ones a spread of this many.
+CANDIDATE_LAYERS = 8
+
+MethodSpec = Union[str, type, Sequence[Union[str, type]]]
+
+
+def candidate_layers(n_layers: int, last_layer_blank: bool = True) -> List[int]:
+    """The layers ``layers="auto"`` tries: every usable layer of a model with at most :data:`CANDIDATE_LAYERS`,
+    else that many spread evenly from the first to the last usable layer."""
+    usable = n_layers - 1 if last_layer_blank else n_layers
+    if usable < 1:
+        raise ValueError(f"A model with {n_layers} layer(s) has no layer usable for gradient methods.")
+    if usable <= CANDIDATE_LAYERS:
+        return list(range(usable))
+    return sorted({int(round(i)) for i in np.linspace(0, usable - 1, CANDIDATE_LAYERS)})
+
+
+def candidate_methods(method: MethodSpec) -> List[type]:
+    """``"auto"``: :data:`AUTO_METHODS`; a name, a class, or a list of them."""
+    if isinstance(method, str) and method.strip().lower() == "auto":
+        method = AUTO_METHODS
+    if isinstance(method, (str, type)):
+        method = [method]
+    classes = [resolve_method(m) if isinstance(m, str) else m for m in method]
+    if not classes:
+        raise ValueError("Give at least one method, or method='auto'.")
+    return classes
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found for a batch of B images: the chosen map, method, layer and check per image, and
+    every candidate's map and check (``candidate_maps[b, m, l]``, ``candidate_checks[b][m][l]``)."""
+
+    maps: np.ndarray  # (B, H, W) float32 in [0, 1]
+    methods: List[str]
+    layers: List[int]
+    checks: List[MapCheck]
+    candidate_methods: List[str]
+    candidate_layers: List[int]
+    candidate_maps: np.ndarray  # (B, M, L, H, W)
+    candidate_checks: List[List[List[MapCheck]]]
+    targets: list
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The deletion check of each chosen map, ``(B,)`` (NaN where every candidate was blank)."""
+        return np.array([c.score for c in self.checks])
+
+    def best_layer(self, image: int = 0, method: Optional[str] = None) -> Optional[int]:
+        """The candidate layer whose map of ``method`` (default: the one chosen for ``image``) passes the check with
+        the highest score; ``None`` when none passes."""
+        checks = self.candidate_checks[image][self.candidate_methods.index(method or self.methods[image])]
+        passing = [(check.score, layer) for check, layer in zip(checks, self.candidate_layers) if not check.failed]
+        return max(passing)[1] if passing else None
+
+    def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
+        """One line per image whose chosen map fails the check (no candidate passed), ``names`` naming the
+        images (default ``image 0``, ``image 1``, ...)."""
+        names = names or [f"image {b}" for b in range(len(self.maps))]
+        lines = [failure_warning(name, f"{method} at layer {layer}", check)
+                 for name, method, layer, check in zip(names, self.methods, self.layers, self.checks)]
+        return [line for line in lines if line]
+
+
+def best_candidate(checks: Sequence[Sequence[MapCheck]]) -> tuple:
+    """``(m, l)`` of the highest check score among ``checks[m][l]``; the first candidate when all are blank."""
+    scores = np.array([[c.score for c in row] for row in checks], dtype=np.float64)
+    if np.all(np.isnan(scores)):
+        return 0, 0
+    return tuple(int(i) for i in np.unravel_index(np.nanargmax(scores), scores.shape))
+
+
+def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] = None, method: MethodSpec = "auto",
+            layers: LayerSpec = "auto", fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
+            batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, options: Optional[dict] = None) -> Explanation:
+    """Maps of ``x`` ``(B, 3, H, W)`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the
+    model predicts), from each candidate method at each candidate layer of ``wrapper.layers``, scored by the
+    deletion check, the best per image kept.
+
+    ``method``: ``"auto"`` (:data:`AUTO_METHODS`), a method name or class, or a list. ``layers``: ``"auto"``
+    (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`.
+    ``fractions``, ``fill``, ``batch_size`` and ``seed`` go to the check. Each method runs one forward and one
+    backward pass for all its layers; the check adds ``2 * len(fractions)`` forward images per map that is not
+    blank, in batches, and none for the clean image. ``options`` go to each method's constructor (a Smooth
+    method's ``n_samples``, ...)."""
+    classes = candidate_methods(method)
+    n_layers = len(wrapper.layers)
+    if isinstance(layers, str) and layers.strip().lower() == "auto":
+        chosen_layers = candidate_layers(n_layers, wrapper.last_layer_blank)
+    else:
+        chosen_layers = select_layers(n_layers, layers, wrapper.last_layer_blank)
+    target_layers = [wrapper.layers[i] for i in chosen_layers]
+    maps = []
+    for cls in classes:
+        with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **cam_options(cls, wrapper, options or {})) as cam:
+            maps.append(cam(input_tensor=x, targets=targets))
+            if targets is None:  # grad-cam's own choice, read from the pass it made: the predicted class
+                targets = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
+    candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
+    names = [cls.__name__ for cls in classes]
+    checks, chosen = [], []
+    for b in range(len(x)):
+        flat = check_maps(wrapper, x[b:b + 1], candidate_maps[b].reshape(-1, *candidate_maps.shape[3:]),
+                          targets[b], fractions, fill, batch_size, seed)
+        checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
+        chosen.append(best_candidate(checks[-1]))
+    return Explanation(maps=np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)]),
+                       methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
+                       checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
+                       candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
+                       targets=list(targets))

@@ -1,0 +1,394 @@
+"""LLaVA 1.5, LLaVA-NeXT and LLaVA-OneVision adapter: :class:`QwenVLWrapper`'s contract on the LLaVA family.
+
+What the family changes, and where it is handled:
+
+- **Vision tower.** A CLIP (LLaVA 1.5, LLaVA-NeXT) or SigLIP (OneVision) encoder on square images of its
+  ``image_size``. The language model reads the hidden state of ``config.vision_feature_layer`` (an index into the
+  encoder's hidden states, may be negative, or a list whose states are concatenated), less the class token under
+  strategy ``"default"``, through ``multi_modal_projector``. Blocks after the deepest feature layer reach nothing
+  (LLaVA 1.5 and NeXT read the last block but one): their gradient is zero, their gradient maps are blank, and
+  hooking them warns with the blocks to use.
+- **LLaVA 1.5.** One square image (``(image_size / patch_size)^2`` tokens, 24x24 at 336 px): :meth:`preprocess` is the
+  processor's resize and center crop, and ``forward`` takes that square size.
+- **LLaVA-NeXT and OneVision ("anyres").** A base image and tiles of a letterboxed canvas, packed as
+  :mod:`pytorch_grad_cam_vlm.models.anyres` describes; OneVision tiles only when a sample holds one image, which the
+  wrapper's prompt always does.
+
+How the wrapper explains an anyres model: ``forward`` takes the canvas ``(B, 3, H, W)`` (what :meth:`preprocess`
+returns: the processor's own tiles put back together) and builds the model's input from it in torch: the tiles are
+crops of the canvas, exactly the processor's, and the base image is the canvas's picture area (the letterbox left
+out) resized to the encoder's size with ``torch.nn.functional.interpolate`` (bicubic, antialiased, clipped to the
+pixel range as the processor's uint8 resize is; differentiable). The processor resizes the base image from the
+original picture instead, one resampling fewer, so the logits differ from the processor path. Measured on the tiny
+test models (logits of standard deviation ~0.15) over 24 pictures of filled discs in 8 sizes: at most 2.9e-3
+(NeXT) and 1.6e-3 (OneVision); on random-noise pictures, whose energy lies at the highest frequencies where two
+resamplings differ most, up to 5e-2. Resizing the whole canvas, bars included, would differ by 0.3. Fed the
+processor's own base image (``model_inputs(x, base_images=processor_base_image(image))``), the wrapper's input
+equals the processor's exactly and so do the logits (difference 0 measured; tested to 1e-5); that base image is a
+constant, though, which changes to the canvas do not reach.
+
+The unpadding needs the picture's size before resizing, :attr:`source_size`: :meth:`preprocess` sets it, or set it
+yourself; when it is ``None`` the canvas is taken as the picture itself (no letterbox). The maps lie on the canvas's
+grid of tile tokens, drawn by the tokens ``view`` names: ``"tiles"`` (fine), ``"base"`` (coarse) or ``"combined"``
+(default, their sum before grad-cam's ReLU); :mod:`pytorch_grad_cam_vlm.models.anyres` says how they are placed.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
+from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
+                                                place_views, set_anyres_geometry, vision_grids)
+from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
+from pytorch_grad_cam_vlm.models.clip import find_vision_tower
+from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenVLWrapper
+from pytorch_grad_cam_vlm.models.state import has_forward_hooks
+
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+
+class ViewAblationLayer(TokenAblationLayer):
+    """:class:`TokenAblationLayer` for the LLaVA views: ablates channel ``c`` at the positions of the tokens the
+    wrapper's ``view`` draws (with ``"combined"``, channels ``C..2C-1`` are the base image's channels ``0..C-1``);
+    decoder layers only."""
+
+    def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
+        hidden = activations[0] if isinstance(activations, tuple) else activations
+        wrapper = self._wrapper[0]
+        if hidden.dim() != 3 or hidden.shape[1] != wrapper.layout.sequence_length:
+            wrapper._put_back_layers()  # AblationCAM has put this layer in the model: take it out before refusing
+            raise ValueError("ViewAblationLayer ablates decoder layers (B, seq, C); vision blocks and the projector "
+                             "are not supported by AblationCAM here (the model's layers are back in place): use a "
+                             "gradient or score method for them.")
+        super().set_next_batch(input_batch_index, activations, num_channels_to_ablate)
+
+    def __call__(self, *args, **kwargs):
+        output = self.activations.clone()
+        wrapper = self._wrapper[0]
+        for row in range(output.size(0)):
+            positions, channel = wrapper.ablation_target(int(self.indices[row]))
+            output[row, positions.to(output.device), channel] = 0
+        return (output,) if self.returns_tuple else output
+
+
+class LlavaWrapper(DecoderLayers, ModelWrapper):
+    """LLaVA 1.5, LLaVA-NeXT or LLaVA-OneVision as an image classifier over the vocabulary, for grad-cam.
+
+    ``forward(x)`` takes normalised images ``(B, 3, H, W)``, as :meth:`preprocess` makes them: LLaVA 1.5's square crop
+    of the encoder's size, or an anyres model's canvas at its best resolution (see the module's docstring), and
+    returns the logits of the next token after the chat-formatted ``prompt``, ``(B, vocab)`` float32, or with an
+    ``answer`` its score ``(B, 1)`` (as :class:`QwenVLWrapper`). The prompt's tokens are built by the model's own
+    processor and chat template once per input size (and ``source_size``).
+
+    :meth:`reshape_transform` maps decoder layers, :attr:`vision_blocks` and the :attr:`projector` onto the input's
+    token grid; for anyres models ``view`` (``"tiles"``, ``"base"`` or ``"combined"``) chooses which tokens draw
+    the map. :class:`~pytorch_grad_cam_vlm.AttentionMap` reads the last position's attention to the same tokens.
+
+    While a forward pass runs, the model is in eval mode with frozen parameters, and no autograd graph is built
+    before the shallowest hooked layer (``efficient_gradients=False`` turns both off); afterwards its modes,
+    ``requires_grad`` flags and hooks are as they were.
+    """
+
+    ablation_layer_type = TokenAblationLayer
+
+    # The prompt and answer side is Qwen's, unchanged: chat template around one image, teacher-forced answers.
+    forward = QwenVLWrapper.forward
+    chat_text = QwenVLWrapper.chat_text
+    set_answer = QwenVLWrapper.set_answer
+    token_id = QwenVLWrapper.token_id
+    answer_logits = QwenVLWrapper.answer_logits
+    answer_token_scores = QwenVLWrapper.answer_token_scores
+    input_device = QwenVLWrapper.input_device
+    dtype = QwenVLWrapper.dtype
+
+    def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
+                 answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
+                 source_size: Optional[Tuple[int, int]] = None,
+                 chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
+        config = model.config
+        self.family = getattr(config, "model_type", None)
+        if self.family not in LLAVA_FAMILIES:
+            raise ValueError(f"LlavaWrapper supports model types {', '.join(LLAVA_FAMILIES)}, got {self.family!r}.")
+        image_token = getattr(processor, "image_token", "<image>")
+        if image_token in prompt:
+            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
+                             "processor's chat template.")
+        super().__init__(model, processor, efficient_gradients)
+        self.prompt = prompt
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.image_token_id = int(config.image_token_id)
+        vision_config = config.vision_config
+        self.tile_size = int(vision_config.image_size)
+        self.patch_size = int(vision_config.patch_size)
+        self.anyres = self.family != "llava"
+        self.pinpoints = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints] if self.anyres else []
+        if self.anyres:
+            own = [tuple(int(v) for v in p) for p in processor.image_processor.image_grid_pinpoints]
+            if own != self.pinpoints:
+                raise ValueError(f"The processor tiles on {own} but the model expects {self.pinpoints} "
+                                 "(image_grid_pinpoints): load both from one checkpoint.")
+        self._modeling = importlib.import_module(type(model).__module__)  # the family's own anyres functions
+        self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
+        self.vision_tower, self._vision_blocks = find_vision_tower(model)
+        self._llava = next(m for m in model.modules() if hasattr(m, "multi_modal_projector"))
+        self.class_token = int(hasattr(self.vision_tower.embeddings, "class_embedding"))
+        self.feature_blocks = feature_blocks(config.vision_feature_layer, len(self._vision_blocks))
+        self._watch_layers(self._decoder_layers, self._vision_blocks, self._llava)
+        self._layouts: Dict[tuple, LlavaLayout] = {}
+        self.layout: Optional[LlavaLayout] = None  # of the latest forward pass, read by reshape_transform
+        self.view = view
+        self.source_size = None if source_size is None else (int(source_size[0]), int(source_size[1]))
+        self.answer: Optional[AnswerInput] = None
+        self.answer_reduction = "sum"
+        self.set_answer(answer, answer_reduction)
+
+    # ----------------------------------------------------------------------------------------- options
+    @property
+    def view(self) -> str:
+        """Which image tokens draw the maps of an anyres model: ``"tiles"``, ``"base"`` or ``"combined"``
+        (LLaVA 1.5 has one image: its maps are the same under each)."""
+        return self._view
+
+    @view.setter
+    def view(self, value: str) -> None:
+        if value not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {value!r}.")
+        self._view = value
+
+    # ----------------------------------------------------------------------------------------- layers
+    @property
+    def vision_blocks(self) -> List[torch.nn.Module]:
+        """The vision tower's encoder layers, outputs ``(images x (1 + tiles), [class token +] patches, C)``. Blocks
+        after the deepest feature layer (``feature_blocks[-1]``) reach nothing: their gradient maps are blank."""
+        return list(self._vision_blocks)
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        """The multimodal projector: one vector per patch (and class token under strategy ``"full"``), before the
+        anyres packing."""
+        return self._llava.multi_modal_projector
+
+    @property
+    def token_cell(self) -> int:
+        """The pixels one image token covers on the input: a patch of the vision tower (of a tile, for anyres)."""
+        return self.patch_size
+
+    # ----------------------------------------------------------------------------------------- images
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """The processor's own resizing and normalisation, as ``(1, 3, H, W)`` float32 on the CPU: LLaVA 1.5's
+        resize and center crop; for anyres models the canvas, the processor's tiles put back together at the best
+        resolution. Sets :attr:`source_size` to the picture's size (anyres), which the unpadding needs: explain an
+        image before preprocessing another of a different aspect ratio."""
+        rgb = load_rgb(image)
+        encoded = self.processor.image_processor(images=[rgb], return_tensors="pt")
+        pixel_values = encoded["pixel_values"].float()
+        if not self.anyres:
+            return pixel_values
+        height, width = (int(v) for v in encoded["image_sizes"][0])
+        canvas_h, canvas_w = self.canvas_size((height, width))
+        rows, cols, s = canvas_h // self.tile_size, canvas_w // self.tile_size, self.tile_size
+        tiles = pixel_values[0, 1:1 + rows * cols]
+        self.source_size = (height, width)
+        return tiles.reshape(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, canvas_h, canvas_w)
+
+    def processor_base_image(self, image: ImageInput) -> torch.Tensor:
+        """The processor's own base image of ``image`` (anyres models), ``(1, 3, s, s)``: resized from the original
+        picture, which ``model_inputs(x, base_images=...)`` takes to reproduce the processor path exactly."""
+        if not self.anyres:
+            raise ValueError(f"A {self.family} model has no base image: its input is one square image.")
+        return self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")["pixel_values"][:, 0]
+
+    def input_boxes(self, boxes, source_size: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
+        """Boxes ``(x0, y0, x1, y1)`` in the pixels of a picture of ``source_size`` ``(height, width)`` to whole
+        pixels of the input :meth:`preprocess` makes of it, rounded outwards: anyres models paste the resized picture
+        into the canvas (exact); LLaVA 1.5's processor resizes the shorter side to the encoder's size and crops the
+        center (to within a pixel of its rounding), boxes clipped to the crop."""
+        h0, w0 = source_size
+        if self.anyres:
+            y, x, height, width = content_box((h0, w0), self.canvas_size((h0, w0)))
+            limit_x, limit_y = x + width, y + height
+        else:
+            scale, side = self.tile_size / min(h0, w0), self.tile_size
+            height, width = round(h0 * scale), round(w0 * scale)
+            y, x, limit_x, limit_y = -round((height - side) / 2), -round((width - side) / 2), side, side
+        sx, sy = width / w0, height / h0
+        return [(max(math.floor(x + x0 * sx), max(x, 0)), max(math.floor(y + y0 * sy), max(y, 0)),
+                 min(math.ceil(x + x1 * sx), limit_x), min(math.ceil(y + y1 * sy), limit_y))
+                for x0, y0, x1, y1 in boxes]
+
+    def canvas_size(self, source_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The best resolution ``(H, W)`` among the grid pinpoints for a picture of ``source_size``."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        return tuple(int(v) for v in select_best_resolution(tuple(source_size), self.pinpoints))
+
+    # ----------------------------------------------------------------------------------------- layout
+    def layout_for(self, height: int, width: int) -> LlavaLayout:
+        """Text inputs and token geometry for inputs of ``height x width`` pixels (and the current
+        :attr:`source_size`), built once per size by the processor itself with a placeholder picture, so that
+        token counts are exact."""
+        if self.anyres:
+            source = self.source_size or (height, width)
+            if self.canvas_size(source) != (height, width):
+                raise ValueError(
+                    f"A {height}x{width} input is not the canvas of a {source[0]}x{source[1]} picture (that is "
+                    f"{'x'.join(map(str, self.canvas_size(source)))}; the grid pinpoints are {self.pinpoints}): "
+                    "prepare images with wrapper.preprocess(image), which also sets wrapper.source_size.")
+        else:
+            source = (height, width)
+            if source != (self.tile_size, self.tile_size):
+                raise ValueError(f"A {self.family} model takes {self.tile_size}x{self.tile_size} images, got "
+                                 f"{height}x{width}: prepare images with wrapper.preprocess(image).")
+        key = (height, width) + tuple(source)
+        if key not in self._layouts:
+            placeholder = np.zeros(source + (3,), dtype=np.uint8)
+            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
+            text_inputs = {k: v for k, v in encoded.items()
+                           if k not in ("pixel_values", "image_sizes", "batch_num_images")}
+            answer_ids = None
+            if self.answer is not None:
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            layout = LlavaLayout(text_inputs, positions, self.tile_size // self.patch_size, self._base_prefix(),
+                                 (height, width), source, answer_ids=answer_ids)
+            if self.anyres:
+                set_anyres_geometry(layout, self.model.config, self._modeling)
+            if len(positions) != layout.expected_tokens:
+                raise RuntimeError(f"The processor placed {len(positions)} image tokens where the wrapper expects "
+                                   f"{layout.expected_tokens}: this transformers version packs {self.family} images "
+                                   "differently.")
+            self._layouts[key] = layout
+        return self._layouts[key]
+
+    def _base_prefix(self) -> int:
+        strategy = self.model.config.vision_feature_select_strategy
+        return self.class_token if strategy == "full" else 0
+
+    # ----------------------------------------------------------------------------------------- forward
+    def model_inputs(self, x: torch.Tensor, base_images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The model's keyword inputs for images ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
+        inputs of this size and ``pixel_values`` in the vision tower's dtype; for anyres models the base image
+        (the canvas's picture area resized in torch, differentiable; or ``base_images`` ``(B or 1, 3, s, s)``, e.g.
+        :meth:`processor_base_image`) followed by the tiles, ``image_sizes`` and OneVision's ``batch_num_images``."""
+        b, _, height, width = x.shape
+        layout = self.layout_for(height, width)
+        device = self.input_device
+        inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        x = x.to(device)
+        if self.anyres:
+            s, (rows, cols) = self.tile_size, layout.tiles
+            if base_images is None:
+                y0, x0, h, w = layout.content_box
+                base_images = F.interpolate(x[:, :, y0:y0 + h, x0:x0 + w], size=(s, s), mode="bicubic",
+                                            align_corners=False, antialias=True)
+                # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
+                low, high = -self.image_mean / self.image_std, (1 - self.image_mean) / self.image_std
+                base_images = torch.maximum(torch.minimum(base_images, high.to(x)), low.to(x))
+            tiles = x.reshape(b, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, s, s)
+            x = torch.cat([base_images.to(x).expand(b, -1, -1, -1)[:, None], tiles], dim=1)
+            inputs["image_sizes"] = torch.tensor([layout.source_size] * b, device=device)
+            if self.family == "llava_onevision":  # one image per sample: the model tiles it
+                inputs["batch_num_images"] = torch.ones(b, dtype=torch.long, device=device)
+        inputs["pixel_values"] = x.to(next(self.vision_tower.parameters()).dtype)
+        return inputs
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
+        its tokens ``(B, A, vocab)``."""
+        self._check_images(x, self.token_cell)
+        layout = self.layout_for(x.shape[2], x.shape[3])
+        self.layout, self.batch_size = layout, x.shape[0]
+        n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
+        self._warn_if_hooked(self._decoder_layers[-1], (
+            "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
+            "so their gradient is exactly zero and gradient-based maps there are blank. Use "
+            f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
+        deepest, unused = self.feature_blocks[-1], []
+        for i in range(self.feature_blocks[-1] + 1, len(self._vision_blocks)):
+            self._warn_if_hooked(self._vision_blocks[i], (
+                f"Vision block {i} comes after the deepest feature layer (vision_feature_layer reads block "
+                f"{deepest}), so nothing reaches the logits from it: its gradient is zero and gradient-based maps "
+                f"there are blank. Use wrapper.vision_blocks[i] for i <= {deepest}."))
+            if torch.is_grad_enabled() and has_forward_hooks(self._vision_blocks[i]):
+                unused.append(self._vision_blocks[i])
+        outputs: list = []
+        handles = [block.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+                   for block in unused]
+        try:
+            with self._explaining(x, self._stages()) as x:
+                output = self.model(**self.model_inputs(x), logits_to_keep=n_answer + 1, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = output.logits.float()
+        if outputs:  # their exact gradient, zero, for grad-cam's hooks on blocks that reach nothing
+            logits = logits + 0 * sum(o.float().sum() for o in outputs)
+        return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
+
+    def _stages(self) -> list:
+        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``). Vision
+        blocks after the deepest feature layer are left out: nothing reaches the logits from them, so a graph started
+        there would not reach the logits; a hooked one starts the graph at the input, and ``_logits`` adds a zero
+        path from its output, so that grad-cam records its (zero) gradient."""
+        return self.vision_blocks[:self.feature_blocks[-1] + 1] + [self.projector] + self.decoder_layers
+
+    # ----------------------------------------------------------------------------------------- reshape
+    def reshape_transform(self, output) -> torch.Tensor:
+        """Hidden states to ``(B, C, h, w)`` float32 on the token grid of the latest forward pass (``(B, 2C, h, w)``
+        for an anyres model's ``"combined"`` view).
+
+        Decoder layers ``(B, seq, C)`` (or a tuple whose first item is that) are read at the image positions;
+        vision blocks and the projector ``(B x images, [class token +] patches, C)`` by rows. LLaVA 1.5 gives the
+        image's patch grid; anyres models the canvas's grid of tile tokens, the view's tokens placed as
+        :mod:`pytorch_grad_cam_vlm.models.anyres` says.
+        """
+        hidden = output[0] if isinstance(output, tuple) else output
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
+        b, g, images = self.batch_size, layout.base_grid, layout.image_count
+        if hidden.dim() == 3 and hidden.shape[0] == b and hidden.shape[1] == layout.sequence_length:
+            base, tiles = decoder_grids(hidden.float(), layout)
+        elif hidden.dim() == 3 and hidden.shape[0] == b * images and hidden.shape[1] in (g * g, g * g + 1):
+            base, tiles = vision_grids(hidden.float(), layout)
+        else:
+            raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid: expected "
+                             f"({b}, {layout.sequence_length}, C) from a decoder layer or ({b * images}, {g * g} or "
+                             f"{g * g + 1}, C) from a vision block or the projector.")
+        return place_views(base, tiles, layout, self.view)
+
+    # ----------------------------------------------------------------------------------------- attention
+    def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:
+        """For attention maps: the query position (the last), the base image's token positions in raster order
+        and their grid (LLaVA 1.5: the image's)."""
+        return -1, self.layout.base_positions, (self.layout.base_grid, self.layout.base_grid)
+
+    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
+        """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the map's
+        grid: the view's tokens placed as for hidden states; ``"combined"`` adds the two."""
+        return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
+
+    # ----------------------------------------------------------------------------------------- ablation
+    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
+        """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
+        output) stands for."""
+        channels = self.model.config.text_config.hidden_size
+        if not self.anyres:
+            return self.layout.base_positions, index
+        if self.view == "tiles" or (self.view == "combined" and index < channels):
+            return self.layout.tile_positions, index
+        return self.layout.base_positions, index % channels
+
+    def ablation_layer(self) -> ViewAblationLayer:
+        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
+        the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
+        return ViewAblationLayer(self)
+

@@ -1,0 +1,117 @@
+"""The deletion check: equal to a by-hand computation, passes a good map, fails its inversion, flags blank maps."""
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, check_maps, failure_warning, filled,
+                                                         ranked_map)
+
+BOX = (8, 4, 20, 14)  # x0, y0, x1, y1 of the region the toy model reads
+
+
+class RegionScore(torch.nn.Module):
+    """Logit 0 = the mean of the image inside BOX, logit 1 = its mean outside: evidence is known."""
+
+    def forward(self, x):
+        x0, y0, x1, y1 = BOX
+        inside = x[:, :, y0:y1, x0:x1].mean(dim=(1, 2, 3))
+        return torch.stack([inside, x.mean(dim=(1, 2, 3))], dim=1)
+
+
+def region_map(height=24, width=32):
+    cam = np.zeros((height, width), dtype=np.float32)
+    x0, y0, x1, y1 = BOX
+    cam[y0:y1, x0:x1] = 1
+    return cam
+
+
+def test_a_good_map_passes_and_its_inversion_fails():
+    x = torch.rand(1, 3, 24, 32) + 1  # positive pixels: removing them (fill 0) lowers the region's mean
+    good = region_map() + 0.01 * np.random.RandomState(0).rand(24, 32).astype(np.float32)
+    checks = check_maps(RegionScore(), x, np.stack([good, 1 - good]), ClassifierOutputTarget(0))
+    assert checks[0].score > 0 and checks[0].verdict == "ok"
+    assert checks[1].score < 0 and checks[1].inverted and checks[1].verdict == "inverted"
+    assert checks[0].score == pytest.approx(-checks[1].score, rel=0.2)
+
+
+def test_a_constant_map_is_blank_and_costs_no_pass():
+    calls = []
+
+    class Counting(RegionScore):
+        def forward(self, x):
+            calls.append(len(x))
+            return super().forward(x)
+
+    x = torch.rand(1, 3, 24, 32)
+    [check] = check_maps(Counting(), x, np.full((1, 24, 32), 0.5, np.float32), ClassifierOutputTarget(0))
+    assert check.blank and check.failed and np.isnan(check.score) and calls == []
+    assert failure_warning("a.png", "GradCAM at layer 3", check) == \
+        "a.png: GradCAM at layer 3 is blank (the map is flat: it shows nothing)."
+
+
+def test_every_map_of_an_image_goes_through_batched_passes():
+    calls = []
+
+    class Counting(RegionScore):
+        def forward(self, x):
+            calls.append(len(x))
+            return super().forward(x)
+
+    maps = np.random.RandomState(1).rand(5, 24, 32).astype(np.float32)
+    check_maps(Counting(), torch.rand(1, 3, 24, 32), maps, ClassifierOutputTarget(0), fractions=(0.1, 0.3),
+               batch_size=8)
+    assert calls == [8, 8, 4]  # 5 maps x 2 fractions x (top, bottom), in batches of 8
+
+
+def test_the_check_equals_a_by_hand_computation(wrapper):
+    """On the tiny Qwen model: remove each fraction's top and bottom share (ties in the seeded random order of
+    ranked_map), fill with 0 and with the blur, and score the target's logit by hand."""
+    x = wrapper.preprocess(random_image(56, 84, seed=3))
+    maps = np.random.RandomState(2).rand(2, 56, 84).astype(np.float32)
+    maps[1] = np.round(maps[1] * 3) / 3  # ties
+    target = ClassifierOutputTarget(5)
+    for fill in ("mean", "blur"):
+        checks = check_maps(wrapper, x, maps, target, fractions=(0.2, 0.5), fill=fill, seed=7, batch_size=3)
+        rng = np.random.default_rng(7)
+        background = torch.zeros_like(x) if fill == "mean" else filled(x, "blur")
+        for cam, check in zip(maps, checks):
+            ranks = torch.from_numpy(ranked_map(cam, rng))
+            expected = []
+            for f in (0.2, 0.5):
+                top = torch.where(ranks >= 1 - f, background, x)
+                bottom = torch.where(ranks < f, background, x)
+                assert float((ranks >= 1 - f).float().mean()) == pytest.approx(f, abs=1 / cam.size)
+                with torch.no_grad():
+                    expected.append(float(wrapper(bottom)[0, 5] - wrapper(top)[0, 5]))
+            assert check.score == pytest.approx(np.mean(expected), abs=1e-5)
+
+
+def test_the_blur_fill_keeps_a_constant_image_and_smooths_an_edge():
+    constant = torch.full((1, 3, 20, 20), 0.7)
+    assert torch.allclose(filled(constant, "blur"), constant, atol=1e-6)
+    edge = torch.zeros(1, 3, 40, 40)
+    edge[..., 20:] = 1
+    blurred = filled(edge, "blur")
+    assert 0.4 < float(blurred[0, 0, 10, 20]) < 0.6 and float(blurred[0, 0, 10, 0]) < 0.05
+
+
+def test_bad_arguments_say_what_to_pass():
+    x = torch.rand(1, 3, 24, 32)
+    with pytest.raises(ValueError, match=r"maps \(M, H, W\) of the image's size \(24, 32\)"):
+        check_maps(RegionScore(), x, np.zeros((2, 10, 10)), ClassifierOutputTarget(0))
+    with pytest.raises(ValueError, match="one image"):
+        check_maps(RegionScore(), x.repeat(2, 1, 1, 1), np.zeros((1, 24, 32)), ClassifierOutputTarget(0))
+    with pytest.raises(ValueError, match="fractions must be numbers between 0 and 1"):
+        check_maps(RegionScore(), x, region_map(), ClassifierOutputTarget(0), fractions=(1.5,))
+    with pytest.raises(ValueError, match="fill must be one of"):
+        check_maps(RegionScore(), x, region_map(), ClassifierOutputTarget(0), fill="noise")
+
+
+def test_an_inverted_map_warning_names_the_best_alternative():
+    check = MapCheck(-0.25, [1.0], [0.75], False)
+    assert failure_warning("b.png", "LayerCAM at layer 2", check, "layer 0") == (
+        "b.png: LayerCAM at layer 2 is inverted (deletion check -0.25: removing its most relevant pixels hurts the "
+        "target less than removing its least relevant); layer 0 scores best.")
+    assert failure_warning("b.png", "LayerCAM at layer 0", MapCheck(0.5, [0.5], [1.0], False)) is None

@@ -1,0 +1,70 @@
+"""The docs cannot drift from the code: every Python block of README.md and tutorials/*.md runs, in order, one
+namespace per file, and README's tables of numbers equal what benchmarks/readme_tables.py makes of the committed CSVs.
+
+The one substitution: hub model names become local models, nothing downloaded. Qwen names become the embedded demo
+model; CLIP, SigLIP and SigLIP 2 names become tiny random models of the same family (build_tiny_clip). The images
+the blocks name (``image``, ``"dog.jpg"``, ...) are a demo sample, written where the blocks run.
+"""
+import glob
+import os
+import re
+import sys
+
+import matplotlib
+import pytest
+from PIL import Image
+
+from pytorch_grad_cam_vlm import make_demo_samples
+from pytorch_grad_cam_vlm.demo import DEMO_MODEL_DIR
+from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tutorials", "*.md")))
+IMAGE_FILES = ("image.png", "dog.jpg", "cat.jpg", "dog_and_cat.jpg")
+TINY = {"openai/clip-vit-base-patch16": "clip", "openai/clip-vit-base-patch32": "clip",
+        "google/siglip-base-patch16-224": "siglip", "google/siglip2-base-patch16-naflex": "siglip2"}
+
+
+@pytest.fixture(scope="module")
+def substitutions(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("doc_models")
+    names = {"Qwen/Qwen2.5-VL-3B-Instruct": DEMO_MODEL_DIR}
+    for name, family in TINY.items():
+        path = folder / family
+        if not path.exists():
+            build_tiny_clip(path, family=family)
+        names[name] = str(path)
+    return names
+
+
+def python_blocks(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_python_block_runs(path, substitutions, tmp_path, monkeypatch):
+    blocks = python_blocks(path)
+    assert blocks, f"{path} has no Python block"
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
+    sample = make_demo_samples(1, seed=0)[0]
+    for name in IMAGE_FILES:
+        Image.fromarray(sample.image).save(name)
+    namespace = {"image": sample.image, "__name__": "__docs__"}
+    for index, block in enumerate(blocks):
+        for name, local in substitutions.items():
+            block = block.replace(f'"{name}"', repr(local))
+        exec(compile(block, f"{path}, Python block {index + 1}", "exec"), namespace)
+
+
+def test_readme_tables_equal_the_committed_csvs():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import readme_tables
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert "<!-- generated:" in text
+    assert readme_tables.render(text) == text, "run python benchmarks/readme_tables.py and commit README.md"
