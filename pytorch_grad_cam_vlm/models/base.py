@@ -177,6 +177,14 @@ class DecoderLayers:
         """True: the last decoder layer's image positions reach the next-token logits through nothing."""
         return True
 
+    def _warn_if_last_layer_hooked(self) -> None:
+        """Warn when a gradient method targets the last decoder layer, whose image outputs get no gradient."""
+        self._warn_if_hooked(self._decoder_layers[-1], (
+            "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
+            "so their gradient is exactly zero and gradient-based maps there are blank. Use "
+            f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer, or "
+            "explain(wrapper, x) to choose one by the deletion check."))
+
     @property
     def full_attention_layers(self) -> List[int]:
         """Indices of the decoder layers with softmax attention, whose weights attention maps read: every layer of

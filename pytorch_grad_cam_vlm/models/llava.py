@@ -307,10 +307,7 @@ class LlavaWrapper(DecoderLayers, ModelWrapper):
         layout = self.layout_for(x.shape[2], x.shape[3])
         self.layout, self.batch_size = layout, x.shape[0]
         n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
-        self._warn_if_hooked(self._decoder_layers[-1], (
-            "The last decoder layer's outputs at the image positions reach the next-token logits through nothing, "
-            "so their gradient is exactly zero and gradient-based maps there are blank. Use "
-            f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer."))
+        self._warn_if_last_layer_hooked()
         deepest, unused = self.feature_blocks[-1], []
         for i in range(self.feature_blocks[-1] + 1, len(self._vision_blocks)):
             self._warn_if_hooked(self._vision_blocks[i], (
