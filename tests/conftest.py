@@ -161,3 +161,47 @@ def no_hooks_left_on_shared_models(request):
 
 def assert_no_hooks_left(model, test, name="device's"):
     assert _hook_count(model) == 0, f"{test} left hooks on the {name} model"
+
+
+def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):
+    """``explain`` on a tiny checkpoint folder: the family is detected from its config, GradCAM at decoder layer 1
+    writes a map equal to a direct call, and the plain command (every choice left to its default) writes its files.
+    Returns the preprocessed image."""
+    import json
+    import os
+
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pytorch_grad_cam_vlm.cli import main
+    from pytorch_grad_cam_vlm.models.registry import layer_count, load_model, make_subject, model_config
+
+    config, detected = model_config(folder)
+    assert detected == family and layer_count(config, family) == 4
+    model, processor = load_model(folder, family, torch.float32, torch.device("cpu"))
+    subject = make_subject(family, model, processor, PROMPT, None)
+    assert type(subject.wrapper) is wrapper_cls and subject.layers == subject.wrapper.decoder_layers
+    out = tmp_path / "out"
+    code = main(["explain", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--method", "GradCAM",
+                 "--layers", "1", "--mode", "single", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert code == 0, capsys.readouterr()
+    [row] = json.loads((out / "report.json").read_text())
+    assert (out / "report.csv").is_file() and row["layers"] == [1] and row["method"] == "GradCAM"
+    assert all((out / name).is_file() for name in row["files"])
+    [saved] = [np.load(out / name) for name in row["files"] if name.endswith(".npy")]
+    wrapper = subject.wrapper
+    x = wrapper.preprocess(str(image))
+    with torch.no_grad():
+        token = int(wrapper(x).argmax())
+    assert row["predicted_token"] == processor.tokenizer.decode([token])
+    with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
+                 reshape_transform=wrapper.reshape_transform) as cam:
+        expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(token)])
+    np.testing.assert_allclose(saved.reshape(expected.shape), expected, atol=1e-5)
+    assert sorted(os.listdir(out)) == sorted(["report.json", "report.csv"] + row["files"])
+    plain = tmp_path / "plain"
+    assert main(["explain", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--out", str(plain)]) == 0
+    [row] = json.loads((plain / "report.json").read_text())
+    assert row["files"] and all((plain / name).is_file() for name in row["files"])
+    assert sorted(os.listdir(plain)) == sorted(["report.json", "report.csv"] + row["files"])
+    return x

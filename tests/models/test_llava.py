@@ -15,7 +15,7 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FEM, FinerCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import PROMPT, chat_inputs, hidden_and_grad, model_state, random_image
+from conftest import PROMPT, chat_inputs, check_cli_explain, hidden_and_grad, model_state, random_image
 from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, LlavaWrapper, ShapleyCAM, build_tiny_llava, explain
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
 
@@ -468,40 +468,9 @@ def test_explain_returns_a_map_of_the_input_size(tiny):
 
 
 def test_cli_explain_writes_maps_and_report(tiny, tmp_path, capsys):
-    from pytorch_grad_cam_vlm.cli import main
-    from pytorch_grad_cam_vlm.models.registry import layer_count, load_model, make_subject, model_config
-
     family, _, _, folder = tiny
-    config, detected = model_config(folder)
-    assert detected == family and layer_count(config, family) == 4
-    model, processor = load_model(folder, family, torch.float32, torch.device("cpu"))
-    subject = make_subject(family, model, processor, PROMPT, None)
-    assert type(subject.wrapper) is LlavaWrapper and subject.layers == subject.wrapper.decoder_layers
-    image = tmp_path / "image.png"
-    Image.fromarray(random_image(70, 40, seed=13)).save(image)
-    out = tmp_path / "out"
-    code = main(["explain", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--method", "GradCAM",
-                 "--layers", "1", "--mode", "single", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
-    assert code == 0, capsys.readouterr()
-    [row] = json.loads((out / "report.json").read_text())
-    assert (out / "report.csv").is_file() and row["layers"] == [1] and row["method"] == "GradCAM"
-    assert all((out / name).is_file() for name in row["files"])
-    [saved] = [np.load(out / name) for name in row["files"] if name.endswith(".npy")]
-    wrapper = subject.wrapper
-    x = wrapper.preprocess(str(image))
-    with torch.no_grad():
-        token = int(wrapper(x).argmax())
-    assert row["predicted_token"] == processor.tokenizer.decode([token])
-    with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
-                 reshape_transform=wrapper.reshape_transform) as cam:
-        expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(token)])
-    np.testing.assert_allclose(saved.reshape(expected.shape), expected, atol=1e-5)
-    assert sorted(os.listdir(out)) == sorted(["report.json", "report.csv"] + row["files"])
-    # the plain command, every choice left to its default
-    plain = tmp_path / "plain"
-    assert main(["explain", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--out", str(plain)]) == 0
-    [row] = json.loads((plain / "report.json").read_text())
-    assert row["files"] and all((plain / name).is_file() for name in row["files"])
+    Image.fromarray(random_image(70, 40, seed=13)).save(tmp_path / "image.png")
+    check_cli_explain(folder, family, LlavaWrapper, tmp_path / "image.png", tmp_path, capsys)
 
 
 def test_input_boxes_follow_the_picture_onto_the_canvas(tiny):
