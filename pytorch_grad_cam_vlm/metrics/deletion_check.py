@@ -32,9 +32,10 @@ import torch
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2)
 FILLS = ("mean", "blur")
 BLUR_SIGMA = 8.0
-# Measured with benchmarks/bench_check_batch.py (CPU, 1 thread): per checked map, batches of 16 are 3.3x (demo model)
-# and 2.9x (crosses model) faster than one image at a time, within 5 % of it at 448x448 on the mid-size model.
-DEFAULT_BATCH_SIZE = 16
+# Measured with benchmarks/bench_check_batch.py on the idle CPU (2 threads), per checked map against one image at a
+# time: batches of 8 are 3.0x (demo model, 112x112) and 3.1x (crosses model, 112x168) faster and the fastest at
+# 448x448 on the mid-size model (1.12x; 16 there is 0.89x); 16 would gain another 25-30 % on the small canvases only.
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass
