@@ -205,3 +205,13 @@ def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):
     assert row["files"] and all((plain / name).is_file() for name in row["files"])
     assert sorted(os.listdir(plain)) == sorted(["report.json", "report.csv"] + row["files"])
     return x
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: results are bit-identical for one thread count, and accelerate's CPU processes
+    run one thread each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pytorch_grad_cam_vlm import build_tiny_model, cli
@@ -19,12 +18,7 @@ from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, energy_in_m
 PROMPT = "What color is the circle?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical results need one thread count
 
 
 def box_mask(box, shape):

@@ -19,12 +19,7 @@ from conftest import random_image
 TOKEN = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical results need one thread count
 
 
 def token_grid_map(shape, seed=0):

@@ -25,13 +25,7 @@ PROMPT = "What color is the circle?"
 BASE_ARGS = ["--layers", "1", "--methods", "GradCAM", "--percentiles", "10,60"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Results are bit-identical for one thread count; accelerate's CPU processes run one thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical results need one thread count
 
 
 @pytest.fixture(scope="module")
