@@ -2,6 +2,7 @@
 every entry point (the CLI, the benchmark) checks a model before loading its weights."""
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -11,20 +12,31 @@ import torch
 from pytorch_grad_cam_vlm.errors import InputError
 
 
-# model_type -> model class. Qwen2-VL and Qwen2.5-VL are wrapped by QwenVLWrapper, the QWEN3_FAMILIES by
-# Qwen3VLWrapper; every one of them picks from its decoder layers.
-QWEN_MODEL_CLASSES = {
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
-QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-# The LLaVA families take a prompt and explain next tokens like Qwen's, so they join QWEN_MODEL_CLASSES (the
-# prompt-taking families); LlavaWrapper wraps them.
-LLAVA_MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                       "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
-QWEN_MODEL_CLASSES.update(LLAVA_MODEL_CLASSES)
+@dataclass(frozen=True)
+class PromptFamily:
+    """A family that takes a prompt and explains next tokens: its transformers model class, its wrapper class
+    (``module:Class`` under ``pytorch_grad_cam_vlm.models``) and its name in messages."""
 
+    model_class: str
+    wrapper: str
+    name: str
+
+
+# model_type -> PromptFamily: one row per supported family; every one of them picks from its decoder layers.
+PROMPT_FAMILIES = {
+    "qwen3_5": PromptFamily("Qwen3_5ForConditionalGeneration", "qwen3_vl:Qwen3VLWrapper", "Qwen3.5"),
+    "qwen3_5_moe": PromptFamily("Qwen3_5MoeForConditionalGeneration", "qwen3_vl:Qwen3VLWrapper", "Qwen3.5-MoE"),
+    "qwen3_vl": PromptFamily("Qwen3VLForConditionalGeneration", "qwen3_vl:Qwen3VLWrapper", "Qwen3-VL"),
+    "qwen3_vl_moe": PromptFamily("Qwen3VLMoeForConditionalGeneration", "qwen3_vl:Qwen3VLWrapper", "Qwen3-VL-MoE"),
+    "qwen2_5_vl": PromptFamily("Qwen2_5_VLForConditionalGeneration", "qwen_vl:QwenVLWrapper", "Qwen2.5-VL"),
+    "qwen2_vl": PromptFamily("Qwen2VLForConditionalGeneration", "qwen_vl:QwenVLWrapper", "Qwen2-VL"),
+    "llava": PromptFamily("LlavaForConditionalGeneration", "llava:LlavaWrapper", "LLaVA 1.5"),
+    "llava_next": PromptFamily("LlavaNextForConditionalGeneration", "llava:LlavaWrapper", "LLaVA-NeXT"),
+    "llava_onevision": PromptFamily("LlavaOnevisionForConditionalGeneration", "llava:LlavaWrapper",
+                                    "LLaVA-OneVision"),
+}
+# model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).
+QWEN_MODEL_CLASSES = {family: row.model_class for family, row in PROMPT_FAMILIES.items()}
 
 CLIP_FAMILIES = ("clip", "siglip", "siglip2")
 
@@ -75,8 +87,9 @@ def model_config(name: str):
         raise InputError(f"Cannot read the model config of {name!r}: {reason}") from error
     family = getattr(config, "model_type", None)
     if family not in QWEN_MODEL_CLASSES and family not in CLIP_FAMILIES:
-        raise InputError(f"Model family {family!r} is not supported: use a Qwen3.5, Qwen3-VL, Qwen2.5-VL, Qwen2-VL, "
-                         "LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision, CLIP, SigLIP or SigLIP 2 model.")
+        names = [row.name for row in PROMPT_FAMILIES.values()] + ["CLIP", "SigLIP", "SigLIP 2"]
+        raise InputError(f"Model family {family!r} is not supported: use a {', '.join(names[:-1])} or {names[-1]} "
+                         "model.")
     return config, family
 
 
@@ -161,14 +174,9 @@ class Subject:
 
 def make_subject(family: str, model, processor, prompt: Optional[str], texts: Optional[Sequence[str]]) -> Subject:
     """The wrapper of a loaded model (:func:`check_question` has checked ``prompt`` and ``texts``)."""
-    if family in QWEN_MODEL_CLASSES:
-        if family in LLAVA_MODEL_CLASSES:
-            from pytorch_grad_cam_vlm.models.llava import LlavaWrapper as wrapper_cls
-        elif family in QWEN3_FAMILIES:
-            from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper as wrapper_cls
-        else:
-            from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper as wrapper_cls
-
+    if family in PROMPT_FAMILIES:
+        module, name = PROMPT_FAMILIES[family].wrapper.split(":")
+        wrapper_cls = getattr(importlib.import_module(f"pytorch_grad_cam_vlm.models.{module}"), name)
         wrapper = wrapper_cls(model, processor, prompt=prompt)
         return Subject(wrapper, wrapper.layers, family)
     from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
