@@ -5,6 +5,8 @@
     python benchmarks/bench_benchmark.py --gil                 # does scipy's SuperLU release the GIL?
     python benchmarks/bench_benchmark.py --batch-sizes 1,4,8,16,32,56   # one row's images per batch size
     python benchmarks/bench_benchmark.py --batch-sizes 1,2,4,8,16 --mid-sizes 112,168,224,336 --mid-images 16
+    python benchmarks/bench_benchmark.py --gpu 3b --rows 100   # on CUDA: GPU imputation, 100 rows of a 3B model
+    python benchmarks/bench_benchmark.py --gpu tiny --device cpu --rows 10 --before-rows 5   # that, checked on a CPU
 
 "before": the runner with ``batch_size=1`` and ``imputation_threads=1`` (every perturbed image through the model on
 its own, the imputation systems solved one after the other, as grad-cam's metric classes do); "after": the defaults
@@ -16,15 +18,28 @@ Models: the demo model on ``--n`` demo samples (112x112), and the mid-size rando
 (8 decoder layers of width 512, 8 vision blocks of width 256) on ``--mid-n`` demo samples upscaled to 448x448 (no
 answers: its target is its own next token), at ``--mid-layers`` (its 5 x 7 rows per sample at every layer would take
 hours on two CPU cores).
+
+``--gpu 3b`` (or 7b; tiny checks the script on a CPU) measures on ``--device``:
+1. ROAD's imputation of one row (9 percentiles, MoRF and LeRF: 18 masks of a token-grid map) at each of ``--sizes``:
+   the CPU's direct solver (sparse LU, one thread, and one thread per core) against batched conjugate gradients on
+   the device (:func:`~pytorch_grad_cam_vlm.metrics.road_cg.impute_cg`), and the largest difference of the
+   noise-free solutions.
+2. ``--rows`` benchmark rows (4 methods + RandomCAM at the middle decoder layer, ROAD, deletion / insertion, the
+   sanity check) of bench_gpu.py's random bf16 model of that config, saved and loaded back as a checkpoint, on demo
+   samples upscaled to 448x448: "before" (``--before-rows`` rows, one image per forward pass, the direct solver on one
+   thread, as grad-cam's metric classes run) against "after" (the defaults: batches of 16 on CUDA, conjugate
+   gradients on the GPU), as seconds per row, and the largest difference of the rows the two share.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import csv
 import io
 import json
 import os
+import pstats
 import tempfile
 import threading
 import time
@@ -211,6 +226,96 @@ def batch_sizes(sizes, mid_images: int, mid_sizes) -> None:
               flush=True)
 
 
+def gpu_imputation(device: torch.device, sizes, serial: bool = True) -> None:
+    """One row's 18 imputations: the direct solver on the CPU against conjugate gradients on ``device``, for a smooth
+    map (one blob: ROAD's high percentiles remove one wide region) and a token-grid map of random values (kept
+    pixels scattered)."""
+    import cv2
+
+    from pytorch_grad_cam_vlm.metrics.perturbation import road_masks
+    from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
+    from pytorch_grad_cam_vlm.metrics.road_cg import impute_cg
+
+    cores = len(os.sched_getaffinity(0))
+    print(f"| image | map | direct, 1 thread (s) | direct, {cores} threads (s) | CG on {device.type} (s) | ratio to 1 "
+          f"thread | ratio to {cores} threads | largest difference |\n|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    rows, columns = np.mgrid[0:16, 0:16]
+    blob = np.exp(-((rows - 5) ** 2 + (columns - 10) ** 2) / 8.0).astype(np.float32)
+    for size in sizes:
+        maps = {"smooth": cv2.resize(blob, (size, size)),
+                "token-random": cv2.resize(rng.random((size // 28, size // 28)).astype(np.float32), (size, size),
+                                           interpolation=cv2.INTER_NEAREST)}
+        for name, cam in maps.items():
+            masks = road_masks(cam, PERCENTILES)
+            image = rng.normal(size=(3, size, size)).astype(np.float32)
+            start = time.perf_counter()
+            direct = [impute_linear(mask, image) for mask in masks] if serial else None
+            one = time.perf_counter() - start
+            with ThreadPoolExecutor(cores) as executor:
+                start = time.perf_counter()
+                direct = list(executor.map(lambda m: impute_linear(m, image), masks))
+                threaded = time.perf_counter() - start
+            on_device = torch.from_numpy(image).to(device)
+            impute_cg(on_device, torch.from_numpy(np.stack(masks[:2])))  # warm-up
+            seconds = []
+            for _ in range(3):
+                sync(device)
+                start = time.perf_counter()
+                grids = impute_cg(on_device, torch.from_numpy(np.stack(masks)))
+                sync(device)
+                seconds.append(time.perf_counter() - start)
+            grids = grids.cpu().numpy().reshape(len(masks), 3, -1)
+            worst = max(float(np.abs(grid[:, unknown].T - values).max()) if len(unknown) else 0.0
+                        for grid, (values, unknown) in zip(grids, direct))
+            cg = sorted(seconds)[1]
+            print(f"| {size}x{size} | {name} | {f'{one:.2f}' if serial else '-'} | {threaded:.2f} | {cg:.3f} | "
+                  f"{f'{one / cg:.1f}x' if serial else '-'} | {threaded / cg:.1f}x | {worst:.1e} |", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_rows(config: str, device: torch.device, rows: int, before_rows: int, profile: bool = False) -> None:
+    """``rows`` benchmark rows of a random model of bench_gpu.py's ``config`` on ``device``, before and after
+    (``profile``: the after run under cProfile, its 30 most expensive calls printed)."""
+    from bench_gpu import CONFIGS, build_model
+
+    folder = tempfile.mkdtemp(prefix="bench_benchmark_gpu_")
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model, processor = build_model(config, device, getattr(torch, dtype))
+    model.save_pretrained(os.path.join(folder, "model"))
+    processor.save_pretrained(os.path.join(folder, "model"))
+    del model
+    per_sample = len(METHODS.split(",")) + 1  # RandomCAM is always added
+    data = upscaled_demo_data(os.path.join(folder, "data"), -(-rows // per_sample))
+    layer = str(CONFIGS[config]["text"]["num_hidden_layers"] // 2)
+    print(f"\n{config} model (bf16 on CUDA, else float32), demo samples at 448x448, layer {layer}, {per_sample} rows "
+          "per sample\n")
+    print("| run | rows | wall (s) | s / row | ratio |\n|---|---|---|---|---|")
+    results = {}
+    runs = [("before", -(-before_rows // per_sample), dict(batch_size=1, imputation_threads=1, solver="direct")),
+            ("after", -(-rows // per_sample), {})]
+    for label, limit, extra in runs[0 if before_rows else 1:]:
+        options = BenchmarkOptions(model=os.path.join(folder, "model"), data=data, out=os.path.join(folder, label),
+                                   methods=METHODS, layers=layer, limit=limit, device=str(device), dtype=dtype,
+                                   **extra)
+        profiler = cProfile.Profile() if profile and label == "after" else None
+        with profiler or contextlib.nullcontext():
+            wall, _, table = timed_run(options)
+        if profiler is not None:
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+        results[label] = (wall / len(table), table)
+        ratio = f"{results['before'][0] / results[label][0]:.2f}x" if label == "after" and before_rows else ""
+        print(f"| {label} | {len(table)} | {wall:.1f} | {wall / len(table):.2f} | {ratio} |", flush=True)
+    if before_rows:
+        before, after = results["before"][1], results["after"][1][:len(results["before"][1])]
+        print(f"\nlargest difference of the {len(before)} rows both runs scored: "
+              f"{largest_difference(before, after):.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,mid", help="demo, mid or both")
@@ -221,8 +326,19 @@ def main() -> None:
     parser.add_argument("--batch-sizes", help="measure these forward batch sizes, e.g. 1,4,8,16,32,64, and exit")
     parser.add_argument("--mid-images", type=int, default=16, help="images per batch-size measurement, mid-size")
     parser.add_argument("--mid-sizes", default="448", help="image sides of the mid-size batch-size measurement")
+    parser.add_argument("--gpu", help="3b, 7b or tiny: the GPU measurements (imputation, benchmark rows), and exit")
+    parser.add_argument("--device", default="cuda", help="--gpu's device")
+    parser.add_argument("--rows", type=int, default=100, help="--gpu's benchmark rows")
+    parser.add_argument("--before-rows", type=int, default=5, help="--gpu's rows of the one-at-a-time run (0: none)")
+    parser.add_argument("--sizes", default="448,1024", help="--gpu's imputation image sides")
+    parser.add_argument("--profile", action="store_true", help="--gpu: profile the after run (cProfile)")
+    parser.add_argument("--no-serial", action="store_true", help="--gpu: leave out the one-thread direct solver")
     args = parser.parse_args()
-    if args.gil:
+    if args.gpu:
+        device = torch.device(args.device)
+        gpu_imputation(device, [int(v) for v in args.sizes.split(",")], serial=not args.no_serial)
+        gpu_rows(args.gpu, device, args.rows, args.before_rows, args.profile)
+    elif args.gil:
         gil()
     elif args.batch_sizes:
         batch_sizes([int(b) for b in args.batch_sizes.split(",")], args.mid_images,

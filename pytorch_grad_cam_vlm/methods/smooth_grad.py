@@ -25,7 +25,9 @@ from pytorch_grad_cam_vlm.methods.shapley_cam import ShapleyCAM
 
 # Measured with benchmarks/bench_smooth.py (CPU, 2 threads, n=16): batches of 8 took half the CPU time of one copy at
 # a time (18 s against 35 s; batches of 4: within 10% of 8), for 6x the peak memory (about 300 MiB against 50 MiB).
-# CUDA was not measured here: 8, the batch of the prototype, keeps a GPU busy.
+# CUDA, measured with benchmarks/bench_gpu.py on one H100 (Qwen2.5-VL-3B's shape, bf16, 448x448, n=16;
+# benchmarks/gpu.md): batches of 1, 2, 4, 8, 16 took 2.80, 1.45, 1.18, 0.88, 0.82 s for 0.5, 0.95, 1.9, 3.7, 7.3 GiB
+# above the weights: 8 is within 7% of 16's time at half its memory.
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 8}
 AVERAGES = ("maps", "gradients")
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
