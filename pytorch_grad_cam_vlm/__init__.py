@@ -23,10 +23,16 @@ from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_m
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
 from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
+from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
+from pytorch_grad_cam_vlm.models.idefics3 import Idefics3Wrapper
+from pytorch_grad_cam_vlm.models.internvl import InternVLWrapper
 from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
 from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
+from pytorch_grad_cam_vlm.models.tiny.gemma3 import build_tiny_gemma3
+from pytorch_grad_cam_vlm.models.tiny.idefics3 import build_tiny_idefics3
+from pytorch_grad_cam_vlm.models.tiny.internvl import build_tiny_internvl
 from pytorch_grad_cam_vlm.models.tiny.llava import build_tiny_llava
 from pytorch_grad_cam_vlm.models.tiny.qwen3_vl import build_tiny_qwen3_vl
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_tiny_model
@@ -41,6 +47,9 @@ __all__ = [
     "build_tiny_clip", "build_tiny_model", "build_tiny_qwen3_vl", "explain_generated", "patchify", "plot_per_token",
     "smooth", "Explanation", "MapCheck", "check_maps", "explain",
     "LlavaWrapper", "build_tiny_llava",
+    "Gemma3Wrapper", "build_tiny_gemma3",
+    "Idefics3Wrapper", "build_tiny_idefics3",
+    "InternVLWrapper", "build_tiny_internvl",
     "ClassifierWrapper", "classify_and_explain",
 ]
 __version__ = "0.2.0"

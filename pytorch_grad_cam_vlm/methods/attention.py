@@ -3,7 +3,8 @@ like any other method.
 
 :class:`AttentionMap` reads, at each target layer, the attention of one query token to the image tokens: for
 Qwen2-VL / Qwen2.5-VL the last position of the prompt (the one that predicts the answer) attending to the image
-tokens of a decoder layer, the common "Qwen VL attention visualization"; for CLIP the class token attending to the
+tokens of a decoder layer, the common "Qwen VL attention visualization" (likewise for LLaVA, Gemma 3, Idefics3 and
+InternVL, whose wrappers place the image tokens on their maps' grid); for CLIP the class token attending to the
 patch tokens of a vision layer. :class:`AttentionRollout` (Abnar & Zuidema, 2020) multiplies the attention of
 consecutive layers, with the residual connection as an identity, and reads the same row of the product.
 
@@ -63,10 +64,11 @@ class AttentionMap(BaseCAM):
     (``"mean"``, ``"max"`` or a head index), on the image's grid; several target layers are averaged, as grad-cam
     does. ``AttentionMap(model=wrapper, target_layers=[wrapper.decoder_layers[i]], head_fusion="mean")``.
 
-    ``target_layers`` are decoder layers of a :class:`~pytorch_grad_cam_vlm.QwenVLWrapper` or vision layers of a
-    CLIP :class:`~pytorch_grad_cam_vlm.CLIPWrapper` (SigLIP has no class token to read), or their ``self_attn``
-    modules. ``reshape_transform`` is accepted for grad-cam's signature and not used: the wrapper's layout maps
-    token positions to the grid. ``eigen_smooth`` has nothing to smooth on a single map and is ignored.
+    ``target_layers`` are decoder layers of a :class:`~pytorch_grad_cam_vlm.QwenVLWrapper` (or of any wrapper with
+    ``token_geometry()``: LLaVA, Gemma 3, Idefics3, InternVL) or vision layers of a CLIP
+    :class:`~pytorch_grad_cam_vlm.CLIPWrapper` (SigLIP has no class token to read), or their ``self_attn`` modules.
+    ``reshape_transform`` is accepted for grad-cam's signature and not used: the wrapper's layout maps token
+    positions to the grid. ``eigen_smooth`` has nothing to smooth on a single map and is ignored.
     """
 
     def __init__(self, model: torch.nn.Module, target_layers: List[torch.nn.Module], head_fusion: HeadFusion = "mean",
@@ -128,8 +130,8 @@ def query_attention_on_grid(output, wrapper: torch.nn.Module, head_fusion: HeadF
 
 def image_row_on_grid(row: torch.Tensor, wrapper: torch.nn.Module) -> torch.Tensor:
     """A value per sequence position ``(B, S)`` to ``(B, 1, h, w)`` on the image grid of the wrapper's latest forward
-    pass: the image tokens in raster order, or, for LLaVA (whose anyres models place a base image and tiles on one
-    canvas), the wrapper's own placement."""
+    pass: the wrapper's own placement where it has ``image_row_to_grid`` (LLaVA, Gemma 3, Idefics3, InternVL, which
+    place several images' tokens on one canvas as their ``view`` says), else the image tokens in raster order."""
     if hasattr(wrapper, "image_row_to_grid"):
         return wrapper.image_row_to_grid(row)
     _, keys, (h, w) = token_geometry(wrapper)
@@ -146,7 +148,7 @@ def token_geometry(wrapper: torch.nn.Module) -> Tuple[int, torch.Tensor, Tuple[i
     raster order, and their grid ``(h, w)``."""
     from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
 
-    if hasattr(wrapper, "token_geometry"):  # LLaVA: the last position attending to the base image's tokens
+    if hasattr(wrapper, "token_geometry"):  # LLaVA, Gemma 3, Idefics3, InternVL: the wrapper says
         return wrapper.token_geometry()
     if isinstance(wrapper, QwenVLWrapper):
         (gh, gw), m = wrapper.layout.patch_grid, wrapper.merge_size
@@ -156,17 +158,21 @@ def token_geometry(wrapper: torch.nn.Module) -> Tuple[int, torch.Tensor, Tuple[i
 
 
 def _check_has_query_token(model: torch.nn.Module) -> None:
+    """Refuse a model whose query token and image tokens the attention maps cannot find: accepted are
+    :class:`QwenVLWrapper`, a CLIP :class:`CLIPWrapper` with a class token, and any wrapper with ``token_geometry()``
+    (LLaVA, Gemma 3, Idefics3, InternVL)."""
     from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
-    from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
     from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
 
     if isinstance(model, CLIPWrapper) and model.prefix_tokens == 0:
         raise ValueError(f"{model.family} has no class token whose attention could be read: it pools its patches "
                          "with an attention head outside the encoder. Use a gradient method such as GradCAM on "
                          "wrapper.vision_layers.")
-    if not isinstance(model, (QwenVLWrapper, CLIPWrapper, LlavaWrapper)):
-        raise TypeError("Attention maps need a QwenVLWrapper or CLIPWrapper (or LlavaWrapper) as model, got "
-                        f"{type(model).__name__}.")
+    if not (isinstance(model, (QwenVLWrapper, CLIPWrapper)) or callable(getattr(model, "token_geometry", None))):
+        raise TypeError("Attention maps need a wrapper that says where its query token and image tokens lie: a "
+                        "QwenVLWrapper, a CLIPWrapper, or a wrapper with a token_geometry() method (returning the "
+                        "query position, the image tokens' positions and their grid) such as LlavaWrapper, "
+                        f"Gemma3Wrapper, Idefics3Wrapper or InternVLWrapper; got {type(model).__name__}.")
 
 
 def _attention_module(layer: torch.nn.Module, wrapper: torch.nn.Module) -> torch.nn.Module:

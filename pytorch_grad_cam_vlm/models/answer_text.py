@@ -27,7 +27,11 @@ def word_token_id(tokenizer, word: str) -> int:
 
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-                 "<image>", "<video>")  # the last two: LLaVA's
+                 "<image>", "<video>",  # LLaVA's
+                 "<start_of_image>", "<end_of_image>", "<image_soft_token>",  # Gemma 3's
+                 "<img>", "</img>", "<IMG_CONTEXT>",  # InternVL's
+                 "<fake_token_around_image>", "<global-img>")  # Idefics3's, and its tiles' markers:
+VISION_TOKENS += tuple(f"<row_{i}_col_{j}>" for i in range(1, 11) for j in range(1, 11))
 
 
 def vision_token_ids(tokenizer) -> List[int]:
@@ -68,7 +72,10 @@ def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: n
     tokenizer = wrapper.processor.tokenizer
     if isinstance(wrapper.answer, str):
         prompt_text = wrapper.chat_text()[:-len(wrapper.answer)]
-        prompt_ids = wrapper.processor(text=[prompt_text], images=[placeholder], return_tensors="pt")["input_ids"][0]
+        # the wrapper's own processor options (Gemma 3's pan-and-scan), which change the image's tokens
+        options = getattr(wrapper, "processor_kwargs", {})
+        prompt_ids = wrapper.processor(text=[prompt_text], images=[placeholder], return_tensors="pt",
+                                       **options)["input_ids"][0]
         n = len(prompt_ids)
         if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
             raise ValueError(f"The tokenizer merges the start of the answer {wrapper.answer!r} into the prompt's last "
@@ -82,7 +89,7 @@ def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: n
         return text_inputs, answer_ids
     answer_ids = torch.tensor(wrapper.answer, dtype=ids.dtype)
     appended = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids),
-                "mm_token_type_ids": torch.zeros_like(answer_ids)}
+                "mm_token_type_ids": torch.zeros_like(answer_ids), "token_type_ids": torch.zeros_like(answer_ids)}
     unknown = sorted(set(text_inputs) - set(appended))
     if unknown:
         raise ValueError(f"Cannot append answer token ids to the processor's {unknown}: pass the answer as text.")

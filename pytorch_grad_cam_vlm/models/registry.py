@@ -34,6 +34,10 @@ PROMPT_FAMILIES = {
     "llava_next": PromptFamily("LlavaNextForConditionalGeneration", "llava:LlavaWrapper", "LLaVA-NeXT"),
     "llava_onevision": PromptFamily("LlavaOnevisionForConditionalGeneration", "llava:LlavaWrapper",
                                     "LLaVA-OneVision"),
+    "gemma3": PromptFamily("Gemma3ForConditionalGeneration", "gemma3:Gemma3Wrapper", "Gemma 3"),
+    "internvl": PromptFamily("InternVLForConditionalGeneration", "internvl:InternVLWrapper", "InternVL"),
+    "idefics3": PromptFamily("Idefics3ForConditionalGeneration", "idefics3:Idefics3Wrapper", "Idefics3 / SmolVLM"),
+    "smolvlm": PromptFamily("SmolVLMForConditionalGeneration", "idefics3:Idefics3Wrapper", "SmolVLM2"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).
 QWEN_MODEL_CLASSES = {family: row.model_class for family, row in PROMPT_FAMILIES.items()}

@@ -151,5 +151,5 @@ def test_bad_arguments_get_a_clear_error(wrapper, reported, tmp_path):
     siglip_wrapper = CLIPWrapper(siglip, processor, texts=["a dog"])
     with pytest.raises(ValueError, match="siglip has no class token"):
         AttentionMap(model=siglip_wrapper, target_layers=[siglip_wrapper.vision_layers[0]])
-    with pytest.raises(TypeError, match="need a QwenVLWrapper or CLIPWrapper"):
+    with pytest.raises(TypeError, match=r"need a wrapper that says where its query token.*token_geometry\(\)"):
         AttentionMap(model=siglip, target_layers=[siglip_wrapper.vision_layers[0]])

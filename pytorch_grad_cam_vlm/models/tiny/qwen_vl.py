@@ -70,7 +70,8 @@ def build_bpe_tokenizer(tokenizer_cls, words: Iterable[str] = DEFAULT_WORDS,
     without a leading space (``"red"`` and ``" red"`` have their own ids, as in Qwen's real vocabulary), plus Qwen's
     special tokens and ``chat_template``. For families whose ``AutoTokenizer`` insists on its own class.
 
-    Other BPE classes work alike (``LlamaTokenizer`` for LLaVA, whose Metaspace pre-tokenizer gives ``"▁red"``):
+    Other BPE classes work alike (``LlamaTokenizer`` for LLaVA, whose Metaspace pre-tokenizer gives ``"▁red"``;
+    ``GemmaTokenizer``, whose normaliser does, trained with it):
     ``base_tokens`` open the trained vocabulary (Qwen's ``<|endoftext|>``; Llama's ``<unk>``, ``<s>``, ``</s>``),
     the rest of ``special_tokens`` is added after it, and ``tokenizer_kwargs`` go to the class (default: Qwen's
     ``eos_token`` and ``pad_token``)."""
@@ -82,7 +83,10 @@ def build_bpe_tokenizer(tokenizer_cls, words: Iterable[str] = DEFAULT_WORDS,
     trainer = trainers.BpeTrainer(vocab_size=1 << 20, min_frequency=1, special_tokens=list(base_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = tokenizer_cls().backend_tokenizer.pre_tokenizer
+    template = tokenizer_cls().backend_tokenizer
+    if template.normalizer is not None:  # Gemma's writes spaces as "▁" before its pre-tokenizer runs
+        bpe.normalizer = template.normalizer
+    bpe.pre_tokenizer = template.pre_tokenizer
     bpe.train_from_iterator(words + [" " + word for word in words] + ["\n"], trainer)
     trained = json.loads(bpe.to_str())["model"]
     tokenizer_kwargs = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **tokenizer_kwargs}
