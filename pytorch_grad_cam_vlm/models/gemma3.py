@@ -44,10 +44,10 @@ from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_m
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids, place_views
-from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenVLWrapper
+from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
 
 
-class Gemma3Wrapper(DecoderLayers, ModelWrapper):
+class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """Gemma 3 as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)`` as :meth:`preprocess` makes them: the square image at the
@@ -70,15 +70,6 @@ class Gemma3Wrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
 
-    # The prompt and answer side is Qwen's, unchanged: chat template around one image, teacher-forced answers.
-    forward = QwenVLWrapper.forward
-    set_answer = QwenVLWrapper.set_answer
-    token_id = QwenVLWrapper.token_id
-    answer_logits = QwenVLWrapper.answer_logits
-    answer_token_scores = QwenVLWrapper.answer_token_scores
-    input_device = QwenVLWrapper.input_device
-    dtype = QwenVLWrapper.dtype
-
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
                  pan_and_scan: bool = False, pan_and_scan_options: Optional[Dict[str, float]] = None,
@@ -86,11 +77,7 @@ class Gemma3Wrapper(DecoderLayers, ModelWrapper):
         config = model.config
         if getattr(config, "model_type", None) != "gemma3":
             raise ValueError(f"Gemma3Wrapper supports model type 'gemma3', got {config.model_type!r}.")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
-        if any(token in prompt for token in ("<start_of_image>", "<image_soft_token>")):
-            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
-                             "processor's chat template.")
+        check_prompt(prompt, ("<start_of_image>", "<image_soft_token>"))
         options = dict(pan_and_scan_options or {})
         unknown = [key for key in options if not key.startswith("pan_and_scan_")]
         if unknown:

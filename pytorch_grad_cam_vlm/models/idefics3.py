@@ -59,7 +59,7 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenVLWrapper
+from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 
 IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 VIEWS = ("tiles", "global", "combined")
@@ -99,7 +99,7 @@ class TileLayout:
         return self.image_positions[-self.grid ** 2:]
 
 
-class Idefics3Wrapper(DecoderLayers, ModelWrapper):
+class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """Idefics3, SmolVLM or SmolVLM2 as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised canvases ``(B, 3, H, W)`` as :meth:`preprocess` makes them (the processor's tiles
@@ -120,17 +120,6 @@ class Idefics3Wrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
 
-    # The prompt and answer side is Qwen's, unchanged: chat template around one image, teacher-forced answers.
-    forward = QwenVLWrapper.forward
-    _logits = QwenVLWrapper._logits
-    chat_text = QwenVLWrapper.chat_text
-    set_answer = QwenVLWrapper.set_answer
-    token_id = QwenVLWrapper.token_id
-    answer_logits = QwenVLWrapper.answer_logits
-    answer_token_scores = QwenVLWrapper.answer_token_scores
-    input_device = QwenVLWrapper.input_device
-    dtype = QwenVLWrapper.dtype
-
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
                  chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
@@ -139,11 +128,7 @@ class Idefics3Wrapper(DecoderLayers, ModelWrapper):
         if self.family not in IDEFICS3_FAMILIES:
             raise ValueError(f"Idefics3Wrapper supports model types {', '.join(IDEFICS3_FAMILIES)}, got "
                              f"{self.family!r}.")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
-        if processor.image_token in prompt:
-            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
-                             "processor's chat template.")
+        check_prompt(prompt, (processor.image_token,))
         super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})

@@ -55,7 +55,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenVLWrapper
+from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 
 VIEWS = ("tiles", "thumbnail", "combined")
 
@@ -115,7 +115,7 @@ def place_tile_views(tiles: torch.Tensor, thumbnail: Optional[torch.Tensor], vie
     return resized if view == "thumbnail" else torch.cat([tiles, resized], dim=1)
 
 
-class InternVLWrapper(DecoderLayers, ModelWrapper):
+class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """InternVL (transformers' ``internvl``: InternVL2.5 and InternVL3 ``-hf`` checkpoints) as an image classifier
     over the vocabulary, for grad-cam.
 
@@ -132,17 +132,6 @@ class InternVLWrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
 
-    # The prompt and answer side is Qwen's, unchanged: chat template around one image, teacher-forced answers.
-    forward = QwenVLWrapper.forward
-    _logits = QwenVLWrapper._logits
-    chat_text = QwenVLWrapper.chat_text
-    set_answer = QwenVLWrapper.set_answer
-    token_id = QwenVLWrapper.token_id
-    answer_logits = QwenVLWrapper.answer_logits
-    answer_token_scores = QwenVLWrapper.answer_token_scores
-    input_device = QwenVLWrapper.input_device
-    dtype = QwenVLWrapper.dtype
-
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
                  chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
@@ -150,11 +139,7 @@ class InternVLWrapper(DecoderLayers, ModelWrapper):
         if getattr(config, "model_type", None) != "internvl":
             raise ValueError(f"InternVLWrapper supports model type 'internvl', got "
                              f"{getattr(config, 'model_type', None)!r}.")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
-        if processor.image_token in prompt or processor.start_image_token in prompt:
-            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
-                             "processor's chat template.")
+        check_prompt(prompt, (processor.image_token, processor.start_image_token))
         super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})

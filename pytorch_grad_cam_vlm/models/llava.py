@@ -49,7 +49,7 @@ from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box,
                                                 place_views, set_anyres_geometry, vision_grids)
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
-from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenVLWrapper
+from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
@@ -79,7 +79,7 @@ class ViewAblationLayer(TokenAblationLayer):
         return (output,) if self.returns_tuple else output
 
 
-class LlavaWrapper(DecoderLayers, ModelWrapper):
+class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """LLaVA 1.5, LLaVA-NeXT or LLaVA-OneVision as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)``, as :meth:`preprocess` makes them: LLaVA 1.5's square crop
@@ -99,16 +99,6 @@ class LlavaWrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
 
-    # The prompt and answer side is Qwen's, unchanged: chat template around one image, teacher-forced answers.
-    forward = QwenVLWrapper.forward
-    chat_text = QwenVLWrapper.chat_text
-    set_answer = QwenVLWrapper.set_answer
-    token_id = QwenVLWrapper.token_id
-    answer_logits = QwenVLWrapper.answer_logits
-    answer_token_scores = QwenVLWrapper.answer_token_scores
-    input_device = QwenVLWrapper.input_device
-    dtype = QwenVLWrapper.dtype
-
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
                  source_size: Optional[Tuple[int, int]] = None,
@@ -117,10 +107,7 @@ class LlavaWrapper(DecoderLayers, ModelWrapper):
         self.family = getattr(config, "model_type", None)
         if self.family not in LLAVA_FAMILIES:
             raise ValueError(f"LlavaWrapper supports model types {', '.join(LLAVA_FAMILIES)}, got {self.family!r}.")
-        image_token = getattr(processor, "image_token", "<image>")
-        if image_token in prompt:
-            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
-                             "processor's chat template.")
+        check_prompt(prompt, (getattr(processor, "image_token", "<image>"),))
         super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})

@@ -65,6 +65,15 @@ def vision_window_index(visual: torch.nn.Module, grid_thw: torch.Tensor) -> torc
     return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
 
 
+def check_prompt(prompt, image_tokens: Sequence[str]) -> None:
+    """Refuse a prompt that is not a question or that places images itself (the chat template inserts the image)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
+    if any(token in prompt for token in image_tokens):
+        raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
+                         "processor's chat template.")
+
+
 class QwenVLWrapper(DecoderLayers, ModelWrapper):
     """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
 
@@ -91,11 +100,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum",
                  chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be the question to explain, a non-empty string; got {prompt!r}.")
-        if "<|image_pad|>" in prompt or "<|vision_start|>" in prompt:
-            raise ValueError("Pass the question alone as `prompt`: the wrapper inserts the image with the "
-                             "processor's chat template.")
+        check_prompt(prompt, ("<|image_pad|>", "<|vision_start|>"))
         super().__init__(model, processor, efficient_gradients)
         self.prompt = prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -288,3 +293,19 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
         positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
         return TokenAblationLayer(self)
+
+
+class QwenPromptSide:
+    """:class:`QwenVLWrapper`'s prompt and answer side (the chat template around one image, the next-token logits,
+    teacher-forced answers), for the families that keep it unchanged: put it first among their base classes. A family
+    that builds its model inputs differently defines its own ``_logits`` or ``chat_text``."""
+
+    forward = QwenVLWrapper.forward
+    _logits = QwenVLWrapper._logits
+    chat_text = QwenVLWrapper.chat_text
+    set_answer = QwenVLWrapper.set_answer
+    token_id = QwenVLWrapper.token_id
+    answer_logits = QwenVLWrapper.answer_logits
+    answer_token_scores = QwenVLWrapper.answer_token_scores
+    input_device = QwenVLWrapper.input_device
+    dtype = QwenVLWrapper.dtype
