@@ -82,6 +82,21 @@ def test_deletion_and_insertion_auc_equal_a_loop_by_hand(wrapper, baseline, scor
     assert abs(scores.insertion_auc - scores.deletion_auc) > 1e-4
 
 
+def test_cg_solves_a_wide_removed_region_in_few_iterations():
+    """A smooth map's MoRF mask at percentile 10 removes one wide region (90 % of an odd-sized image): the multigrid
+    preconditioner brings conjugate gradients to the direct solution within 40 iterations (plain Jacobi-preconditioned
+    ones are still 0.2 off after 40)."""
+    rng = np.random.default_rng(1)
+    rows, columns = np.mgrid[0:63, 0:97]
+    cam = np.exp(-((rows - 20) ** 2 + (columns - 60) ** 2) / 300.0).astype(np.float32)
+    [mask] = road_masks(cam, [10])[:1]
+    assert (mask == 0).mean() == pytest.approx(0.9, abs=0.01)
+    image = rng.normal(size=(3, 63, 97)).astype(np.float32)
+    grid = impute_cg(torch.from_numpy(image), torch.from_numpy(mask[None]), tol=0.0, max_iter=40)[0]
+    values, unknown = impute_linear(mask, image)
+    np.testing.assert_allclose(grid.reshape(3, -1)[:, unknown].numpy().T, values, atol=1e-6, rtol=0)
+
+
 def test_cg_imputation_equals_the_direct_solver(device):
     """Batched conjugate gradients (the GPU's solver; here on ``device``) give the sparse LU's imputation to 1e-4,
     and on the CPU the same imputed images from the same seed (the noise is drawn alike)."""
