@@ -10,6 +10,8 @@ documentation names:
   timm ``stages`` or ``blocks``: ConvNeXt, EfficientNet, MobileNetV3, ...): the last module at each spatial resolution
   of its output, found by one forward pass at the input size; auto the last spatial one (``features[-1]``: VGG's last
   pool, DenseNet's ``norm5``; timm EfficientNet's ``bn2`` after its 1x1 ``conv_head``).
+- **Any other CNN** (Inception-ResNet, Inception, RegNet, ...): the model's own child modules, read the same way;
+  auto the last spatial one (``conv2d_7b`` of Inception-ResNet-v2, ``Mixed_7c`` of Inception-v3, ``s4`` of RegNet).
 - **ViT** (torchvision ``encoder.layers``, timm ``blocks`` with ``norm1``): each block's first norm; auto the last
   block's (``encoder.layers[-1].ln_1``, ``blocks[-1].norm1``), as grad-cam's documentation recommends;
   :meth:`ClassifierWrapper.reshape_transform` drops the class (and register) tokens and lays the patches on their grid.
@@ -117,9 +119,12 @@ def feature_sequence(model: torch.nn.Module) -> Tuple[List[torch.nn.Module], Lis
             tail = [getattr(model, n) for n in ("conv_head", "bn2", "norm_pre") if isinstance(
                 getattr(model, n, None), torch.nn.Module) and not isinstance(getattr(model, n), torch.nn.Identity)]
             return list(sequence), tail
-    raise InputError(f"No automatic target layer for {type(model).__name__}: supported are ResNet-like models "
-                     "(layer1..layer4), models with a features / stages / blocks sequence (VGG, DenseNet, MobileNet, "
-                     "EfficientNet, ConvNeXt) and ViTs (torchvision, timm).")
+    if getattr(model, "output_fmt", "NCHW") != "NCHW":  # timm's channels-last models (Swin): no (B, C, h, w) maps
+        raise InputError(f"No automatic target layer for {type(model).__name__}: its features are channels-last "
+                         f"({model.output_fmt}); pass target layers and a reshape_transform yourself.")
+    # Inception-ResNet, Inception, RegNet, ...: the model's own modules, in the order they are registered (their
+    # order of execution in these architectures); those that do not run at inference (auxiliary heads) drop out.
+    return [m for m in model.children() if not isinstance(m, torch.nn.Identity)], []
 
 
 def output_shapes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], size: int) -> Tuple[list, int]:
@@ -148,6 +153,9 @@ def cnn_layers(model: torch.nn.Module, size: int) -> Tuple[List[torch.nn.Module]
     candidate (a ResNet stage: the whole ``layerN``)."""
     sequence, tail = feature_sequence(model)
     shapes, classes = output_shapes(model, sequence + tail, size)
+    ran = [shape is not None for shape in shapes]  # an auxiliary head does not run in eval mode
+    sequence, tail = ([m for m, r in zip(part, ran[offset:]) if r] for part, offset in ((sequence, 0), (tail, len(sequence))))
+    shapes = [shape for shape in shapes if shape is not None]
     spatial = [len(s) == 4 and s[2] * s[3] > 1 if s else False for s in shapes]
     picks = [k for k in range(len(sequence)) if spatial[k]
              and (k + 1 == len(sequence) or not spatial[k + 1] or shapes[k + 1][2:] != shapes[k][2:])]

@@ -66,13 +66,13 @@ def small_vit(seed=0):
                                                        hidden_dim=32, mlp_dim=64, num_classes=10))
 
 
-def assert_auto_layer_is_documented(model, documented, prefix=None, **kwargs):
+def assert_auto_layer_is_documented(model, documented, prefix=None, size=SIZE, **kwargs):
     """The wrapper's automatic layer is ``documented``; its GradCAM map equals upstream GradCAM on the raw model
     at that layer (the by-hand ViT reshape for ViTs), and the deletion check scores it."""
-    wrapper = ClassifierWrapper(model, image_size=SIZE, **kwargs)
+    wrapper = ClassifierWrapper(model, image_size=size, **kwargs)
     assert wrapper.target_layer is documented and wrapper.layers[-1] is documented
     x = wrapper.preprocess(random_image(80, 100, seed=1))
-    assert x.shape == (1, 3, SIZE, SIZE)
+    assert x.shape == (1, 3, size, size)
     reshape = None if prefix is None else (lambda t: vit_reshape_by_hand(t, prefix))
     with torch.no_grad():
         ranked = model(x)[0].argsort(descending=True).tolist()
@@ -105,6 +105,37 @@ def test_timm_auto_layer_is_the_documented_one(name):
     torch.manual_seed(0)
     model = lively(timm.create_model(name, pretrained=False, **({"img_size": SIZE} if "vit" in name else {})))
     assert_auto_layer_is_documented(model, TIMM_LAYERS[name](model), 1 if "vit" in name else None)
+
+
+# Architectures without a features / stages / blocks sequence, read from their own child modules: (input size, the
+# documented layer: the last convolutional block before the global pool). Inception needs 139 px for a spatial last
+# block.
+OTHER_LAYERS = {
+    "timm:inception_resnet_v2": (139, lambda m: m.conv2d_7b),
+    "timm:legacy_xception": (SIZE, lambda m: m.act4),
+    "timm:regnety_002": (SIZE, lambda m: m.s4),
+    "torchvision:inception_v3": (139, lambda m: m.Mixed_7c),
+    "torchvision:regnet_y_400mf": (SIZE, lambda m: m.trunk_output),
+}
+
+
+@pytest.mark.parametrize("spec", list(OTHER_LAYERS))
+def test_other_cnns_auto_layer_is_the_last_block(spec):
+    source, name = spec.split(":")
+    torch.manual_seed(0)
+    if source == "timm":
+        model = lively(pytest.importorskip("timm").create_model(name, pretrained=False))
+    else:
+        model = lively(torchvision.models.get_model(name, weights=None))
+    size, documented = OTHER_LAYERS[spec]
+    assert_auto_layer_is_documented(model, documented(model), size=size)
+
+
+def test_channels_last_models_are_refused_with_what_to_do():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    with pytest.raises(ValueError, match="channels-last .NHWC.; pass target layers and a reshape_transform"):
+        ClassifierWrapper(model)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "efficientnet_b0"])
