@@ -11,7 +11,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import PROMPT, model_state
+from conftest import DEVICES, PROMPT, model_state
 from test_llava import shapes_image
 from pytorch_grad_cam_vlm import build_tiny_gemma3, build_tiny_idefics3, build_tiny_internvl, explain_generated
 from pytorch_grad_cam_vlm.models.answer_text import vision_token_ids
@@ -95,3 +95,21 @@ def test_benchmark_boxes_land_on_the_canvas(tiny, tmp_path):
     assert whole["pointing"] == "1" and float(whole["energy"]) == pytest.approx(1.0, abs=1e-6)
     assert 0 < float(half["energy"]) < 1
     assert whole["sanity"] != "" and whole["deletion_auc"] != ""
+
+
+@pytest.mark.parametrize("device", DEVICES[1:], indirect=True)
+def test_logits_and_maps_on_cuda_equal_the_cpu(tiny, device, to_device):
+    """The same canvas on CUDA (a copy of the model there): next-token logits and the default view's GradCAM map at
+    decoder layer 1 equal the CPU's to 1e-4 (float32, TF32 off). Skipped without CUDA."""
+    family, _, wrapper = tiny
+    x = wrapper.preprocess(Image.fromarray(shapes_image(60, 90, seed=3)))
+    on_device = make_subject(family, to_device(wrapper.model, device), wrapper.processor, PROMPT, None).wrapper
+    results = []
+    for w, images in ((wrapper, x), (on_device, x.to(device))):
+        with torch.no_grad():
+            logits = w(images)[0].float().cpu()
+        with GradCAM(model=w, target_layers=[w.decoder_layers[1]], reshape_transform=w.reshape_transform) as cam:
+            results.append((logits, cam(input_tensor=images, targets=[ClassifierOutputTarget(int(logits.argmax()))])))
+    (cpu_logits, cpu_map), (cuda_logits, cuda_map) = results
+    torch.testing.assert_close(cuda_logits, cpu_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cuda_map, cpu_map, atol=1e-4)
