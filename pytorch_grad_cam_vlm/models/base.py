@@ -88,6 +88,12 @@ class ModelWrapper(torch.nn.Module):
         rgb = x.detach().float().cpu() * self.image_std.cpu() + self.image_mean.cpu()
         return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
+    def clip_to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``x`` clipped to the normalised pixel range (0..1 before normalisation), as a processor's
+        resize of uint8 pixels clips its overshoot."""
+        mean, std = self.image_mean.to(x), self.image_std.to(x)
+        return torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std)
+
     def train(self, mode: bool = True) -> "ModelWrapper":
         """Only the wrapper's own flag: grad-cam calls ``.eval()`` on its model, and the wrapped model keeps its
         mode (each forward pass runs it in eval mode and restores the mode after)."""

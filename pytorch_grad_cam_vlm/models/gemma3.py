@@ -45,6 +45,7 @@ from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids, place_views
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
+from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, tiles_to_canvas
 
 
 class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
@@ -160,8 +161,7 @@ class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             return pixel_values
         s = self.image_size
         rows, cols = canvas_crops(self._canvas(self.source_size, len(pixel_values) - 1), s)
-        crops = pixel_values[1:].reshape(rows, cols, 3, s, s)
-        return crops.permute(2, 0, 3, 1, 4).reshape(1, 3, rows * s, cols * s)
+        return tiles_to_canvas(pixel_values[1:], rows, cols)
 
     def processor_whole_image(self, image: ImageInput) -> torch.Tensor:
         """The processor's own whole image of ``image`` ``(1, 3, S, S)``, resized from the picture, which
@@ -233,7 +233,7 @@ class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             s, (rows, cols) = self.image_size, layout.crops
             if whole_images is None:  # bilinear with antialiasing, as the processor's resize
                 whole_images = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-            crops = x.reshape(b, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, s, s)
+            crops = canvas_to_tiles(x, rows, cols)
             x = torch.cat([whole_images.to(x).expand(b, -1, -1, -1)[:, None], crops], dim=1).flatten(0, 1)
         inputs["pixel_values"] = x.to(next(self.vision_tower.parameters()).dtype)
         return inputs

@@ -52,7 +52,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
@@ -60,6 +59,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
+from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
 
 IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 VIEWS = ("tiles", "global", "combined")
@@ -190,11 +190,10 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt",
                                                  return_row_col_info=True)
         rows, cols = int(encoded["rows"][0][0]), int(encoded["cols"][0][0])
-        pixel_values, s = encoded["pixel_values"].float(), self.tile_size
+        pixel_values = encoded["pixel_values"].float()
         if rows == 0:
             return pixel_values[:, 0]
-        tiles = pixel_values[0, :rows * cols]
-        return tiles.reshape(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, rows * s, cols * s)
+        return tiles_to_canvas(pixel_values[0, :rows * cols], rows, cols)
 
     def processor_global_image(self, image: ImageInput) -> torch.Tensor:
         """The processor's own global image of ``image`` ``(1, 3, tile, tile)`` (resized from the uint8 canvas), which
@@ -220,10 +219,8 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             mode, lanczos = tvF.InterpolationMode.BICUBIC, False
         on_cpu = lanczos and x.device.type != "cpu"  # the processor resizes with LANCZOS on the CPU only
         resized = x.cpu() if on_cpu else x
-        mean, std = self.image_mean.to(resized), self.image_std.to(resized)
         for size in ([x.shape[2], self.tile_size], [self.tile_size, self.tile_size]):
-            resized = tvF.resize(resized, size, interpolation=mode, antialias=True)
-            resized = torch.maximum(torch.minimum(resized, (1 - mean) / std), -mean / std)
+            resized = self.clip_to_pixels(tvF.resize(resized, size, interpolation=mode, antialias=True))
         return resized.to(x.device)
 
     # ----------------------------------------------------------------------------------------- layout
@@ -279,8 +276,7 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
         if layout.split:
-            s, (rows, cols) = self.tile_size, layout.tiles
-            tiles = x.reshape(b, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, s, s)
+            tiles = canvas_to_tiles(x, *layout.tiles)
             whole = self.global_image(x) if global_images is None else global_images.to(x).expand(b, -1, -1, -1)
             images = torch.cat([tiles, whole[:, None]], dim=1)
         else:
@@ -330,16 +326,9 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         b, _, count, channels = tokens.shape
         side = math.isqrt(count)
         grids = tokens.reshape(b, -1, side, side, channels)
-        whole = grids[:, -1].permute(0, 3, 1, 2)
         if not layout.split:
-            return whole
-        rows, cols = layout.tiles
-        tiles = grids[:, :-1].reshape(b, rows, cols, side, side, channels).permute(0, 5, 1, 3, 2, 4)
-        tiles = tiles.reshape(b, channels, rows * side, cols * side)
-        if self.view == "tiles":
-            return tiles
-        spread = F.interpolate(whole, size=tiles.shape[2:], mode="bilinear", align_corners=False)
-        return spread if self.view == "global" else torch.cat([tiles, spread], dim=1)
+            return grids[:, -1].permute(0, 3, 1, 2)
+        return place_tile_views(*tile_grids(grids, layout.tiles), self.view)
 
     # ----------------------------------------------------------------------------------------- attention
     def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:

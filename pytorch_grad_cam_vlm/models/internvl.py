@@ -56,6 +56,7 @@ from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
+from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
 
 VIEWS = ("tiles", "thumbnail", "combined")
 
@@ -93,26 +94,6 @@ class InternVLLayout:
     def thumbnail_positions(self) -> torch.Tensor:
         """Positions of the thumbnail's tokens in raster order (none for a one-tile canvas)."""
         return self.image_positions[self.tiles[0] * self.tiles[1] * self.token_grid ** 2:]
-
-
-def tile_grids(per_image: torch.Tensor, tiles: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(B, images, n, n, C)`` grids of the tiles (raster order) and the thumbnail to the tiles' ``(B, C, rows * n,
-    cols * n)`` grid of the canvas and the thumbnail's ``(B, C, n, n)`` (``None`` when there is none)."""
-    b, images, n, _, channels = per_image.shape
-    rows, cols = tiles
-    canvas = per_image[:, :rows * cols].reshape(b, rows, cols, n, n, channels).permute(0, 5, 1, 3, 2, 4)
-    canvas = canvas.reshape(b, channels, rows * n, cols * n)
-    thumbnail = per_image[:, -1].permute(0, 3, 1, 2) if images > rows * cols else None
-    return canvas, thumbnail
-
-
-def place_tile_views(tiles: torch.Tensor, thumbnail: Optional[torch.Tensor], view: str) -> torch.Tensor:
-    """The map grid of ``view`` on the canvas: the tiles' grid, the thumbnail's resized (bilinear) over it, or both
-    stacked as channels; a one-tile canvas (no thumbnail) gives its tile's grid under every view."""
-    if thumbnail is None or view == "tiles":
-        return tiles
-    resized = F.interpolate(thumbnail, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
-    return resized if view == "thumbnail" else torch.cat([tiles, resized], dim=1)
 
 
 class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
@@ -213,8 +194,7 @@ class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             raise RuntimeError(f"The processor made {len(pixel_values)} images of a {rows}x{cols} tiling where the "
                                f"wrapper expects {rows * cols} tiles and a thumbnail: this image processor "
                                f"({type(image_processor).__name__}) tiles differently.")
-        tiles = pixel_values[:rows * cols].float()
-        return tiles.reshape(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, rows * s, cols * s)
+        return tiles_to_canvas(pixel_values[:rows * cols].float(), rows, cols)
 
     def processor_thumbnail(self, image: ImageInput) -> torch.Tensor:
         """The processor's own thumbnail of ``image``, ``(1, 3, s, s)``: resized from the original picture, which
@@ -267,13 +247,12 @@ class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
         s, (rows, cols) = self.tile_size, layout.tiles
-        images = x.reshape(b, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, s, s)
+        images = canvas_to_tiles(x, rows, cols)
         if layout.thumbnail:
             if thumbnails is None:
-                thumbnails = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
                 # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
-                low, high = -self.image_mean / self.image_std, (1 - self.image_mean) / self.image_std
-                thumbnails = torch.maximum(torch.minimum(thumbnails, high.to(x)), low.to(x))
+                thumbnails = self.clip_to_pixels(F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
+                                                               antialias=True))
             images = torch.cat([images, thumbnails.to(x).expand(b, -1, -1, -1)[:, None]], dim=1)
         elif thumbnails is not None:
             raise ValueError("A one-tile canvas has no thumbnail: call model_inputs(x) without thumbnails.")
@@ -350,22 +329,8 @@ class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             return layout.tile_positions, index
         return layout.thumbnail_positions, index % channels
 
-    def ablation_layer(self) -> InternVLAblationLayer:
+    def ablation_layer(self) -> ViewAblationLayer:
         """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
         the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return InternVLAblationLayer(self)
+        return ViewAblationLayer(self)
 
-
-class InternVLAblationLayer(ViewAblationLayer):
-    """:class:`ViewAblationLayer` that tells decoder layers by their length and width, not by the length alone,
-    which a vision block's output may share."""
-
-    def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
-        hidden = activations[0] if isinstance(activations, tuple) else activations
-        wrapper = self._wrapper[0]
-        if tuple(hidden.shape[1:]) != wrapper.hidden_shapes()["decoder"][1:]:
-            wrapper._put_back_layers()  # AblationCAM has put this layer in the model: take it out before refusing
-            raise ValueError("InternVL's ablation layer ablates decoder layers (B, seq, C); vision blocks and the "
-                             "projector are not supported by AblationCAM here (the model's layers are back in "
-                             "place): use a gradient or score method for them.")
-        super().set_next_batch(input_batch_index, activations, num_channels_to_ablate)

@@ -50,6 +50,7 @@ from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box,
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
+from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, tiles_to_canvas
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
@@ -63,7 +64,9 @@ class ViewAblationLayer(TokenAblationLayer):
     def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
         hidden = activations[0] if isinstance(activations, tuple) else activations
         wrapper = self._wrapper[0]
-        if hidden.dim() != 3 or hidden.shape[1] != wrapper.layout.sequence_length:
+        # Told by length and width: a vision block's rows can be as long as a short prompt (InternVL's one tile).
+        decoder = (wrapper.layout.sequence_length, wrapper.model.config.text_config.hidden_size)
+        if hidden.dim() != 3 or tuple(hidden.shape[1:]) != decoder:
             wrapper._put_back_layers()  # AblationCAM has put this layer in the model: take it out before refusing
             raise ValueError("ViewAblationLayer ablates decoder layers (B, seq, C); vision blocks and the projector "
                              "are not supported by AblationCAM here (the model's layers are back in place): use a "
@@ -181,10 +184,9 @@ class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             return pixel_values
         height, width = (int(v) for v in encoded["image_sizes"][0])
         canvas_h, canvas_w = self.canvas_size((height, width))
-        rows, cols, s = canvas_h // self.tile_size, canvas_w // self.tile_size, self.tile_size
-        tiles = pixel_values[0, 1:1 + rows * cols]
+        rows, cols = canvas_h // self.tile_size, canvas_w // self.tile_size
         self.source_size = (height, width)
-        return tiles.reshape(rows, cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, canvas_h, canvas_w)
+        return tiles_to_canvas(pixel_values[0, 1:1 + rows * cols], rows, cols)
 
     def processor_base_image(self, image: ImageInput) -> torch.Tensor:
         """The processor's own base image of ``image`` (anyres models), ``(1, 3, s, s)``: resized from the original
@@ -274,12 +276,10 @@ class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             s, (rows, cols) = self.tile_size, layout.tiles
             if base_images is None:
                 y0, x0, h, w = layout.content_box
-                base_images = F.interpolate(x[:, :, y0:y0 + h, x0:x0 + w], size=(s, s), mode="bicubic",
-                                            align_corners=False, antialias=True)
                 # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
-                low, high = -self.image_mean / self.image_std, (1 - self.image_mean) / self.image_std
-                base_images = torch.maximum(torch.minimum(base_images, high.to(x)), low.to(x))
-            tiles = x.reshape(b, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, 3, s, s)
+                base_images = self.clip_to_pixels(F.interpolate(x[:, :, y0:y0 + h, x0:x0 + w], size=(s, s),
+                                                                mode="bicubic", align_corners=False, antialias=True))
+            tiles = canvas_to_tiles(x, rows, cols)
             x = torch.cat([base_images.to(x).expand(b, -1, -1, -1)[:, None], tiles], dim=1)
             inputs["image_sizes"] = torch.tensor([layout.source_size] * b, device=device)
             if self.family == "llava_onevision":  # one image per sample: the model tiles it

@@ -1,0 +1,45 @@
+"""The canvas of tiles that the tiled families share (LLaVA's anyres, Gemma 3's pan-and-scan crops, InternVL,
+Idefics3): a picture's tiles of ``s x s`` pixels put side by side in raster order, cut again for the model, and token
+grids of the tiles and of one whole-picture image (a thumbnail, a global image) placed back on it."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def canvas_to_tiles(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Canvases ``(B, C, rows * s, cols * s)`` to their tiles ``(B, rows * cols, C, s, s)`` in raster order."""
+    b, channels, height, width = x.shape
+    s = height // rows
+    return x.reshape(b, channels, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, channels, s, s)
+
+
+def tiles_to_canvas(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Tiles ``(rows * cols, C, s, s)`` in raster order, as a processor returns them, to their canvas
+    ``(1, C, rows * s, cols * s)``."""
+    _, channels, s, _ = tiles.shape
+    return tiles.reshape(rows, cols, channels, s, s).permute(2, 0, 3, 1, 4).reshape(1, channels, rows * s, cols * s)
+
+
+def tile_grids(per_image: torch.Tensor, tiles: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(B, images, n, n, C)`` grids of the tiles (raster order) and, last, of a whole-picture image, to the tiles'
+    ``(B, C, rows * n, cols * n)`` grid of the canvas and the whole image's ``(B, C, n, n)`` (``None`` when there is
+    none)."""
+    b, images, n, _, channels = per_image.shape
+    rows, cols = tiles
+    canvas = per_image[:, :rows * cols].reshape(b, rows, cols, n, n, channels).permute(0, 5, 1, 3, 2, 4)
+    canvas = canvas.reshape(b, channels, rows * n, cols * n)
+    whole = per_image[:, -1].permute(0, 3, 1, 2) if images > rows * cols else None
+    return canvas, whole
+
+
+def place_tile_views(tiles: torch.Tensor, whole: Optional[torch.Tensor], view: str) -> torch.Tensor:
+    """The map grid of ``view`` on the canvas: ``"tiles"`` the tiles' grid, ``"combined"`` both stacked as channels
+    (grad-cam's channel sum adds them before its ReLU), any other view the whole image's grid resized (bilinear)
+    over the canvas; with no whole image, the tiles' grid under every view."""
+    if whole is None or view == "tiles":
+        return tiles
+    resized = F.interpolate(whole, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
+    return torch.cat([tiles, resized], dim=1) if view == "combined" else resized
