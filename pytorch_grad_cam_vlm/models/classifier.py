@@ -153,8 +153,8 @@ def cnn_layers(model: torch.nn.Module, size: int) -> Tuple[List[torch.nn.Module]
     candidate (a ResNet stage: the whole ``layerN``)."""
     sequence, tail = feature_sequence(model)
     shapes, classes = output_shapes(model, sequence + tail, size)
-    ran = [shape is not None for shape in shapes]  # an auxiliary head does not run in eval mode
-    sequence, tail = ([m for m, r in zip(part, ran[offset:]) if r] for part, offset in ((sequence, 0), (tail, len(sequence))))
+    ran = [shape is not None for shape in shapes]  # an auxiliary head does not run in eval mode: left out
+    sequence, tail = [m for m, r in zip(sequence, ran) if r], [m for m, r in zip(tail, ran[len(sequence):]) if r]
     shapes = [shape for shape in shapes if shape is not None]
     spatial = [len(s) == 4 and s[2] * s[3] > 1 if s else False for s in shapes]
     picks = [k for k in range(len(sequence)) if spatial[k]

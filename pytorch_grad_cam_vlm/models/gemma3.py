@@ -10,9 +10,9 @@ What the family changes, and where it is handled:
 - **Text side.** The processor rewrites the chat template's ``<start_of_image>`` into ``\\n\\n<start_of_image>`` +
   the image tokens + ``<end_of_image>\\n\\n`` and returns ``token_type_ids`` (1 at image tokens), from which the model
   builds a mask where each image's tokens attend to each other both ways: the wrapper passes the processor's text
-  inputs whole (left out, the tiny test model's logits move by up to 0.11). The chat template writes ``<bos>`` itself; the processor's tokenizer
-  adds one too, so :meth:`~Gemma3Wrapper.chat_text` leaves the template's out and the tokens equal
-  ``processor.apply_chat_template(..., tokenize=True)``'s.
+  inputs whole (left out, the tiny test model's logits move by up to 0.11). The chat template writes ``<bos>``
+  itself; the processor's tokenizer adds one too, so :meth:`~Gemma3Wrapper.chat_text` leaves the template's out and
+  the tokens equal ``processor.apply_chat_template(..., tokenize=True)``'s.
 - **Decoder.** Scaled embeddings, sliding-window and global layers; the last layer's image positions get no gradient
   (:attr:`~Gemma3Wrapper.last_layer_blank`), as for every decoder here.
 - **Pan-and-scan** (``pan_and_scan=True``, the processor's ``do_pan_and_scan``): the whole picture and 2-4 crops,
@@ -45,10 +45,10 @@ from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids, place_views
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 
 
-class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
+class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     """Gemma 3 as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)`` as :meth:`preprocess` makes them: the square image at the
@@ -70,6 +70,7 @@ class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """
 
     ablation_layer_type = TokenAblationLayer
+    views = VIEWS
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -107,19 +108,7 @@ class Gemma3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         self.answer_reduction = "sum"
         self.set_answer(answer, answer_reduction)
 
-    # ----------------------------------------------------------------------------------------- options and layers
-    @property
-    def view(self) -> str:
-        """Which image tokens draw the maps with pan-and-scan crops: ``"crops"``, ``"whole"`` or ``"combined"``
-        (without crops there is one image: its maps are the same under each)."""
-        return self._view
-
-    @view.setter
-    def view(self, value: str) -> None:
-        if value not in VIEWS:
-            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {value!r}.")
-        self._view = value
-
+    # ----------------------------------------------------------------------------------------- layers
     @property
     def vision_blocks(self) -> List[torch.nn.Module]:
         """The SigLIP encoder's layers, outputs ``(B x images, patches, C)``: one row per patch (14 px)."""

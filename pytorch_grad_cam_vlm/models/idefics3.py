@@ -59,7 +59,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
 
 IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 VIEWS = ("tiles", "global", "combined")
@@ -99,7 +99,7 @@ class TileLayout:
         return self.image_positions[-self.grid ** 2:]
 
 
-class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
+class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     """Idefics3, SmolVLM or SmolVLM2 as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised canvases ``(B, 3, H, W)`` as :meth:`preprocess` makes them (the processor's tiles
@@ -119,6 +119,7 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """
 
     ablation_layer_type = TokenAblationLayer
+    views = VIEWS
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -155,18 +156,7 @@ class Idefics3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         self.answer_reduction = "sum"
         self.set_answer(answer, answer_reduction)
 
-    # ----------------------------------------------------------------------------------------- options and layers
-    @property
-    def view(self) -> str:
-        """Which image tokens draw the maps: ``"tiles"``, ``"global"`` or ``"combined"``."""
-        return self._view
-
-    @view.setter
-    def view(self, value: str) -> None:
-        if value not in VIEWS:
-            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {value!r}.")
-        self._view = value
-
+    # ----------------------------------------------------------------------------------------- layers
     @property
     def vision_blocks(self) -> List[torch.nn.Module]:
         """The vision encoder's layers, outputs ``(B x images, (tile / patch)^2, C)``: the tiles, then the global

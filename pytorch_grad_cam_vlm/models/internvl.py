@@ -56,7 +56,7 @@ from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
 
 VIEWS = ("tiles", "thumbnail", "combined")
 
@@ -96,7 +96,7 @@ class InternVLLayout:
         return self.image_positions[self.tiles[0] * self.tiles[1] * self.token_grid ** 2:]
 
 
-class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
+class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     """InternVL (transformers' ``internvl``: InternVL2.5 and InternVL3 ``-hf`` checkpoints) as an image classifier
     over the vocabulary, for grad-cam.
 
@@ -112,6 +112,7 @@ class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """
 
     ablation_layer_type = TokenAblationLayer
+    views = VIEWS
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -148,18 +149,6 @@ class InternVLWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         self.answer: Optional[AnswerInput] = None
         self.answer_reduction = "sum"
         self.set_answer(answer, answer_reduction)
-
-    # ----------------------------------------------------------------------------------------- options
-    @property
-    def view(self) -> str:
-        """Which image tokens draw the maps: ``"tiles"``, ``"thumbnail"`` or ``"combined"``."""
-        return self._view
-
-    @view.setter
-    def view(self, value: str) -> None:
-        if value not in VIEWS:
-            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {value!r}.")
-        self._view = value
 
     # ----------------------------------------------------------------------------------------- layers
     @property

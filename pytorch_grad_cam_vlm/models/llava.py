@@ -50,7 +50,7 @@ from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box,
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import canvas_to_tiles, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
@@ -82,7 +82,7 @@ class ViewAblationLayer(TokenAblationLayer):
         return (output,) if self.returns_tuple else output
 
 
-class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
+class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     """LLaVA 1.5, LLaVA-NeXT or LLaVA-OneVision as an image classifier over the vocabulary, for grad-cam.
 
     ``forward(x)`` takes normalised images ``(B, 3, H, W)``, as :meth:`preprocess` makes them: LLaVA 1.5's square crop
@@ -101,6 +101,7 @@ class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     """
 
     ablation_layer_type = TokenAblationLayer
+    views = VIEWS
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -139,19 +140,6 @@ class LlavaWrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         self.answer: Optional[AnswerInput] = None
         self.answer_reduction = "sum"
         self.set_answer(answer, answer_reduction)
-
-    # ----------------------------------------------------------------------------------------- options
-    @property
-    def view(self) -> str:
-        """Which image tokens draw the maps of an anyres model: ``"tiles"``, ``"base"`` or ``"combined"``
-        (LLaVA 1.5 has one image: its maps are the same under each)."""
-        return self._view
-
-    @view.setter
-    def view(self, value: str) -> None:
-        if value not in VIEWS:
-            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {value!r}.")
-        self._view = value
 
     # ----------------------------------------------------------------------------------------- layers
     @property

@@ -43,3 +43,21 @@ def place_tile_views(tiles: torch.Tensor, whole: Optional[torch.Tensor], view: s
         return tiles
     resized = F.interpolate(whole, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
     return torch.cat([tiles, resized], dim=1) if view == "combined" else resized
+
+
+class TileViews:
+    """The ``view`` option of a tiled family's wrapper: which image tokens draw its maps, one of the class's
+    ``views`` (the tiles, the whole-picture image, or ``"combined"``); with one image, the maps are the same under
+    each."""
+
+    views: Tuple[str, ...]
+
+    @property
+    def view(self) -> str:
+        return self._view
+
+    @view.setter
+    def view(self, value: str) -> None:
+        if value not in self.views:
+            raise ValueError(f"view must be one of {', '.join(self.views)}, got {value!r}.")
+        self._view = value
