@@ -43,7 +43,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids, place_views
+from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 
@@ -266,7 +266,8 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid: expected "
                              f"({b}, {layout.sequence_length}, C) from a decoder layer, ({b * images}, {patches}, C) "
                              f"from a vision block or ({b * images}, {self.grid ** 2}, C) from the projector.")
-        return place_views(*image_grids(tokens.float(), layout), self.view)
+        whole, crops = image_grids(tokens.float(), layout)
+        return self.place_views(crops, whole)
 
     # ----------------------------------------------------------------------------------------- attention
     def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:

@@ -59,7 +59,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
 IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 VIEWS = ("tiles", "global", "combined")
@@ -318,7 +318,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         grids = tokens.reshape(b, -1, side, side, channels)
         if not layout.split:
             return grids[:, -1].permute(0, 3, 1, 2)
-        return place_tile_views(*tile_grids(grids, layout.tiles), self.view)
+        return self.place_views(*tile_grids(grids, layout.tiles))
 
     # ----------------------------------------------------------------------------------------- attention
     def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:

@@ -36,9 +36,9 @@ changes to the canvas do not reach.
 rectangle of the canvas), ``"thumbnail"`` (the thumbnail's tokens over the whole canvas, resized bilinearly) or
 ``"combined"`` (default: both, stacked as channels ``(B, 2C, h, w)``, so that grad-cam's channel sum gives the sum of
 the two maps before its ReLU, as LLaVA's anyres views do, see :mod:`pytorch_grad_cam_vlm.models.anyres`). A one-tile
-canvas has no thumbnail: its one tile is the whole picture, and every view draws it. The placing is written here
-rather than with ``anyres.place_views``: InternVL has no letterbox, unpadding or newline tokens, and its vision blocks
-lie on a grid finer than its tokens.
+canvas has no thumbnail: its one tile is the whole picture, and every view draws it. The placing is
+:mod:`pytorch_grad_cam_vlm.models.tiles`' (shared with Gemma 3 and Idefics3), not LLaVA's ``anyres.place_views``:
+InternVL has no letterbox, unpadding or newline tokens.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, place_tile_views, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
 VIEWS = ("tiles", "thumbnail", "combined")
 
@@ -282,7 +282,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             hidden = hidden[:, hidden.shape[1] - n * n:]
         per_image = hidden.reshape(b, layout.image_count, n, n, -1)
         tiles, thumbnail = tile_grids(per_image.float(), layout.tiles)
-        return place_tile_views(tiles, thumbnail, self.view)
+        return self.place_views(tiles, thumbnail)
 
     def hidden_shapes(self) -> Dict[str, Tuple[int, int, int]]:
         """The shapes of the hidden states of the latest forward pass: ``"decoder"`` ``(B, seq, C_text)``,

@@ -10,7 +10,7 @@ tokens per image, the whole picture's first ("Here is the original image ... and
 
 The wrapper's input is the *canvas*: the processor's crops side by side, ``(S, n S)`` or ``(n S, S)`` for the
 encoder's size ``S``; without crops, the one ``S x S`` image. The maps lie on the canvas's grid of crop tokens
-(:func:`place_views`):
+(:meth:`~pytorch_grad_cam_vlm.models.tiles.TileViews.place_views`):
 
 - ``"crops"`` (fine): each crop's ``g x g`` tokens on its square of the canvas;
 - ``"whole"`` (coarse): the whole picture's ``g x g`` tokens, resized (bilinear) onto the canvas's grid;
@@ -21,11 +21,13 @@ Without crops every view is the one image's ``g x g`` grid.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from pytorch_grad_cam_vlm.models.tiles import tile_grids
 
 VIEWS = ("crops", "whole", "combined")
 
@@ -80,19 +82,7 @@ def image_grids(tokens: torch.Tensor, layout: Gemma3Layout) -> Tuple[torch.Tenso
     """``(B, images, side * side, C)`` rows (tokens, or an encoder's patches) to the whole picture's
     ``(B, C, side, side)`` grid and the crops' ``(B, C, rows * side, cols * side)`` grid (``None`` without crops)."""
     b, _, count, channels = tokens.shape
-    side = int(round(count ** 0.5))
+    side = math.isqrt(count)
     grids = tokens.reshape(b, layout.image_count, side, side, channels)
     whole = grids[:, 0].permute(0, 3, 1, 2)
-    if not layout.has_crops:
-        return whole, None
-    rows, cols = layout.crops
-    crops = grids[:, 1:].reshape(b, rows, cols, side, side, channels).permute(0, 5, 1, 3, 2, 4)
-    return whole, crops.reshape(b, channels, rows * side, cols * side)
-
-
-def place_views(whole: torch.Tensor, crops: Optional[torch.Tensor], view: str) -> torch.Tensor:
-    """The map grid of ``view`` (see the module's docstring): the one image's grid without crops."""
-    if crops is None:
-        return whole
-    spread = F.interpolate(whole, size=crops.shape[2:], mode="bilinear", align_corners=False)
-    return {"crops": crops, "whole": spread, "combined": torch.cat([crops, spread], dim=1)}[view]
+    return whole, tile_grids(grids[:, 1:], layout.crops)[0] if layout.has_crops else None

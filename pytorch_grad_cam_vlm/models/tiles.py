@@ -35,16 +35,6 @@ def tile_grids(per_image: torch.Tensor, tiles: Tuple[int, int]) -> Tuple[torch.T
     return canvas, whole
 
 
-def place_tile_views(tiles: torch.Tensor, whole: Optional[torch.Tensor], view: str) -> torch.Tensor:
-    """The map grid of ``view`` on the canvas: ``"tiles"`` the tiles' grid, ``"combined"`` both stacked as channels
-    (grad-cam's channel sum adds them before its ReLU), any other view the whole image's grid resized (bilinear)
-    over the canvas; with no whole image, the tiles' grid under every view."""
-    if whole is None or view == "tiles":
-        return tiles
-    resized = F.interpolate(whole, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
-    return torch.cat([tiles, resized], dim=1) if view == "combined" else resized
-
-
 class TileViews:
     """The ``view`` option of a tiled family's wrapper: which image tokens draw its maps, one of the class's
     ``views`` (the tiles, the whole-picture image, or ``"combined"``); with one image, the maps are the same under
@@ -61,3 +51,15 @@ class TileViews:
         if value not in self.views:
             raise ValueError(f"view must be one of {', '.join(self.views)}, got {value!r}.")
         self._view = value
+
+    def place_views(self, tiles: Optional[torch.Tensor], whole: Optional[torch.Tensor]) -> torch.Tensor:
+        """The map grid of :attr:`view` on the canvas from the tiles' grid ``(B, C, h, w)`` and the whole-picture
+        image's ``(B, C, n, n)``: the first of ``views`` the tiles' grid, the second the whole image's resized
+        (bilinear) over it, ``"combined"`` both stacked as channels (grad-cam's channel sum adds them before its
+        ReLU); with one of them missing (one image), the other under every view."""
+        if tiles is None or whole is None:
+            return whole if tiles is None else tiles
+        if self.view == self.views[0]:
+            return tiles
+        resized = F.interpolate(whole, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
+        return torch.cat([tiles, resized], dim=1) if self.view == "combined" else resized
