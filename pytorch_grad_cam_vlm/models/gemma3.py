@@ -227,19 +227,6 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         inputs["pixel_values"] = x.to(next(self.vision_tower.parameters()).dtype)
         return inputs
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
-        its tokens ``(B, A, vocab)``."""
-        self._check_images(x, self.token_cell)
-        layout = self.layout_for(x.shape[2], x.shape[3])
-        self.layout, self.batch_size = layout, x.shape[0]
-        n_answer = 0 if layout.answer_ids is None else len(layout.answer_ids)
-        self._warn_if_last_layer_hooked()
-        with self._explaining(x, self._stages()) as x:
-            output = self.model(**self.model_inputs(x), logits_to_keep=n_answer + 1, use_cache=False)
-        logits = output.logits.float()
-        return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
-
     def _stages(self) -> list:
         """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
         return self.vision_blocks + [self.projector] + self.decoder_layers
