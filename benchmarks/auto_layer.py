@@ -1,12 +1,12 @@
 """Which method and layer to trust, measured on the trained demo models: the pointing game of every method x decoder
-layer, of occlusion, and of choosing per image by the deletion check (``auto``) over several candidate method lists;
-and how well the check flags blank, inverted and the default's own maps.
+layer, of occlusion, and of choosing per image by the deletion check's total (``auto``) over several candidate method
+lists; and how well the check flags blank, inverted and the default's own maps.
 
     python benchmarks/auto_layer.py --models demo,crosses --n 200      # writes benchmarks/auto_layer.md and .csv
 
 Every method's maps of every layer come from one sweep pass per sample (equal to single-layer calls, tested in
-tests/methods/test_sweep.py), and every map is checked once; the ``auto`` rows take, per image, the best-checked map
-among a candidate list, so each candidate list is scored on the same maps.
+tests/methods/test_sweep.py), and every map is checked once; the ``auto`` rows take, per image, the map of the
+highest check total among a candidate list, so each candidate list is scored on the same maps.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pytorch_grad_cam_vlm.methods.catalog import resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, check_maps
 
-METHODS = ("GradCAM", "HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM")
+METHODS = ("GradCAM", "HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM", "GradCAMElementWise")
 
 
 def tasks() -> Dict[str, tuple]:
@@ -94,15 +94,15 @@ def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str
         for size in (1, 2, 3, 4):
             for subset in combinations(METHODS, size):
                 candidates = [(m, k) for m in subset for k in layers]
-                scores = np.array([scored[c][1].score for c in candidates])
-                best = candidates[int(np.nanargmax(scores))] if not np.all(np.isnan(scores)) else candidates[0]
+                totals = np.array([scored[c][1].total for c in candidates])
+                best = candidates[int(np.nanargmax(totals))] if not np.all(np.isnan(totals)) else candidates[0]
                 cam_map, check = scored[best]
                 add("auto: " + "+".join(subset), None, pointing_hit(cam_map, sample.evidence_box, tolerance),
                     any(pointing_hit(cam_map, b, tolerance) for b in sample.distractor_boxes), check.failed)
         # The default's map (AUTO_METHODS) inverted must fail; a flat map must be blank.
         default = [(m, k) for m in AUTO_METHODS for k in layers]
-        scores = np.array([scored[c][1].score for c in default])
-        good = scored[default[int(np.nanargmax(scores))]][0]
+        totals = np.array([scored[c][1].total for c in default])
+        good = scored[default[int(np.nanargmax(totals))]][0]
         inverted, blank = check_maps(wrapper, x, np.stack([1 - good, np.full_like(good, 0.3)]), target, fractions,
                                      fill)
         inverted_flagged += inverted.failed
@@ -157,8 +157,9 @@ def main() -> None:
         writer.writerows(table)
     header = (f"Pointing game (tolerance 14 px) on {args.n} held-out samples per model (seed {args.seed}); "
               "`flagged`: share of maps that fail the deletion check (blank or inverted; fractions "
-              f"{args.fractions}, {args.fill} fill); `auto: A+B`: per image, the best-checked map among methods A, B "
-              f"at every candidate layer; CPU, {torch.get_num_threads()} thread(s). Written by "
+              f"{args.fractions}, {args.fill} fill); `auto: A+B`: per image, the map of the highest check total "
+              "(score + peak drop) among methods A, B at every candidate layer; CPU, "
+              f"{torch.get_num_threads()} thread(s). Written by "
               f"`python benchmarks/auto_layer.py --n {args.n} --fractions {args.fractions} --fill {args.fill}`.")
     with open(os.path.join(args.out, "auto_layer.md"), "w") as f:
         f.write(markdown(table, header))

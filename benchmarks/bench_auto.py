@@ -55,7 +55,7 @@ def main() -> None:
     for name, (load, make) in tasks().items():
         models[name] = load()
     image = (np.random.RandomState(0).rand(SIZE, SIZE, 3) * 255).astype(np.uint8)
-    print(f"| model | decoder layers | auto: methods x layers | auto s | occlusion s | occlusion / auto |")
+    print("| model | decoder layers | auto: methods x layers | auto s | occlusion s | occlusion / auto |")
     print("|---|---|---|---|---|---|")
     for name, (model, processor) in models.items():
         wrapper = QwenVLWrapper(model, at_size(processor, SIZE), prompt="What shape is the red object?")

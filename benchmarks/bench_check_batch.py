@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from auto_layer import tasks

@@ -1,11 +1,11 @@
-"""How often the cheap deletion check (mean fill, one pass of 2 images per map) and ROAD (noisy linear imputation,
+"""How often the cheap deletion check (mean fill, 2 images per fraction and map) and ROAD (noisy linear imputation,
 18 images per map) agree on the sign of a map's faithfulness, on the demo models.
 
     python benchmarks/deletion_check_vs_road.py --n 40       # writes benchmarks/deletion_check_vs_road.md
 
 ROAD combined = (mean LeRF - mean MoRF) / 2 over percentiles 10..90, ties of the map broken in a seeded random order
-as the benchmark does; the check's score is positive when removing the map's top 20 % hurts more than its bottom
-20 %. Both are positive for a faithful map.
+as the benchmark does; the check's score (its default fractions) is positive when removing the map's top share hurts
+more than removing its bottom share. Both are positive for a faithful map.
 """
 from __future__ import annotations
 

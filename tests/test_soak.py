@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from conftest import model_state, random_image
 from PIL import Image
 from pytorch_grad_cam import GradCAM

@@ -57,7 +57,8 @@ def run_classify(args: argparse.Namespace) -> int:
                              confidence=round(result["confidence"], 6), method=result["method"],
                              layer=result["layer"], map=os.path.basename(map_path),
                              overlay=os.path.basename(overlay_path),
-                             check=None if check.blank else round(check.score, 6), verdict=check.verdict,
+                             check=None if check.blank else round(check.score, 6),
+                             peak_drop=None if check.blank else round(check.peak_drop, 6), verdict=check.verdict,
                              warning=warning))
         write_report(rows, staging)
     print(f"Explained {len(rows)} image(s) of {args.model}; wrote {2 * len(rows) + 2} files to {args.out}, listed in "

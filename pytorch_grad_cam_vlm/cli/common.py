@@ -135,6 +135,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                    notes=[check_note(c) for c in checks], title=chosen)
     return dict(image=source, predicted_token=label, probability=round(probability, 6), method=result.methods[0],
                 mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
+                peak_drop=[round(c.peak_drop, 6) for c in checks],
                 verdict=[c.verdict for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
                 f"{','.join(map(str, result.candidate_layers))}", warning=" ".join(warnings), note=image_note(image),
                 files=[os.path.basename(f) for f in files])

@@ -115,7 +115,8 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
             rows.append(dict(image=image, answer=result.text, tokens=list(result.tokens),
                              probabilities=[round(float(p), 6) for p in result.probabilities],
                              method=method_cls.__name__, mode="per-token", layers=[layer],
-                             check=[round(whole.checks[0].score, 6)], verdict=[whole.checks[0].verdict],
+                             check=[round(whole.checks[0].score, 6)],
+                             peak_drop=[round(whole.checks[0].peak_drop, 6)], verdict=[whole.checks[0].verdict],
                              files=[os.path.basename(figure), os.path.basename(maps)]))
         write_report(rows, staging)
     chosen = sorted({(row["method"], row["layers"][0]) for row in rows})
@@ -134,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--texts", nargs="+", help="captions for CLIP / SigLIP models")
     parser.add_argument("--method", default="auto",
                          help="grad-cam method by class name, or its Smooth twin (e.g. SmoothGradCAM); default auto: "
-                              f"the one of {', '.join(AUTO_METHODS)} whose map scores best on the deletion check")
+                              f"the one of {', '.join(AUTO_METHODS)} whose map ranks best on the deletion check (its "
+                              "score plus the drop when the map's peak is removed)")
     parser.add_argument("--layers", default="auto",
                          help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7; default auto: every usable layer "
                               "(a spread of 8 for deeper models), the single mode drawing the one whose map scores "

@@ -277,16 +277,14 @@ def page_result(view, x: torch.Tensor, result: Explanation, targets: list, metho
     chosen method's map at every usable layer (the strip)."""
     m = result.candidate_methods.index(result.methods[0])
     layer, check = result.layers[0], result.checks[0]
-    ranked = sorted(range(len(result.candidate_layers)), key=lambda p: -np.nan_to_num(
-        result.candidate_checks[0][m][p].score, nan=-np.inf))
-    best = next((f"layer {result.candidate_layers[p]}" for p in ranked
-                 if not result.candidate_checks[0][m][p].failed), None)
+    best = result.best_layer(0)
+    best = f"layer {best}" if best not in (None, layer) else None
     rgb = view.to_rgb(x)[0]
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
                 verdict=check.verdict, warning=failure_warning(request.name, f"{result.methods[0]} at layer {layer}",
-                                                               check, best if best != f"layer {layer}" else None) or "",
+                                                               check, best) or "",
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,

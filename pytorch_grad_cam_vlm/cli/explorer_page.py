@@ -17,8 +17,9 @@ WHOLE_ANSWER = -1  # the token chip of the whole answer
 # Small maps (a 112-pixel demo image) drawn at the panel's size, their pixels kept sharp.
 PAGE_CSS = "#overlay img, #image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
 INTRO = ("Upload an image (or click an example), ask a question and press **Explain**. The map shows where the model "
-         "looked to say its next token; `auto` picks the method and layer whose map scores best on the deletion check "
-         "(removing the map's most relevant pixels should hurt the answer more than removing its least relevant). "
+         "looked to say its next token; `auto` picks the method and layer whose map ranks best on the deletion check "
+         "(removing the map's most relevant pixels should hurt the answer more than removing its least relevant, "
+         "and removing the window around its peak should hurt it). "
          "Click a layer in the strip to explain at that layer.")
 
 
@@ -60,7 +61,7 @@ def build_page(explorer: Explorer, examples: List[List[str]]) -> gr.Blocks:
                                         visible=explorer.takes_prompt, elem_id="per-token")
                 with gr.Row():
                     method = gr.Dropdown(["auto"] + list(method_classes()), value="auto", label="Method",
-                                         info=f"auto: the best-checked of {', '.join(AUTO_METHODS)}",
+                                         info=f"auto: the best-ranked by the check of {', '.join(AUTO_METHODS)}",
                                          elem_id="method")
                     target = gr.Radio(list(explorer.targets), value=decoder, label="Layers of", elem_id="target")
                 with gr.Row():

@@ -1,6 +1,7 @@
 """The map to trust, chosen by measurement: every candidate layer's map of every candidate method from one sweep pass
 per method, each scored by the deletion check (:mod:`pytorch_grad_cam_vlm.metrics.deletion_check`) in batched
-forward passes, and the best-scoring map kept per image.
+forward passes, and the map of the highest ``total`` (the check's score plus the drop when its peak is removed) kept
+per image.
 
     result = explain(wrapper, x)                 # method="auto", layers="auto"
     result.maps[0], result.methods[0], result.layers[0], result.checks[0]
@@ -23,12 +24,13 @@ from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_la
 from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_BATCH_SIZE, DEFAULT_FRACTIONS, MapCheck,
                                                          check_maps, failure_warning)
 
-# The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_layer.md, 200 held-out
-# samples each): the best-checked map among these four points at the evidence 0.870 / 0.915 of the time (occlusion:
-# 0.760 / 1.000). GradCAM++ and LayerCAM lead on the demo model and fail on the crosses model (0.060 / 0.250), HiResCAM
-# and XGradCAM the other way round; GradCAM leads on neither and is left out. The best pair on one model is poor on
-# the other (GradCAM+LayerCAM: 0.920 on the demo model).
-AUTO_METHODS = ("HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM")
+# The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
+# held-out samples each): ranked by the check's total, the best map among these four points at the evidence
+# 0.905 / 0.990 (demo / crosses, seed 0) and 0.940 / 0.960 (seed 1) of the time (occlusion: 0.760 / 1.000); round 1's
+# list (HiResCAM in place of GradCAMElementWise) 0.890 / 0.975 and 0.910 / 0.940. GradCAM++ and LayerCAM lead on the
+# demo model and fail on the crosses model, XGradCAM and GradCAMElementWise the other way round; GradCAM leads on
+# neither (benchmarks/auto_layer.md).
+AUTO_METHODS = ("GradCAMPlusPlus", "LayerCAM", "XGradCAM", "GradCAMElementWise")
 # Models with at most this many usable layers try every one of them; deeper ones a spread of this many.
 CANDIDATE_LAYERS = 8
 
@@ -75,14 +77,14 @@ class Explanation:
 
     @property
     def scores(self) -> np.ndarray:
-        """The deletion check of each chosen map, ``(B,)`` (NaN where every candidate was blank)."""
+        """The deletion check's score of each chosen map, ``(B,)`` (NaN where every candidate was blank)."""
         return np.array([c.score for c in self.checks])
 
     def best_layer(self, image: int = 0, method: Optional[str] = None) -> Optional[int]:
         """The candidate layer whose map of ``method`` (default: the one chosen for ``image``) passes the check with
-        the highest score; ``None`` when none passes."""
+        the highest total; ``None`` when none passes."""
         checks = self.candidate_checks[image][self.candidate_methods.index(method or self.methods[image])]
-        passing = [(check.score, layer) for check, layer in zip(checks, self.candidate_layers) if not check.failed]
+        passing = [(check.total, layer) for check, layer in zip(checks, self.candidate_layers) if not check.failed]
         return max(passing)[1] if passing else None
 
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
@@ -95,8 +97,8 @@ class Explanation:
 
 
 def best_candidate(checks: Sequence[Sequence[MapCheck]]) -> tuple:
-    """``(m, l)`` of the highest check score among ``checks[m][l]``; the first candidate when all are blank."""
-    scores = np.array([[c.score for c in row] for row in checks], dtype=np.float64)
+    """``(m, l)`` of the highest check total among ``checks[m][l]``; the first candidate when all are blank."""
+    scores = np.array([[c.total for c in row] for row in checks], dtype=np.float64)
     if np.all(np.isnan(scores)):
         return 0, 0
     return tuple(int(i) for i in np.unravel_index(np.nanargmax(scores), scores.shape))
@@ -107,13 +109,13 @@ def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] =
             batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, options: Optional[dict] = None) -> Explanation:
     """Maps of ``x`` ``(B, 3, H, W)`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the
     model predicts), from each candidate method at each candidate layer of ``wrapper.layers``, scored by the
-    deletion check, the best per image kept.
+    deletion check, the highest ``total`` per image kept.
 
     ``method``: ``"auto"`` (:data:`AUTO_METHODS`), a method name or class, or a list. ``layers``: ``"auto"``
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`.
     ``fractions``, ``fill``, ``batch_size`` and ``seed`` go to the check. Each method runs one forward and one
     backward pass for all its layers; the check adds ``2 * len(fractions)`` forward images per map that is not
-    blank, in batches, and none for the clean image. ``options`` go to each method's constructor (a Smooth
+    blank, one per distinct peak and the clean image, in batches. ``options`` go to each method's constructor (a Smooth
     method's ``n_samples``, ...)."""
     classes = candidate_methods(method)
     n_layers = len(wrapper.layers)

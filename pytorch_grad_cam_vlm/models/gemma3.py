@@ -85,8 +85,6 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         if unknown:
             raise ValueError(f"pan_and_scan_options takes the processor's pan_and_scan_* keywords, got {unknown}.")
         super().__init__(model, processor, efficient_gradients)
-        self.prompt = prompt
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.processor_kwargs = {"do_pan_and_scan": bool(pan_and_scan), **options}  # for every processor call
         self.image_token_id = int(config.image_token_id)
         vision_config = config.vision_config
@@ -100,13 +98,9 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self.vision_tower, self._vision_blocks = find_vision_tower(model)
         self._gemma = next(m for m in model.modules() if hasattr(m, "multi_modal_projector"))
         self._watch_layers(self._decoder_layers, self._vision_blocks, self._gemma)
-        self._layouts: Dict[tuple, Gemma3Layout] = {}
-        self.layout: Optional[Gemma3Layout] = None  # of the latest forward pass, read by reshape_transform
         self.view = view
         self.source_size: Optional[Tuple[int, int]] = None  # (h, w) of the picture; preprocess sets it
-        self.answer: Optional[AnswerInput] = None
-        self.answer_reduction = "sum"
-        self.set_answer(answer, answer_reduction)
+        self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property

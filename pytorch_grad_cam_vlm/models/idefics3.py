@@ -131,8 +131,6 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
                              f"{self.family!r}.")
         check_prompt(prompt, (processor.image_token,))
         super().__init__(model, processor, efficient_gradients)
-        self.prompt = prompt
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.image_token_id = int(config.image_token_id)
         self.tile_size = int(processor.image_processor.max_image_size["longest_edge"])
         self.patch_size = int(config.vision_config.patch_size)
@@ -149,12 +147,8 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self.vision_model = self._idefics.vision_model
         _, self._vision_blocks = find_module_list(self.vision_model, "layers")
         self._watch_layers(self._decoder_layers, self._vision_blocks, self._idefics)
-        self._layouts: Dict[Tuple[int, int], TileLayout] = {}
-        self.layout: Optional[TileLayout] = None  # of the latest forward pass, read by reshape_transform
         self.view = view
-        self.answer: Optional[AnswerInput] = None
-        self.answer_reduction = "sum"
-        self.set_answer(answer, answer_reduction)
+        self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property

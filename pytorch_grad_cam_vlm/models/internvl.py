@@ -123,8 +123,6 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
                              f"{getattr(config, 'model_type', None)!r}.")
         check_prompt(prompt, (processor.image_token, processor.start_image_token))
         super().__init__(model, processor, efficient_gradients)
-        self.prompt = prompt
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         vision_config = config.vision_config
         self.tile_size = int(vision_config.image_size[0])
         self.patch_size = int(vision_config.patch_size[0])
@@ -143,12 +141,8 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         # Blocks after the deepest feature layer reach nothing (their gradient is zero): they are left out.
         self._vision_blocks = blocks[:feature_blocks(config.vision_feature_layer, len(blocks))[-1] + 1]
         self._watch_layers(self._decoder_layers, blocks, self._internvl)
-        self._layouts: Dict[Tuple[int, int], InternVLLayout] = {}
-        self.layout: Optional[InternVLLayout] = None  # of the latest forward pass, read by reshape_transform
         self.view = view
-        self.answer: Optional[AnswerInput] = None
-        self.answer_reduction = "sum"
-        self.set_answer(answer, answer_reduction)
+        self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property

@@ -113,8 +113,6 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             raise ValueError(f"LlavaWrapper supports model types {', '.join(LLAVA_FAMILIES)}, got {self.family!r}.")
         check_prompt(prompt, (getattr(processor, "image_token", "<image>"),))
         super().__init__(model, processor, efficient_gradients)
-        self.prompt = prompt
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.image_token_id = int(config.image_token_id)
         vision_config = config.vision_config
         self.tile_size = int(vision_config.image_size)
@@ -133,13 +131,9 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self.class_token = int(hasattr(self.vision_tower.embeddings, "class_embedding"))
         self.feature_blocks = feature_blocks(config.vision_feature_layer, len(self._vision_blocks))
         self._watch_layers(self._decoder_layers, self._vision_blocks, self._llava)
-        self._layouts: Dict[tuple, LlavaLayout] = {}
-        self.layout: Optional[LlavaLayout] = None  # of the latest forward pass, read by reshape_transform
         self.view = view
         self.source_size = None if source_size is None else (int(source_size[0]), int(source_size[1]))
-        self.answer: Optional[AnswerInput] = None
-        self.answer_reduction = "sum"
-        self.set_answer(answer, answer_reduction)
+        self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property

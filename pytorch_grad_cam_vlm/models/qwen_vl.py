@@ -102,8 +102,6 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
                  chat_template_kwargs: Optional[Dict[str, object]] = None) -> None:
         check_prompt(prompt, ("<|image_pad|>", "<|vision_start|>"))
         super().__init__(model, processor, efficient_gradients)
-        self.prompt = prompt
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         image_processor = processor.image_processor
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
@@ -111,11 +109,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         self._text_model, self._decoder_layers = find_module_list(model, "embed_tokens")
         self.visual, self._vision_blocks = find_module_list(model, "merger")
         self._watch_layers(self._decoder_layers, self._vision_blocks, self.visual)
-        self._layouts: Dict[Tuple[int, int], Layout] = {}
-        self.layout: Optional[Layout] = None  # of the latest forward pass, read by reshape_transform
-        self.answer: Optional[AnswerInput] = None
-        self.answer_reduction = "sum"
-        self.set_answer(answer, answer_reduction)
+        self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
     @property
@@ -162,6 +156,16 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         return prompt + self.answer if isinstance(self.answer, str) else prompt
 
     # ----------------------------------------------------------------------------------------- answers
+    def _init_prompt_side(self, prompt: str, chat_template_kwargs: Optional[Dict[str, object]],
+                          answer: Optional[AnswerInput], answer_reduction: str) -> None:
+        """The prompt side's state: the prompt, the chat template's options, no layout cached yet (one per input
+        size, and the latest forward pass's, read by ``reshape_transform``) and the teacher-forced answer."""
+        self.prompt = prompt
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._layouts: Dict[tuple, object] = {}
+        self.layout = None
+        self.set_answer(answer, answer_reduction)
+
     def set_answer(self, answer: Optional[AnswerInput], reduction: str = "sum") -> None:
         """Teacher-force ``answer`` (text, tokenised as the processor tokenises the whole chat, or token ids) after
         the generation prompt, so that ``forward`` returns its score ``(B, 1)``: the ``"sum"`` or ``"mean"`` of its
@@ -303,6 +307,7 @@ class QwenPromptSide:
     forward = QwenVLWrapper.forward
     _logits = QwenVLWrapper._logits
     chat_text = QwenVLWrapper.chat_text
+    _init_prompt_side = QwenVLWrapper._init_prompt_side
     set_answer = QwenVLWrapper.set_answer
     token_id = QwenVLWrapper.token_id
     answer_logits = QwenVLWrapper.answer_logits

@@ -95,6 +95,7 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         index = wrapper.processor.tokenizer.convert_tokens_to_ids(token)
         checks = check_maps(wrapper, x, maps, ClassifierOutputTarget(index))  # the deletion check, by hand
         assert row["check"] == pytest.approx([c.score for c in checks], abs=1e-5)
+        assert row["peak_drop"] == pytest.approx([c.peak_drop for c in checks], abs=1e-5)
         assert row["verdict"] == [c.verdict for c in checks]
         height, width = maps.shape[1:]
         assert Image.open(out / row["files"][0]).size == figure_size(1, 3, height, width)
@@ -115,13 +116,14 @@ def test_explain_single_with_smooth_method_into_existing_folder(capsys, tmp_path
                      "--mode", "single", "--out", out, "--dtype", "float32", "--device", "cpu")
     assert code == 0
     [row] = json.loads((out / "report.json").read_text())
-    [layer] = row["layers"]  # the best of the candidate layers on the deletion check
+    [layer] = row["layers"]  # the candidate layer of the highest total on the deletion check
     _, _, candidates = reference(wrapper, str(image), SmoothGradCAM, layers=[0, 1, 2], n_samples=2, noise_level=0.1,
                                  seed=3)
     x = wrapper.preprocess(str(image))
     target = ClassifierOutputTarget(int(wrapper(x).argmax()))
-    scores = [c.score for c in check_maps(wrapper, x, candidates, target)]
-    assert layer == int(np.nanargmax(scores)) and row["check"] == pytest.approx([max(scores)], abs=1e-5)
+    checks = check_maps(wrapper, x, candidates, target)
+    best = int(np.nanargmax([c.total for c in checks]))
+    assert layer == best and row["check"] == pytest.approx([checks[best].score], abs=1e-5)
     assert row["files"] == ["b_SmoothGradCAM_single.png", "b_SmoothGradCAM_maps.npy",
                             f"b_SmoothGradCAM_layer{layer}_overlay.png"]
     _, _, maps = reference(wrapper, str(image), SmoothGradCAM, layers=[layer], n_samples=2, noise_level=0.1, seed=3)

@@ -7,6 +7,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, check_maps, failure_warning, filled,
                                                          ranked_map)
+from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 BOX = (8, 4, 20, 14)  # x0, y0, x1, y1 of the region the toy model reads
 
@@ -60,9 +61,11 @@ def test_every_map_of_an_image_goes_through_batched_passes():
             return super().forward(x)
 
     maps = np.random.RandomState(1).rand(5, 24, 32).astype(np.float32)
+    maps[3] = maps[1]  # the same peak: one image for both
     check_maps(Counting(), torch.rand(1, 3, 24, 32), maps, ClassifierOutputTarget(0), fractions=(0.1, 0.3),
                batch_size=8)
-    assert calls == [8, 8, 4]  # 5 maps x 2 fractions x (top, bottom), in batches of 8
+    # the clean image, 5 maps x 2 fractions x (top, bottom), 4 distinct peaks, in batches of 8
+    assert calls == [8, 8, 8, 1]
 
 
 def test_the_check_equals_a_by_hand_computation(wrapper):
@@ -86,6 +89,37 @@ def test_the_check_equals_a_by_hand_computation(wrapper):
                 with torch.no_grad():
                     expected.append(float(wrapper(bottom)[0, 5] - wrapper(top)[0, 5]))
             assert check.score == pytest.approx(np.mean(expected), abs=1e-5)
+            # The peak window: 28 px centred on the map's maximum (clipped to the image), the same fill.
+            column, row = map(int, map_peak(cam))  # a plateau's pixel nearest its centre
+            if cam is maps[0]:
+                assert (row, column) == np.unravel_index(np.argmax(cam), cam.shape)
+            y, x_ = row, column
+            window = x.clone()
+            window[..., max(0, y - 14):y + 14, max(0, x_ - 14):x_ + 14] = background[..., max(0, y - 14):y + 14,
+                                                                                    max(0, x_ - 14):x_ + 14]
+            with torch.no_grad():
+                drop = float(wrapper(x)[0, 5] - wrapper(window)[0, 5])
+            assert check.peak_drop == pytest.approx(drop, abs=1e-5)
+            assert check.total == pytest.approx(check.score + drop, abs=1e-5)
+
+
+def test_the_peak_window_finds_the_evidence_and_is_clipped_at_the_border():
+    """The toy model reads BOX: a map peaking inside it loses the target, one peaking in a corner loses nothing
+    there (the window clipped to the image)."""
+    x = torch.rand(1, 3, 40, 48) + 1
+    inside, corner = np.zeros((2, 40, 48), np.float32)
+    inside[9, 14] = 1
+    corner[0, 47] = 1
+
+    class Reads(torch.nn.Module):
+        def forward(self, images):
+            return images[:, :, 4:14, 8:20].mean(dim=(1, 2, 3), keepdim=True)
+
+    checks = check_maps(Reads(), x, np.stack([inside, corner]), ClassifierOutputTarget(0), peak_window=6)
+    region = x[0, :, 4:14, 8:20]
+    window = x[0, :, 6:12, 11:17]  # the 6-pixel square centred on (14, 9)
+    assert checks[0].peak_drop == pytest.approx(float(window.sum() / region.numel()), abs=1e-5)
+    assert checks[1].peak_drop == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_blur_fill_keeps_a_constant_image_and_smooths_an_edge():
@@ -107,11 +141,13 @@ def test_bad_arguments_say_what_to_pass():
         check_maps(RegionScore(), x, region_map(), ClassifierOutputTarget(0), fractions=(1.5,))
     with pytest.raises(ValueError, match="fill must be one of"):
         check_maps(RegionScore(), x, region_map(), ClassifierOutputTarget(0), fill="noise")
+    with pytest.raises(ValueError, match="peak_window must be a whole number of pixels"):
+        check_maps(RegionScore(), x, region_map(), ClassifierOutputTarget(0), peak_window=0)
 
 
 def test_an_inverted_map_warning_names_the_best_alternative():
-    check = MapCheck(-0.25, [1.0], [0.75], False)
+    check = MapCheck(-0.25, [1.0], [0.75], False, 0.1)
     assert failure_warning("b.png", "LayerCAM at layer 2", check, "layer 0") == (
         "b.png: LayerCAM at layer 2 is inverted (deletion check -0.25: removing its most relevant pixels hurts the "
         "target less than removing its least relevant); layer 0 scores best.")
-    assert failure_warning("b.png", "LayerCAM at layer 0", MapCheck(0.5, [0.5], [1.0], False)) is None
+    assert failure_warning("b.png", "LayerCAM at layer 0", MapCheck(0.5, [0.5], [1.0], False, 0.1)) is None
