@@ -76,7 +76,7 @@ def smooth_options(methods: Sequence[type], n_samples: Optional[int], noise_leve
 def choose_layers(methods: Sequence[type], family: str, n_layers: int, spec: str, mode: str,
                   gradients: bool) -> List[int]:
     """The candidate layers of ``--layers spec``: ``auto`` is :func:`~pytorch_grad_cam_vlm.methods.auto.
-    candidate_layers`; the single mode draws the one of them whose map scores best on the deletion check, the
+    candidate_layers`; the single mode draws the one of them whose map ranks best on the deletion check, the
     other modes draw what :func:`~pytorch_grad_cam_vlm.visualize.mode_layers` takes of them."""
     try:
         last_blank = skip_last(family, gradients)

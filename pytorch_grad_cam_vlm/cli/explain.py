@@ -74,7 +74,7 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
                   images: Sequence[str], layers: Sequence[int]) -> int:
     """``--per-token``: generate the answer (or take ``--answer``) and explain each of its tokens at one layer, with
     the tokens before it teacher-forced; a figure of every token's map and the maps as ``.npy`` per image. With
-    several candidate methods or layers (``auto``), the one whose map of the whole answer scores best on the
+    several candidate methods or layers (``auto``), the one whose map of the whole answer ranks best on the
     deletion check explains the tokens."""
     from functools import partial
 
@@ -85,7 +85,7 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
 
     if args.layers.strip().lower() != "auto" and len(layers) > 1:
         raise InputError(f"--per-token draws one layer, got --layers {args.layers}: pass one layer, or auto to "
-                         "take the layer whose answer map scores best on the deletion check.")
+                         "take the layer whose answer map ranks best on the deletion check.")
     wrapper, rows = subject.wrapper, []
     with staged_output(args.out) as staging:
         progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)

@@ -22,7 +22,7 @@ def classify_and_explain(model: torch.nn.Module, image: ImageInput, class_names:
                          options: Optional[dict] = None) -> dict:
     """The predicted class of ``image`` and its map. ``model``: a :class:`ClassifierWrapper`, or a torchvision / timm
     classifier to wrap (default preprocessing, ``class_names``). ``method`` and ``layers`` as for
-    :func:`~pytorch_grad_cam_vlm.explain` (default: the candidate method and layer whose map scores best on the
+    :func:`~pytorch_grad_cam_vlm.explain` (default: the candidate method and layer whose map ranks best on the
     deletion check). Returns ``class_index``, ``class_name``, ``confidence`` (softmax), ``map`` ``(H, W)`` in
     [0, 1] on the preprocessed input, ``overlay`` ``(H, W, 3)`` uint8, ``method``, ``layer`` (an index into
     ``wrapper.layers``), ``check`` (:class:`~pytorch_grad_cam_vlm.MapCheck`), ``input`` (the preprocessed

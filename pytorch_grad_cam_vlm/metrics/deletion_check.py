@@ -197,4 +197,4 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
     else:
         what = (f"{name}: {label} is inverted (deletion check {check.score:+.3g}: removing its most relevant pixels "
                 "hurts the target less than removing its least relevant)")
-    return what + (f"; {best} scores best" if best else "") + "."
+    return what + (f"; {best} ranks best on the check" if best else "") + "."

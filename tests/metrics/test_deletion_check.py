@@ -149,5 +149,5 @@ def test_an_inverted_map_warning_names_the_best_alternative():
     check = MapCheck(-0.25, [1.0], [0.75], False, 0.1)
     assert failure_warning("b.png", "LayerCAM at layer 2", check, "layer 0") == (
         "b.png: LayerCAM at layer 2 is inverted (deletion check -0.25: removing its most relevant pixels hurts the "
-        "target less than removing its least relevant); layer 0 scores best.")
+        "target less than removing its least relevant); layer 0 ranks best on the check.")
     assert failure_warning("b.png", "LayerCAM at layer 0", MapCheck(0.5, [0.5], [1.0], False, 0.1)) is None

@@ -155,14 +155,14 @@ def test_preprocess_equals_torchvision_presets_and_to_rgb_inverts_it(name):
 
 
 def test_explain_chooses_among_candidate_layers_by_the_check():
-    """explain() on resnet18: the candidates are the four stages' last blocks, the chosen one scores best on the
-    deletion check, and the last candidate's map is GradCAM at the automatic layer."""
+    """explain() on resnet18: the candidates are the four stages' last blocks, the chosen one ranks best on the
+    deletion check (its total), and the last candidate's map is GradCAM at the automatic layer."""
     wrapper = ClassifierWrapper(torchvision_model("resnet18"), image_size=SIZE)
     x = wrapper.preprocess(random_image(70, 70, seed=3))
     result = explain(wrapper, x, method="GradCAM")
     assert result.candidate_layers == [0, 1, 2, 3]
-    scores = [c.score for c in result.candidate_checks[0][0]]
-    assert result.layers[0] == int(np.nanargmax(scores))
+    totals = [c.total for c in result.candidate_checks[0][0]]
+    assert result.layers[0] == int(np.nanargmax(totals))
     with GradCAM(model=wrapper, target_layers=[wrapper.target_layer],
                  reshape_transform=wrapper.reshape_transform) as cam:
         expected = cam(input_tensor=x, targets=result.targets)
