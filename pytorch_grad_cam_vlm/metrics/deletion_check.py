@@ -35,11 +35,11 @@ from pytorch_grad_cam_vlm.metrics.localization import map_peak
 # Small shares find the object a map points at: an object of the demo tasks covers 3-5 % of the canvas. Measured on
 # both trained demo models (`python benchmarks/auto_layer.py --n 40 --fractions F`, first 40 / 30 held-out samples):
 # choosing auto's map by (0.05, 0.1, 0.2) pointed at the evidence 0.900 / 0.933 of the time, by 0.2 alone
-# 0.825 / 0.700. With the peak window in the ranking, (0.05, 0.2) points as often as (0.05, 0.1, 0.2) (within one
-# sample on 200 + 100 held-out samples of each model, benchmarks/auto_rules.md) for a third fewer images.
+# 0.825 / 0.700. With the peak window in the ranking, (0.05, 0.2) points as often as (0.05, 0.1, 0.2) (within two
+# samples on 200 + 100 held-out samples of each model, benchmarks/auto_rules.md) for a third fewer images.
 DEFAULT_FRACTIONS = (0.05, 0.2)
 # Occlusion's window (metrics.localization.occlusion_map): one merged vision token of Qwen-VL, about an object of the
-# demo tasks.
+# demo tasks; the one window size measured (benchmarks/auto_rules.md).
 PEAK_WINDOW = 28
 FILLS = ("mean", "blur")
 BLUR_SIGMA = 8.0
