@@ -1,12 +1,15 @@
 """Shared fixtures: tiny models built from configs, saved and loaded back, once per test session; and the devices
 that tests computing maps run on (the CPU always, CUDA when there is one)."""
+import contextlib
 import copy
 
 import numpy as np
 import pytest
 import torch
+from pytorch_grad_cam import (FEM, KPCA_CAM, AblationCAM, EigenCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAM,
+                             GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, RandomCAM, ScoreCAM, XGradCAM)
 
-from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
+from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, build_tiny_model
 from pytorch_grad_cam_vlm.models.state import watching_hooks
 
 PROMPT = "What color is the circle?"
@@ -15,6 +18,10 @@ PROMPT = "What color is the circle?"
 # (`python -m pytest -m cuda` runs them alone) and are skipped, before any fixture is built, where CUDA is missing.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA is not available")])]
+# README's method table for the vision-language families: the grad-cam methods their adapter tests run on a decoder
+# layer and a vision block.
+VLM_METHODS = [GradCAM, HiResCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, GradCAMElementWise, EigenGradCAM, EigenCAM,
+               KPCA_CAM, FEM, RandomCAM, ScoreCAM, AblationCAM, FinerCAM, ShapleyCAM]
 # The half-precision dtypes, for tests parametrised over them.
 HALF_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
@@ -161,6 +168,72 @@ def no_hooks_left_on_shared_models(request):
 
 def assert_no_hooks_left(model, test, name="device's"):
     assert _hook_count(model) == 0, f"{test} left hooks on the {name} model"
+
+
+@contextlib.contextmanager
+def partly_frozen_in_train_mode(model, frozen):
+    """``model`` in train mode with ``frozen`` (a submodule) without gradients, as a fine-tuning user may hand it
+    over; eval mode and every flag back afterwards."""
+    frozen.requires_grad_(False)
+    model.train()
+    try:
+        yield
+    finally:
+        frozen.requires_grad_(True)
+        model.eval()
+
+
+def assert_state_kept_through_gradcam(model, wrapper, x, layers):
+    """GradCAM at ``layers`` runs with the model in its own (train) mode and leaves its hooks, flags, modes and
+    gradients as they were, after a call and after an exception inside the ``with`` block. Returns that state."""
+    before = model_state(model)
+    with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
+        cam(input_tensor=x, targets=None)
+        assert model.training  # grad-cam's .eval() reaches the wrapper only; forward restores the model's mode
+    assert model_state(model) == before
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
+            cam(input_tensor=x, targets=None)
+            raise RuntimeError("inside the block")
+    assert model_state(model) == before
+    return before
+
+
+def check_method_on_decoder_and_vision(method, model, wrapper, x, decoder_layer, ablation_refusal):
+    """README's method table on one family: ``method`` on ``decoder_layer`` at batch 2 (``x`` and its mirror) and on
+    vision block 1 at batch 1, AblationCAM refused on the vision block with ``ablation_refusal``. Each map has the
+    input's size, is float32 in [0, 1], blank or scaled to max 1, and not constant; the model is left as it was."""
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    pair = torch.cat([x, torch.flip(x, dims=[3])])
+    before = model_state(model)
+    extra = {"ablation_layer": wrapper.ablation_layer()} if method is AblationCAM else {}
+    results = {}
+    with method(model=wrapper, target_layers=[decoder_layer], reshape_transform=wrapper.reshape_transform,
+                **extra) as cam:
+        results["decoder_b2"] = cam(input_tensor=pair, targets=None)
+    with method(model=wrapper, target_layers=[wrapper.vision_blocks[1]], reshape_transform=wrapper.reshape_transform,
+                **extra) as cam:
+        if method is AblationCAM:
+            with pytest.raises(ValueError, match=ablation_refusal):
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
+        else:
+            results["vision_b1"] = cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
+    for name, maps in results.items():
+        assert maps.shape == (len(maps),) + tuple(x.shape[2:]) and maps.dtype == np.float32, name
+        assert maps.min() >= 0 and maps.max() <= 1 + 1e-6, name
+        peaks = maps.reshape(len(maps), -1).max(1)  # each map is blank or scaled to max 1
+        assert all(p == 0 or abs(p - 1) < 1e-5 for p in peaks) and peaks.max() == pytest.approx(1, abs=1e-5), name
+        assert all(np.ptp(m) > 0 for m in maps if m.max() > 0), name  # not one value over the whole map
+    assert model_state(model) == before
+
+
+def assert_fullgrad_refused(wrapper, x):
+    """grad-cam's FullGrad, which needs every layer's bias gradients, is refused with the package's error."""
+    with pytest.raises(NotImplementedError, match="FullGrad is not supported"):
+        with FullGrad(model=wrapper, target_layers=[], reshape_transform=wrapper.reshape_transform) as cam:
+            cam(input_tensor=x, targets=None)
 
 
 def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):

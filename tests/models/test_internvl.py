@@ -5,15 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FEM, FinerCAM, FullGrad, GradCAM,
-                              GradCAMElementWise, GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, RandomCAM, ScoreCAM,
-                              XGradCAM)
+from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import PROMPT, chat_inputs, check_cli_explain, hidden_and_grad, model_state, random_image
-from pytorch_grad_cam_vlm import (AttentionMap, AttentionRollout, InternVLWrapper, ShapleyCAM, build_tiny_internvl,
-                                  explain)
+from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
+                      check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
+                      partly_frozen_in_train_mode, random_image)
+from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, InternVLWrapper, build_tiny_internvl, explain
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
 
 S, G, P = 32, 4, 8  # the tiny model's tile side in pixels, tokens and patches per tile side (8-pixel tokens)
@@ -319,76 +318,29 @@ def test_attention_map_equals_output_attentions(tiny):
 
 
 # ------------------------------------------------------------------------------------------- methods and state
-METHODS = [GradCAM, HiResCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, GradCAMElementWise, EigenGradCAM, EigenCAM,
-           KPCA_CAM, FEM, RandomCAM, ScoreCAM, AblationCAM, FinerCAM, ShapleyCAM]
-
-
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("method", VLM_METHODS, ids=lambda m: m.__name__)
 def test_every_method_runs_at_batch_1_and_2(tiny, method):
     """README's method table: each method on decoder layer 0 at batch 2 (view "combined": 2C channels) and on
-    vision block 1 at batch 1 (AblationCAM: decoder layers only, refused on a vision block with the model intact);
-    maps of the canvas's size, scaled to [0, 1], not constant."""
+    vision block 1 at batch 1 (AblationCAM: decoder layers only, refused on a vision block with the model intact).
+    HiResCAM and LayerCAM blank out one sample of this random model under "combined", whose thumbnail contributions
+    are negative everywhere there."""
     model, _, _ = tiny
     wrapper = wrap(tiny)
-    x = wrapper.preprocess(random_image(40, 70, seed=10))
-    pair = torch.cat([x, torch.flip(x, dims=[3])])
-    before = model_state(model)
-    extra = {"ablation_layer": wrapper.ablation_layer()} if method is AblationCAM else {}
-    results = {}
-    with method(model=wrapper, target_layers=[wrapper.decoder_layers[0]],
-                reshape_transform=wrapper.reshape_transform, **extra) as cam:
-        results["decoder_b2"] = cam(input_tensor=pair, targets=None)
-    with method(model=wrapper, target_layers=[wrapper.vision_blocks[1]], reshape_transform=wrapper.reshape_transform,
-                **extra) as cam:
-        if method is AblationCAM:
-            with pytest.raises(ValueError, match="vision blocks and the projector are not supported"):
-                cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
-        else:
-            results["vision_b1"] = cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
-    for name, maps in results.items():
-        assert maps.shape == (len(maps),) + tuple(x.shape[2:]) and maps.dtype == np.float32, name
-        assert maps.min() >= 0 and maps.max() <= 1 + 1e-6, name
-        # each map is blank or spans [0, 1] (HiResCAM and LayerCAM blank out one sample of this random model under
-        # "combined", whose thumbnail contributions are negative everywhere there), and no result is constant
-        peaks = maps.reshape(len(maps), -1).max(1)
-        assert all(p == 0 or abs(p - 1) < 1e-5 for p in peaks) and peaks.max() == pytest.approx(1, abs=1e-5), name
-    assert model_state(model) == before
-
-
+    check_method_on_decoder_and_vision(method, model, wrapper, wrapper.preprocess(random_image(40, 70, seed=10)),
+                                       wrapper.decoder_layers[0], "vision blocks and the projector are not supported")
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
-    with pytest.raises(NotImplementedError, match="FullGrad is not supported"):
-        with FullGrad(model=wrapper, target_layers=[], reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=wrapper.preprocess(random_image(40, 70)), targets=None)
-
-
+    assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(40, 70)))
 def test_model_state_restored_after_call_and_after_exception(tiny):
     model, _, _ = tiny
-    model.model.vision_tower.requires_grad_(False)  # a partly frozen model in train mode
-    model.train()
-    try:
+    with partly_frozen_in_train_mode(model, model.model.vision_tower):
         wrapper = wrap(tiny)
-        x = wrapper.preprocess(random_image(40, 70))
-        before = model_state(model)
         layers = [wrapper.decoder_layers[0], wrapper.vision_blocks[1], wrapper.projector]
-        with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=x, targets=None)
-            assert model.training
-        assert model_state(model) == before
-        with pytest.raises(RuntimeError, match="inside the block"):
-            with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
-                cam(input_tensor=x, targets=None)
-                raise RuntimeError("inside the block")
-        assert model_state(model) == before
+        before = assert_state_kept_through_gradcam(model, wrapper, wrapper.preprocess(random_image(40, 70)), layers)
         with pytest.raises(ValueError, match="not a canvas"):
             with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
                 cam(input_tensor=torch.zeros(1, 3, 48, 48), targets=None)
         assert model_state(model) == before
-    finally:
-        model.model.vision_tower.requires_grad_(True)
-        model.eval()
-
-
 # ------------------------------------------------------------------------------------------- auto, registry and CLI
 def test_explain_returns_a_map_of_the_input_size(tiny):
     wrapper = wrap(tiny)

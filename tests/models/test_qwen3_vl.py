@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FEM, FinerCAM, FullGrad, GradCAM,
-                              GradCAMElementWise, GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, RandomCAM, ScoreCAM,
-                              XGradCAM)
+from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import PROMPT, chat_inputs, check_cli_explain, hidden_and_grad, model_state, random_image
-from pytorch_grad_cam_vlm import (AttentionMap, AttentionRollout, Qwen3VLWrapper, ShapleyCAM, build_tiny_qwen3_vl,
-                                  patchify)
+from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
+                      check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
+                      partly_frozen_in_train_mode, random_image)
+from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, Qwen3VLWrapper, build_tiny_qwen3_vl, patchify
 
 FAMILIES = ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"]
 
@@ -257,69 +256,23 @@ def test_deepstack_merger_starts_the_graph_at_its_block(tiny):
 
 
 # ------------------------------------------------------------------------------------------- methods and state
-METHODS = [GradCAM, HiResCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, GradCAMElementWise, EigenGradCAM, EigenCAM,
-           KPCA_CAM, FEM, RandomCAM, ScoreCAM, AblationCAM, FinerCAM, ShapleyCAM]
-
-
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("method", VLM_METHODS, ids=lambda m: m.__name__)
 def test_every_method_runs_at_batch_1_and_2(tiny, method):
     """README's method table: each method on a decoder layer at batch 2 and on vision block 1 (Qwen3-VL: a DeepStack
     block) at batch 1 (AblationCAM: decoder layers only, refused on a vision block with the model left intact)."""
     family, model, processor, _ = tiny
     wrapper = wrap(tiny)
-    x = wrapper.preprocess(random_image(64, 96, seed=9))
-    pair = torch.cat([x, torch.flip(x, dims=[3])])
-    before = model_state(model)
-    extra = {"ablation_layer": wrapper.ablation_layer()} if method is AblationCAM else {}
-    results = {}
-    with method(model=wrapper, target_layers=[wrapper.decoder_layers[-2]],
-                reshape_transform=wrapper.reshape_transform, **extra) as cam:
-        results["decoder_b2"] = cam(input_tensor=pair, targets=None)
-    with method(model=wrapper, target_layers=[wrapper.vision_blocks[1]], reshape_transform=wrapper.reshape_transform,
-                **extra) as cam:
-        if method is AblationCAM:
-            with pytest.raises(ValueError, match="vision blocks and mergers are not supported"):
-                cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
-        else:
-            results["vision_b1"] = cam(input_tensor=x, targets=[ClassifierOutputTarget(5)])
-    for name, maps in results.items():
-        assert maps.shape == (len(maps), 64, 96) and maps.dtype == np.float32, name
-        assert maps.min() >= 0 and maps.max() <= 1 + 1e-6, name
-        peaks = maps.reshape(len(maps), -1).max(1)  # each map is blank or scaled to max 1
-        assert all(p == 0 or abs(p - 1) < 1e-5 for p in peaks) and peaks.max() == pytest.approx(1, abs=1e-5), name
-    assert model_state(model) == before
-
-
+    check_method_on_decoder_and_vision(method, model, wrapper, wrapper.preprocess(random_image(64, 96, seed=9)),
+                                       wrapper.decoder_layers[-2], "vision blocks and mergers are not supported")
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
-    with pytest.raises(NotImplementedError, match="FullGrad is not supported"):
-        with FullGrad(model=wrapper, target_layers=[], reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=wrapper.preprocess(random_image(64, 64)), targets=None)
-
-
+    assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(64, 64)))
 def test_model_state_restored_after_call_and_after_exception(tiny):
     family, model, processor, _ = tiny
-    model.model.visual.requires_grad_(False)  # a partly frozen model in train mode
-    model.train()
-    try:
+    with partly_frozen_in_train_mode(model, model.model.visual):
         wrapper = wrap(tiny)
-        x = wrapper.preprocess(random_image(64, 96))
-        before = model_state(model)
-        layers = [wrapper.decoder_layers[0], wrapper.vision_blocks[1]]
-        with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=x, targets=None)
-            assert model.training
-        assert model_state(model) == before
-        with pytest.raises(RuntimeError, match="inside the block"):
-            with GradCAM(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
-                cam(input_tensor=x, targets=None)
-                raise RuntimeError("inside the block")
-        assert model_state(model) == before
-    finally:
-        model.model.visual.requires_grad_(True)
-        model.eval()
-
-
+        assert_state_kept_through_gradcam(model, wrapper, wrapper.preprocess(random_image(64, 96)),
+                                          [wrapper.decoder_layers[0], wrapper.vision_blocks[1]])
 def test_last_decoder_layer_warns_and_names_a_working_layer(tiny):
     wrapper = wrap(tiny)
     with pytest.warns(UserWarning, match=r"decoder_layers\[-2\] \(layer 2\)"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FEM, FinerCAM, FullGrad, GradCAM,
+from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, FEM, FinerCAM, GradCAM,
                               GradCAMElementWise, GradCAMPlusPlus, HiResCAM, KPCA_CAM, LayerCAM, RandomCAM, ScoreCAM,
                               XGradCAM)
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
@@ -16,7 +16,8 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import HALF_DTYPES, PROMPT, chat_inputs, hidden_and_grad, model_state, random_image
+from conftest import (HALF_DTYPES, PROMPT, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
+                      hidden_and_grad, model_state, partly_frozen_in_train_mode, random_image)
 from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, patchify
 from pytorch_grad_cam_vlm.models.state import HookableTuple, hookable_tuple_outputs
 
@@ -131,12 +132,7 @@ def test_every_method_runs_unchanged(qwen, method):
 
 
 def test_fullgrad_raises_clear_error(wrapper):
-    x = wrapper.preprocess(random_image(56, 56))
-    with pytest.raises(NotImplementedError, match="FullGrad is not supported"):
-        with FullGrad(model=wrapper, target_layers=[], reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=x, targets=None)
-
-
+    assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(56, 56)))
 def test_default_ablation_layer_is_undone_with_clear_error(tiny_qwen, capsys):
     model, processor = tiny_qwen
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
@@ -248,28 +244,10 @@ def test_half_precision_map_close_to_float32(qwen, device, dtype):
 
 def test_model_state_restored_after_call_and_after_exception(qwen):
     model, processor = qwen
-    model.model.visual.requires_grad_(False)  # a partly frozen model in train mode
-    model.train()
-    try:
+    with partly_frozen_in_train_mode(model, model.model.visual):
         wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
-        x = wrapper.preprocess(random_image(56, 56))
-        before = model_state(model)
-        with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[0], wrapper.vision_blocks[1]],
-                     reshape_transform=wrapper.reshape_transform) as cam:
-            cam(input_tensor=x, targets=None)
-            assert model.training  # grad-cam's .eval() reaches the wrapper only; forward restores the model's mode
-        assert model_state(model) == before
-        with pytest.raises(RuntimeError, match="inside the block"):
-            with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
-                         reshape_transform=wrapper.reshape_transform) as cam:
-                cam(input_tensor=x, targets=None)
-                raise RuntimeError("inside the block")
-        assert model_state(model) == before
-    finally:
-        model.model.visual.requires_grad_(True)
-        model.eval()
-
-
+        assert_state_kept_through_gradcam(model, wrapper, wrapper.preprocess(random_image(56, 56)),
+                                          [wrapper.decoder_layers[0], wrapper.vision_blocks[1]])
 def test_frozen_while_computing_and_graph_starts_at_target(qwen_wrapper):
     """While a map is computed no parameter takes part in autograd, and no graph is built below the target layer.
     Probes are forward pre-hooks: only forward hooks mark a layer as watched."""
