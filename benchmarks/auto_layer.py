@@ -44,6 +44,14 @@ def tasks() -> Dict[str, tuple]:
     return found
 
 
+def method_maps(wrapper: QwenVLWrapper, x: torch.Tensor, target, method: str, layers: List[int]) -> np.ndarray:
+    """``method``'s maps of ``x`` ``(1, 3, H, W)`` for ``target`` at each decoder layer of ``layers``, ``(L, H, W)``,
+    from one sweep pass."""
+    with layer_sweep(resolve_method(method))(model=wrapper, target_layers=[wrapper.decoder_layers[k] for k in layers],
+                                             reshape_transform=wrapper.reshape_transform) as cam:
+        return cam(input_tensor=x, targets=[target])[0]
+
+
 def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str = "mean",
             occlusion: bool = True) -> List[dict]:
     load, make = tasks()[name]
@@ -74,10 +82,7 @@ def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str
         scored = {}
         for method in METHODS:
             start = time.perf_counter()
-            cls = resolve_method(method)
-            with layer_sweep(cls)(model=wrapper, target_layers=[wrapper.decoder_layers[k] for k in layers],
-                                  reshape_transform=wrapper.reshape_transform) as cam:
-                maps = cam(input_tensor=x, targets=[target])[0]
+            maps = method_maps(wrapper, x, target, method, layers)
             checks = check_maps(wrapper, x, maps, target, fractions, fill)
             per_map = (time.perf_counter() - start) / len(layers)
             for k, cam_map, check in zip(layers, maps, checks):

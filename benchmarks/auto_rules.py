@@ -22,11 +22,9 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from auto_layer import tasks
+from auto_layer import method_maps, tasks
 from pytorch_grad_cam_vlm import QwenVLWrapper, pointing_hit
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers
-from pytorch_grad_cam_vlm.methods.catalog import resolve_method
-from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
 from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
 
 METHODS = ["HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM", "GradCAMElementWise", "GradCAM", "EigenCAM"]
@@ -54,10 +52,7 @@ def main() -> None:
         target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
         scored = {}
         for method in METHODS:
-            with layer_sweep(resolve_method(method))(model=wrapper, target_layers=[wrapper.decoder_layers[k]
-                                                                                   for k in layers],
-                                                     reshape_transform=wrapper.reshape_transform) as cam:
-                maps = cam(input_tensor=x, targets=[target])[0]
+            maps = method_maps(wrapper, x, target, method, layers)
             for k, cam_map, check in zip(layers, maps, check_maps(wrapper, x, maps, target, FRACTIONS)):
                 scored[(method, k)] = (cam_map, check)
         for label, methods in CANDIDATES.items():

@@ -16,11 +16,9 @@ import numpy as np
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from auto_layer import METHODS, tasks
+from auto_layer import METHODS, method_maps, tasks
 from pytorch_grad_cam_vlm import QwenVLWrapper
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers
-from pytorch_grad_cam_vlm.methods.catalog import resolve_method
-from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, check_maps, ranked_map
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastROADLeastRelevantFirst, FastROADMostRelevantFirst
 
@@ -56,10 +54,7 @@ def main() -> None:
             target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
             layers = candidate_layers(len(wrapper.decoder_layers))
             for method in METHODS:
-                cls = resolve_method(method)
-                with layer_sweep(cls)(model=wrapper, target_layers=[wrapper.decoder_layers[k] for k in layers],
-                                      reshape_transform=wrapper.reshape_transform) as cam:
-                    maps = cam(input_tensor=x, targets=[target])[0]
+                maps = method_maps(wrapper, x, target, method, layers)
                 for cam_map, check in zip(maps, check_maps(wrapper, x, maps, target, fill=args.fill)):
                     if check.blank:
                         continue

@@ -15,7 +15,7 @@ from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import Subject, skip_last
 from pytorch_grad_cam_vlm.visualize import mode_layers, render
 
@@ -123,10 +123,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers)
     positions = [result.candidate_layers.index(k) for k in drawn]
     checks = [result.candidate_checks[0][m][p] for p in positions]
-    best = result.best_layer(0)
-    warnings = [failure_warning(source, f"{result.methods[0]} at layer {k}", check,
-                                f"layer {best}" if best not in (None, k) else None) for k, check in zip(drawn, checks)]
-    warnings = [w for w in warnings if w]
+    warnings = [w for w in (result.layer_warning(source, k) for k in drawn) if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     rgb = subject.wrapper.to_rgb(x)[0]

@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                               "score plus the drop when the map's peak is removed)")
     parser.add_argument("--layers", default="auto",
                          help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7; default auto: every usable layer "
-                              "(a spread of 8 for deeper models), the single mode drawing the one whose map scores "
+                              "(a spread of 8 for deeper models), the single mode drawing the one whose map ranks "
                               "best on the deletion check")
     parser.add_argument("--mode", choices=MODES, default="single", help="figure (default single)")
     parser.add_argument("--out", required=True, help="output folder")

@@ -22,7 +22,7 @@ from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, is_smooth, uses_gradients
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, make_subject
 from pytorch_grad_cam_vlm.visualize import overlay, save_maps, save_overlay
 
@@ -277,14 +277,11 @@ def page_result(view, x: torch.Tensor, result: Explanation, targets: list, metho
     chosen method's map at every usable layer (the strip)."""
     m = result.candidate_methods.index(result.methods[0])
     layer, check = result.layers[0], result.checks[0]
-    best = result.best_layer(0)
-    best = f"layer {best}" if best not in (None, layer) else None
     rgb = view.to_rgb(x)[0]
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
-                verdict=check.verdict, warning=failure_warning(request.name, f"{result.methods[0]} at layer {layer}",
-                                                               check, best) or "",
+                verdict=check.verdict, warning=result.layer_warning(request.name, layer) or "",
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,

@@ -87,6 +87,15 @@ class Explanation:
         passing = [(check.total, layer) for check, layer in zip(checks, self.candidate_layers) if not check.failed]
         return max(passing)[1] if passing else None
 
+    def layer_warning(self, name: str, layer: int, image: int = 0) -> Optional[str]:
+        """The warning line for the chosen method's map of ``image`` at candidate ``layer`` (``None`` when it passes
+        the check), naming the layer that ranks best on the check when that is another."""
+        m = self.candidate_methods.index(self.methods[image])
+        check = self.candidate_checks[image][m][self.candidate_layers.index(layer)]
+        best = self.best_layer(image)
+        return failure_warning(name, f"{self.methods[image]} at layer {layer}", check,
+                               f"layer {best}" if best not in (None, layer) else None)
+
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
         """One line per image whose chosen map fails the check (no candidate passed), ``names`` naming the
         images (default ``image 0``, ``image 1``, ...)."""
@@ -115,8 +124,8 @@ def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] =
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`.
     ``fractions``, ``fill``, ``batch_size`` and ``seed`` go to the check. Each method runs one forward and one
     backward pass for all its layers; the check adds ``2 * len(fractions)`` forward images per map that is not
-    blank, one per distinct peak and the clean image, in batches. ``options`` go to each method's constructor (a Smooth
-    method's ``n_samples``, ...)."""
+    blank, one per distinct peak and the clean image, in batches. ``options`` go to each method's constructor (a
+    Smooth method's ``n_samples``, ...)."""
     classes = candidate_methods(method)
     n_layers = len(wrapper.layers)
     if isinstance(layers, str) and layers.strip().lower() == "auto":

@@ -117,3 +117,7 @@ def test_best_layer_is_the_highest_passing_total():
                          candidate_maps=np.zeros((1, 2, 3, 2, 2)), candidate_checks=[checks], targets=[None])
     assert result.best_layer(0) == 0
     assert result.best_layer(0, "LayerCAM") is None
+    assert result.layer_warning("b.png", 3) == (
+        "b.png: GradCAM at layer 3 is inverted (deletion check -1: removing its most relevant pixels hurts the target "
+        "less than removing its least relevant); layer 0 ranks best on the check.")
+    assert result.layer_warning("b.png", 0) is None and result.layer_warning("b.png", 5) is None
