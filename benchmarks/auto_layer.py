@@ -1,6 +1,6 @@
-"""Which method and layer to trust, measured on the trained demo models: the pointing game of every method x decoder
-layer, of occlusion, and of choosing per image by the deletion check's total (``auto``) over several candidate method
-lists; and how well the check flags blank, inverted and the default's own maps.
+"""Which method and layer to trust, measured on the trained demo models: the pointing game of every method at the
+projector and every decoder layer, of occlusion, and of choosing per image by the deletion check's total (``auto``)
+over several candidate method lists; and how well the check flags blank, inverted and the default's own maps.
 
     python benchmarks/auto_layer.py --models demo,crosses --n 200      # writes benchmarks/auto_layer.md and .csv
 
@@ -23,6 +23,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, occlusion_map, pointing_hit
+from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, layer_modules
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_layers
 from pytorch_grad_cam_vlm.methods.catalog import resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
@@ -44,10 +45,10 @@ def tasks() -> Dict[str, tuple]:
     return found
 
 
-def method_maps(wrapper: QwenVLWrapper, x: torch.Tensor, target, method: str, layers: List[int]) -> np.ndarray:
-    """``method``'s maps of ``x`` ``(1, 3, H, W)`` for ``target`` at each decoder layer of ``layers``, ``(L, H, W)``,
-    from one sweep pass."""
-    with layer_sweep(resolve_method(method))(model=wrapper, target_layers=[wrapper.decoder_layers[k] for k in layers],
+def method_maps(wrapper: QwenVLWrapper, x: torch.Tensor, target, method: str, layers: List[Layer]) -> np.ndarray:
+    """``method``'s maps of ``x`` ``(1, 3, H, W)`` for ``target`` at each layer of ``layers`` (decoder layer indices
+    and the projector), ``(L, H, W)``, from one sweep pass."""
+    with layer_sweep(resolve_method(method))(model=wrapper, target_layers=layer_modules(wrapper, layers),
                                              reshape_transform=wrapper.reshape_transform) as cam:
         return cam(input_tensor=x, targets=[target])[0]
 
@@ -58,7 +59,8 @@ def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str
     model, processor = load()
     samples = make(n, seed=seed, split="test")
     wrappers: Dict[str, QwenVLWrapper] = {}
-    layers = candidate_layers(len(QwenVLWrapper(model, processor, samples[0].prompt).decoder_layers))
+    layers = candidate_layers(len(QwenVLWrapper(model, processor, samples[0].prompt).decoder_layers), projector=True)
+    decoder = [k for k in layers if k != PROJECTOR]
     tolerance = 14
     rows: Dict[tuple, dict] = {}
 
@@ -96,14 +98,17 @@ def measure(name: str, n: int, seed: int, fractions=DEFAULT_FRACTIONS, fill: str
             add("Occlusion", None, pointing_hit(reference, sample.evidence_box, tolerance),
                 any(pointing_hit(reference, b, tolerance) for b in sample.distractor_boxes), False,
                 time.perf_counter() - start)
-        for size in (1, 2, 3, 4):
-            for subset in combinations(METHODS, size):
-                candidates = [(m, k) for m in subset for k in layers]
-                totals = np.array([scored[c][1].total for c in candidates])
-                best = candidates[int(np.nanargmax(totals))] if not np.all(np.isnan(totals)) else candidates[0]
-                cam_map, check = scored[best]
-                add("auto: " + "+".join(subset), None, pointing_hit(cam_map, sample.evidence_box, tolerance),
-                    any(pointing_hit(cam_map, b, tolerance) for b in sample.distractor_boxes), check.failed)
+        rules = [("auto: " + "+".join(subset), subset, layers) for size in (1, 2, 3, 4)
+                 for subset in combinations(METHODS, size)]
+        # The default's list without the projector: round 1's candidate layers.
+        rules.append(("auto: " + "+".join(AUTO_METHODS) + ", decoder layers only", AUTO_METHODS, decoder))
+        for label, subset, rule_layers in rules:
+            candidates = [(m, k) for m in subset for k in rule_layers]
+            totals = np.array([scored[c][1].total for c in candidates])
+            best = candidates[int(np.nanargmax(totals))] if not np.all(np.isnan(totals)) else candidates[0]
+            cam_map, check = scored[best]
+            add(label, None, pointing_hit(cam_map, sample.evidence_box, tolerance),
+                any(pointing_hit(cam_map, b, tolerance) for b in sample.distractor_boxes), check.failed)
         # The default's map (AUTO_METHODS) inverted must fail; a flat map must be blank.
         default = [(m, k) for m in AUTO_METHODS for k in layers]
         totals = np.array([scored[c][1].total for c in default])
@@ -163,7 +168,8 @@ def main() -> None:
     header = (f"Pointing game (tolerance 14 px) on {args.n} held-out samples per model (seed {args.seed}); "
               "`flagged`: share of maps that fail the deletion check (blank or inverted; fractions "
               f"{args.fractions}, {args.fill} fill); `auto: A+B`: per image, the map of the highest check total "
-              "(score + peak drop) among methods A, B at every candidate layer; CPU, "
+              "(score + peak drop) among methods A, B at every candidate layer (the projector and the decoder "
+              "layers); CPU, "
               f"{torch.get_num_threads()} thread(s). Written by "
               f"`python benchmarks/auto_layer.py --n {args.n} --fractions {args.fractions} --fill {args.fill}`.")
     with open(os.path.join(args.out, "auto_layer.md"), "w") as f:

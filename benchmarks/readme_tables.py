@@ -38,11 +38,13 @@ def auto_layer_table() -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     default = "auto: " + "+".join(sorted(AUTO_METHODS, key=lambda m: [r["method"] for r in rows].index(m)))
     checks = ("inverted default maps flagged", "blank maps flagged")
+    # Every method x layer, the single-method auto rows, the default, and the default at the decoder layers alone.
     keys = list(dict.fromkeys((r["method"], r["layer"]) for r in rows if r["method"] not in checks
                               and (not r["method"].startswith("auto") or "+" not in r["method"]
-                                   or r["method"] == default)))
+                                   or r["method"].startswith(default))))
     order = list(dict.fromkeys(method for method, _ in keys))
-    keys.sort(key=lambda k: (k[0].startswith("auto"), k[0] == default, order.index(k[0]), int(k[1] or -1)))
+    keys.sort(key=lambda k: (k[0].startswith("auto"), k[0] == default, order.index(k[0]),
+                             -1 if k[1] in ("", "projector") else int(k[1])))
     by_key = {(r["model"], r["method"], r["layer"]): r for r in rows}
     header = "| method | layer | " + " | ".join(f"{m}: pointing | {m}: distractor | {m}: flagged" for m in models)
     lines = [header + " |", "|---|---|" + "---|---|---|" * len(models)]

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
+from pytorch_grad_cam_vlm.layers import Layer, layer_name
+
 MODES = ("single", "grid", "multi", "comparative")
 PANEL_WIDTH = 256
 LABEL_HEIGHT = 22
@@ -37,9 +39,9 @@ def heatmap(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
-def figure_title(method: str, layers: Sequence[int], token: str) -> str:
-    """``GradCAM · layer 5 · target 'red'`` (or ``layers 0, 3, 6``): what every figure says about itself."""
-    where = f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(str(i) for i in layers)
+def figure_title(method: str, layers: Sequence[Layer], token: str) -> str:
+    """``GradCAM · layer 5 · target 'red'`` (or ``layers projector, 0, 3``): what every figure says about itself."""
+    where = layer_name(layers[0]) if len(layers) == 1 else "layers " + ", ".join(str(i) for i in layers)
     return f"{method} · {where} · target {token!r}"
 
 
@@ -117,12 +119,13 @@ def save_figure(path: str, mode: str, rgb: np.ndarray, maps: np.ndarray, layers:
                          f"got {maps.shape}.")
     rows, columns = panel_layout(mode, len(layers))
     if mode == "comparative":
-        panels = [(heatmap, m, f"{name} · layer {k} · heatmap{n}") for name, k, m, n in zip(THIRDS, layers, maps, notes)]
-        panels += [(overlay, m, f"{name} · layer {k} · overlay") for name, k, m in zip(THIRDS, layers, maps)]
+        panels = [(heatmap, m, f"{name} · {layer_name(k)} · heatmap{n}")
+                  for name, k, m, n in zip(THIRDS, layers, maps, notes)]
+        panels += [(overlay, m, f"{name} · {layer_name(k)} · overlay") for name, k, m in zip(THIRDS, layers, maps)]
     elif mode == "grid":
-        panels = [(overlay, m, f"layer {k}{n}") for k, m, n in zip(layers, maps, notes)]
+        panels = [(overlay, m, f"{layer_name(k)}{n}") for k, m, n in zip(layers, maps, notes)]
     else:  # single and multi: heatmap and overlay of each layer, one layer per row
-        panels = [(draw, m, f"layer {k} · {kind}" + (n if kind == "heatmap" else "")) for k, m, n in
+        panels = [(draw, m, f"{layer_name(k)} · {kind}" + (n if kind == "heatmap" else "")) for k, m, n in
                   zip(layers, maps, notes) for draw, kind in ((heatmap, "heatmap"), (overlay, "overlay"))]
     drawn = []
     for draw, cam, label in panels:
@@ -156,6 +159,6 @@ def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray
     files = [save_figure(f"{prefix}_{mode}.png", mode, rgb, maps, layers, title or method, token, notes),
              save_maps(f"{prefix}_maps.npy", maps)]
     if mode == "single":
-        files.append(save_overlay(f"{prefix}_layer{layers[0]}_overlay.png", rgb, maps[0]))
+        files.append(save_overlay(f"{prefix}_{layer_name(layers[0]).replace(' ', '')}_overlay.png", rgb, maps[0]))
     return files
 

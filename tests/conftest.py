@@ -236,6 +236,24 @@ def assert_fullgrad_refused(wrapper, x):
             cam(input_tensor=x, targets=None)
 
 
+def assert_projector_candidate(wrapper, module, x):
+    """``explain``'s projector candidate is ``module``, between the vision encoder and the decoder: its map there
+    equals grad-cam's GradCAM on that module, and ``layers="auto"`` tries it first."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pytorch_grad_cam_vlm import explain
+    from pytorch_grad_cam_vlm.layers import layer_modules
+
+    assert layer_modules(wrapper, ["projector"]) == [module]
+    targets = [ClassifierOutputTarget(2)]
+    result = explain(wrapper, x, targets, method="GradCAM", layers="projector,1")
+    with GradCAM(model=wrapper, target_layers=[module], reshape_transform=wrapper.reshape_transform) as cam:
+        expected = cam(input_tensor=x, targets=targets)
+    assert result.candidate_layers == ["projector", 1]
+    np.testing.assert_allclose(result.candidate_maps[:, 0, 0], expected, atol=1e-5)
+    assert explain(wrapper, x, targets, method="GradCAM").candidate_layers[0] == "projector"
+
+
 def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):
     """``explain`` on a tiny checkpoint folder: the family is detected from its config, GradCAM at decoder layer 1
     writes a map equal to a direct call, and the plain command (every choice left to its default) writes its files.

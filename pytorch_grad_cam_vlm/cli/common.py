@@ -12,11 +12,12 @@ import sys
 from typing import List, Optional, Sequence
 
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.layers import Layer
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
-from pytorch_grad_cam_vlm.models.registry import Subject, skip_last
+from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, skip_last
 from pytorch_grad_cam_vlm.visualize import mode_layers, render
 
 PROG = "pytorch-grad-cam-vlm"
@@ -74,16 +75,17 @@ def smooth_options(methods: Sequence[type], n_samples: Optional[int], noise_leve
 
 
 def choose_layers(methods: Sequence[type], family: str, n_layers: int, spec: str, mode: str,
-                  gradients: bool) -> List[int]:
+                  gradients: bool) -> List[Layer]:
     """The candidate layers of ``--layers spec``: ``auto`` is :func:`~pytorch_grad_cam_vlm.methods.auto.
-    candidate_layers`; the single mode draws the one of them whose map ranks best on the deletion check, the
-    other modes draw what :func:`~pytorch_grad_cam_vlm.visualize.mode_layers` takes of them."""
+    candidate_layers` (with the projector on a vision-language model); the single mode draws the one of them whose
+    map ranks best on the deletion check, the other modes draw what :func:`~pytorch_grad_cam_vlm.visualize.
+    mode_layers` takes of them."""
     try:
-        last_blank = skip_last(family, gradients)
+        last_blank, projector = skip_last(family, gradients), family in QWEN_MODEL_CLASSES
         if spec.strip().lower() == "auto":
-            layers = candidate_layers(n_layers, last_blank)
+            layers = candidate_layers(n_layers, last_blank, projector)
         else:
-            layers = select_layers(n_layers, spec, last_blank)
+            layers = select_layers(n_layers, spec, last_blank, projector)
         if mode != "single":
             mode_layers(mode, layers)  # refuses a mode that cannot draw these layers
         for cls in methods:
@@ -108,7 +110,7 @@ def write_report(rows: Sequence[dict], out_dir: str) -> List[str]:
 
 
 def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequence[type], method_name: str,
-                  layers: Sequence[int], options: dict, out_dir: str, source: str) -> dict:
+                  layers: Sequence[Layer], options: dict, out_dir: str, source: str) -> dict:
     """Maps of the candidate ``methods`` x ``layers`` for the predicted token of one image, each scored by the
     deletion check (:func:`~pytorch_grad_cam_vlm.methods.auto.explain`); the best map (single mode) or the best
     method's layers (other modes) drawn as ``mode`` into ``out_dir``, one warning line on stderr for each drawn map

@@ -11,6 +11,7 @@ from pytorch_grad_cam_vlm.cli.common import (PROG, add_loading_arguments, _non_n
                                              find_images, method_name, output_stems, smooth_options, write_report)
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.layers import PROJECTOR, layer_depth, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, uses_gradients
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
@@ -60,11 +61,13 @@ def run_explain(args: argparse.Namespace) -> int:
                                       image))
         write_report(rows, staging)
     kind = "decoder" if family in QWEN_MODEL_CLASSES else "vision"
-    chosen = sorted({(row["method"], layer) for row in rows for layer in row["layers"]})
+    chosen = sorted({(row["method"], layer) for row in rows for layer in row["layers"]},
+                    key=lambda pair: (pair[0], layer_depth(pair[1])))
     choice = (f" (chosen by the deletion check among {'/'.join(cls.__name__ for cls in methods)} at layers "
               f"{', '.join(map(str, layers))})" if args.mode == "single" and len(layers) > 1 or len(methods) > 1 else "")
-    print(f"Explained {len(rows)} image(s) with {name} at {kind} layer(s) "
-          f"{', '.join(f'{m} {k}' if len(methods) > 1 else str(k) for m, k in chosen)}{choice}; wrote "
+    where = ", ".join((f"{m} at " if len(methods) > 1 else "") + (k if k == PROJECTOR else f"{kind} layer {k}")
+                      for m, k in chosen)
+    print(f"Explained {len(rows)} image(s) with {name}{': ' if len(methods) > 1 else ' at '}{where}{choice}; wrote "
           f"{sum(len(r['files']) for r in rows) + 2} files to {args.out}, listed in "
           f"{os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
@@ -102,13 +105,13 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
                 wrapper.set_answer(None)
                 method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
                 layer = whole.layers[0]
-                result = explain_generated(wrapper, x, [subject.layers[layer]], answer=answer,
+                result = explain_generated(wrapper, x, layer_modules(wrapper, [layer]), answer=answer,
                                            method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)))
             except ValueError as error:
                 raise InputError(str(error)) from error
             figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
             plot_per_token(result, wrapper.to_rgb(x)[0], figure,
-                           title=f"{method_cls.__name__} · layer {layer} · answer {result.text!r} · check "
+                           title=f"{method_cls.__name__} · {layer_name(layer)} · answer {result.text!r} · check "
                                  f"{whole.checks[0].score:+.3g}")
             maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
             np.save(maps, result.maps)
@@ -119,9 +122,10 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
                              peak_drop=[round(whole.checks[0].peak_drop, 6)], verdict=[whole.checks[0].verdict],
                              files=[os.path.basename(figure), os.path.basename(maps)]))
         write_report(rows, staging)
-    chosen = sorted({(row["method"], row["layers"][0]) for row in rows})
+    chosen = sorted({(row["method"], row["layers"][0]) for row in rows},
+                    key=lambda pair: (pair[0], layer_depth(pair[1])))
     print(f"Explained the answers of {len(rows)} image(s) token by token with "
-          f"{', '.join(f'{m} at decoder layer {k}' for m, k in chosen)}; wrote {2 * len(rows) + 2} files to "
+          f"{', '.join(f'{m} at {layer_name(k)}' for m, k in chosen)}; wrote {2 * len(rows) + 2} files to "
           f"{args.out}, listed in {os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
 
@@ -138,9 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                               f"the one of {', '.join(AUTO_METHODS)} whose map ranks best on the deletion check (its "
                               "score plus the drop when the map's peak is removed)")
     parser.add_argument("--layers", default="auto",
-                         help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7; default auto: every usable layer "
-                              "(a spread of 8 for deeper models), the single mode drawing the one whose map ranks "
-                              "best on the deletion check")
+                         help=f"{'|'.join(LAYER_PRESETS)} or indices like 3,5,7 (with {PROJECTOR}: the vision "
+                              "encoder's output as the decoder receives it); default auto: the projector and every "
+                              "usable decoder layer (a spread of 8 for deeper models), the single mode drawing the "
+                              "one whose map ranks best on the deletion check")
     parser.add_argument("--mode", choices=MODES, default="single", help="figure (default single)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

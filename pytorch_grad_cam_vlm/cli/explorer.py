@@ -19,6 +19,7 @@ import torch
 
 from pytorch_grad_cam_vlm.cli.common import MAX_ASPECT_RATIO, smooth_options
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules
 from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, is_smooth, uses_gradients
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
@@ -184,14 +185,15 @@ def check_request(explorer: Explorer, request: Request):
     return image, methods, smooth
 
 
-def choose_layers(view: torch.nn.Module, methods: Sequence[type], smooth: dict, layer: Optional[int]) -> List[int]:
-    """The candidate layers of ``view``: every usable one (a spread of 8 on deeper models) for ``layer=None``, as
-    ``explain --layers auto`` takes them, else ``[layer]``."""
+def choose_layers(view: torch.nn.Module, methods: Sequence[type], smooth: dict,
+                  layer: Optional[int]) -> List[Layer]:
+    """The candidate layers of ``view``: the projector and every usable layer (a spread of 8 on deeper models) for
+    ``layer=None``, as ``explain --layers auto`` takes them, else ``[layer]``."""
     last_blank = view.last_layer_blank and all(uses_gradients(cls, smooth) for cls in methods)
-    n_layers = len(view.layers)
+    n_layers, projector = len(view.layers), has_projector(view)
     try:
-        layers = candidate_layers(n_layers, last_blank) if layer is None else select_layers(n_layers, [layer],
-                                                                                               last_blank)
+        layers = candidate_layers(n_layers, last_blank, projector) if layer is None else \
+            select_layers(n_layers, [layer], last_blank, projector)
         for cls in methods:
             check_sweep(cls, len(layers))
     except ValueError as error:
@@ -263,7 +265,7 @@ def per_token_request(subject: Subject, view, x: torch.Tensor, request: Request,
     wrapper.set_answer(None)
     method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
     progress(0.6, "One map per answer token")
-    tokens = explain_generated(wrapper, x, [view.layers[whole.layers[0]]], answer=answer,
+    tokens = explain_generated(wrapper, x, layer_modules(view, whole.layers[:1]), answer=answer,
                                method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)))
     result.update(predicted_token=tokens.text, probability=float(np.prod(tokens.probabilities)),
                   tokens=list(tokens.tokens),
@@ -289,18 +291,20 @@ def page_result(view, x: torch.Tensor, result: Explanation, targets: list, metho
 
 
 def layer_strip(view, x: torch.Tensor, result: Explanation, targets: list, method_cls: type, smooth: dict):
-    """``(layers, maps (L, H, W), checks)`` of ``method_cls`` at every usable layer of ``view``: the candidates'
-    maps when they are all of them, else one sweep pass (checks ``None`` where not measured). A method that takes
-    one layer per call (ShapleyCAM) shows its candidates only."""
+    """``(layers, maps (L, H, W), checks)`` of ``method_cls`` at every usable layer of ``view`` (the projector, which
+    the page's layer slider cannot name, left out): the candidates' maps when they are all of them, else one sweep
+    pass (checks ``None`` where not measured). A method that takes one layer per call (ShapleyCAM) shows its
+    candidates only."""
     m = result.candidate_methods.index(method_cls.__name__)
     measured = {k: c for k, c in zip(result.candidate_layers, result.candidate_checks[0][m])}
+    candidates = [k for k in result.candidate_layers if k != PROJECTOR]
     usable = list(range(len(view.layers) - int(view.last_layer_blank and uses_gradients(method_cls, smooth))))
     try:
         check_sweep(method_cls, len(usable))
     except ValueError:
-        usable = list(result.candidate_layers)
-    if usable == list(result.candidate_layers):
-        maps = result.candidate_maps[0, m]
+        usable = candidates
+    if usable == candidates:
+        maps = result.candidate_maps[0, m, [result.candidate_layers.index(k) for k in usable]]
     else:
         with layer_sweep(method_cls)(model=view, target_layers=[view.layers[k] for k in usable],
                                      **cam_options(method_cls, view, smooth)) as cam:

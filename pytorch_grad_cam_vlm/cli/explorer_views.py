@@ -9,6 +9,7 @@ from typing import List, Optional
 import numpy as np
 
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.layers import PROJECTOR
 from pytorch_grad_cam_vlm.visualize import heatmap, overlay
 
 
@@ -30,7 +31,7 @@ def summary(result: dict) -> str:
     method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
               else result["method"])
     check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
-    lines = [said, f"**Map** {method} · {result['target']} layer {result['layer']} · deletion check **{check}**"]
+    lines = [said, f"**Map** {method} · {map_place(result)} · deletion check **{check}**"]
     if result["warning"]:
         lines.append(f"⚠️ {result['warning']}")
     return "\n\n".join(lines)
@@ -39,12 +40,17 @@ def summary(result: dict) -> str:
 def details(result: dict) -> dict:
     """The JSON-safe part of a result (what the page's API returns besides images and files)."""
     return dict(predicted_token=result["predicted_token"], probability=result["probability"],
-                method=result["method"], layer=int(result["layer"]), target=result["target"],
+                method=result["method"], layer=result["layer"], target=result["target"],
                 check=None if np.isnan(result["check"]) else float(result["check"]),
                 verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
                 files=[os.path.basename(f) for f in result.get("files", [])])
+
+
+def map_place(result: dict) -> str:
+    """Where the map was taken: ``decoder layer 3``, ``vision encoder layer 1`` or ``projector``."""
+    return PROJECTOR if result["layer"] == PROJECTOR else f"{result['target']} layer {result['layer']}"
 
 
 def heatmap_figure(cam: np.ndarray, title: str):

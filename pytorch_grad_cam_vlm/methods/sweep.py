@@ -1,5 +1,6 @@
 """One-pass layer sweeps: a separate map for each of many target layers from one forward and one backward pass,
-and the named layer choices (``auto``, ``early``, ``middle``, ``late``, ``all``, ``"3,5,7"``) of the CLI."""
+and the named layer choices (``auto``, ``early``, ``middle``, ``late``, ``all``, ``"3,5,7"``, ``projector``) of the
+CLI."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -8,7 +9,9 @@ from typing import List, Sequence, Type, Union
 import numpy as np
 from pytorch_grad_cam.utils.image import scale_cam_image
 
-LayerSpec = Union[str, int, Sequence[int]]
+from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer
+
+LayerSpec = Union[str, int, Sequence[Layer]]
 LAYER_PRESETS = ("auto", "early", "middle", "late", "all")
 AUTO_LAYER_COUNT = 6
 
@@ -104,13 +107,14 @@ def layer_sweep(method_cls: Type) -> Type:
                                                                            "__module__": __name__})
 
 
-def select_layers(n_layers: int, spec: LayerSpec, skip_last: bool = True) -> List[int]:
-    """Layer indices, in increasing order, out of ``n_layers`` layers for ``spec``:
+def select_layers(n_layers: int, spec: LayerSpec, skip_last: bool = True, projector: bool = False) -> List[Layer]:
+    """Layers out of ``n_layers`` layers for ``spec``, in the order the model runs them:
 
     - ``"all"``: every usable layer; ``"early"``, ``"middle"``, ``"late"``: the first, second and last third of them;
     - ``"auto"``: 6 layers spread evenly over the usable depth, first and last usable layer included (all of them
       when there are fewer);
-    - a list of indices or a string ``"3,5,7"``; negative indices count from the end.
+    - a list of indices or a string ``"3,5,7"``; negative indices count from the end. With ``projector`` (a model
+      with :attr:`projector`), the list may name :data:`PROJECTOR`, which comes first.
 
     ``skip_last`` (gradient methods on Qwen's decoder layers or CLIP's vision layers): the last layer's outputs at
     the image positions get exactly zero gradient, so its map is blank. Presets leave it out; naming it raises a
@@ -132,6 +136,13 @@ def select_layers(n_layers: int, spec: LayerSpec, skip_last: bool = True) -> Lis
     indices = _parse_indices(spec)
     if not indices:
         _bad_spec(spec)
+    named = [i for i in indices if i == PROJECTOR]
+    if named and not projector:
+        raise ValueError(f"Layer choice {spec!r} names the {PROJECTOR}, which this model or command does not offer "
+                         "as a layer: pass layer indices.")
+    if len(named) > 1:
+        raise ValueError(f"Layer list {list(indices)} names the {PROJECTOR} twice.")
+    indices = [i for i in indices if i != PROJECTOR]
     resolved = []
     for index in indices:
         if not -n_layers <= index < n_layers:
@@ -142,26 +153,23 @@ def select_layers(n_layers: int, spec: LayerSpec, skip_last: bool = True) -> Lis
                          f"zero gradient, so gradient maps there are blank. Use layers 0..{usable - 1}.")
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"Layer list {list(indices)} names a layer twice.")
-    return sorted(resolved)
+    return named + sorted(resolved)
 
 
-def _parse_indices(spec: LayerSpec) -> List[int]:
+def _parse_indices(spec: LayerSpec) -> List[Layer]:
     if isinstance(spec, (int, np.integer)):
         return [int(spec)]
-    if isinstance(spec, str):
-        try:
-            return [int(part) for part in spec.split(",")]
-        except ValueError:
-            _bad_spec(spec)
+    parts = spec.split(",") if isinstance(spec, str) else spec
     try:
-        return [int(index) for index in spec]
+        return [PROJECTOR if isinstance(part, str) and part.strip().lower() == PROJECTOR else int(part)
+                for part in parts]
     except (TypeError, ValueError):
         _bad_spec(spec)
 
 
 def _bad_spec(spec) -> None:
     raise ValueError(f"Unknown layer choice {spec!r}: use one of {', '.join(LAYER_PRESETS)} or a list of "
-                     "layer indices such as 3,5,7.")
+                     f"layer indices such as 3,5,7 (on a vision-language model, {PROJECTOR} too).")
 
 
 # Relative depth of the layer that `auto_layer` picks: GradCAM's best pointing layer on the demo model, decoder layer 0

@@ -163,6 +163,11 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self._idefics.connector
 
     @property
+    def projector(self) -> torch.nn.Module:
+        """What turns the vision encoder's output into the decoder's image tokens: the :attr:`connector`."""
+        return self.connector
+
+    @property
     def token_cell(self) -> int:
         """The pixels one image token covers on the canvas: ``patch_size x scale_factor`` of a tile."""
         return self.patch_size * self.scale_factor

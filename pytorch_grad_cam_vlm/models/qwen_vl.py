@@ -123,6 +123,11 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         return self.visual.merger
 
     @property
+    def projector(self) -> torch.nn.Module:
+        """What turns the vision encoder's output into the decoder's image tokens: the :attr:`merger`."""
+        return self.merger
+
+    @property
     def input_device(self) -> torch.device:
         """Where inputs go: accelerate's main device for a dispatched model, else the embeddings' device."""
         device_map = getattr(self.model, "hf_device_map", None)

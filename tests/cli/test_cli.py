@@ -59,14 +59,15 @@ def staging_left(folder):
 
 
 def reference(wrapper, image, method=GradCAM, layers=(1,), **options):
-    """Predicted token, its probability and the per-layer maps, by hand."""
+    """Predicted token, its probability and the per-layer maps (decoder layer indices or ``"projector"``), by hand."""
     x = wrapper.preprocess(image)
     with torch.no_grad():
         probabilities = wrapper(x)[0].softmax(-1)
     index = int(probabilities.argmax())
     maps = []
     for layer in layers:
-        with method(model=wrapper, target_layers=[wrapper.decoder_layers[layer]],
+        module = wrapper.merger if layer == "projector" else wrapper.decoder_layers[layer]
+        with method(model=wrapper, target_layers=[module],
                     reshape_transform=wrapper.reshape_transform, **options) as cam:
             maps.append(cam(x, [ClassifierOutputTarget(index)])[0])
     return wrapper.processor.tokenizer.decode([index]), float(probabilities[index]), np.stack(maps)
@@ -84,10 +85,10 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         table = list(csv.DictReader(f))
     for row, line in zip(report, table):
         assert row["method"] == "GradCAM" and row["mode"] == "grid"
-        assert row["layers"] == [0, 1, 2]  # 'auto' on 4 decoder layers: all but the last
+        assert row["layers"] == ["projector", 0, 1, 2]  # 'auto' on 4 decoder layers: the projector, all but the last
         stem = os.path.splitext(os.path.basename(row["image"]))[0]
         assert row["files"] == [f"{stem}_GradCAM_grid.png", f"{stem}_GradCAM_maps.npy"]
-        token, probability, maps = reference(wrapper, row["image"], layers=[0, 1, 2])
+        token, probability, maps = reference(wrapper, row["image"], layers=["projector", 0, 1, 2])
         assert row["predicted_token"] == token
         assert row["probability"] == pytest.approx(probability, abs=1e-6)
         np.testing.assert_allclose(np.load(out / row["files"][1]), maps, atol=1e-5)
@@ -98,7 +99,7 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         assert row["peak_drop"] == pytest.approx([c.peak_drop for c in checks], abs=1e-5)
         assert row["verdict"] == [c.verdict for c in checks]
         height, width = maps.shape[1:]
-        assert Image.open(out / row["files"][0]).size == figure_size(1, 3, height, width)
+        assert Image.open(out / row["files"][0]).size == figure_size(2, 3, height, width)
         assert line == {k: ";".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in row.items()}
     assert sorted(os.listdir(out)) == sorted(["report.json", "report.csv"] + sum((r["files"] for r in report), []))
     assert staging_left(tmp_path) == []
@@ -117,15 +118,18 @@ def test_explain_single_with_smooth_method_into_existing_folder(capsys, tmp_path
     assert code == 0
     [row] = json.loads((out / "report.json").read_text())
     [layer] = row["layers"]  # the candidate layer of the highest total on the deletion check
-    _, _, candidates = reference(wrapper, str(image), SmoothGradCAM, layers=[0, 1, 2], n_samples=2, noise_level=0.1,
-                                 seed=3)
+    candidate_layers = ["projector", 0, 1, 2]
+    _, _, candidates = reference(wrapper, str(image), SmoothGradCAM, layers=candidate_layers, n_samples=2,
+                                 noise_level=0.1, seed=3)
     x = wrapper.preprocess(str(image))
     target = ClassifierOutputTarget(int(wrapper(x).argmax()))
     checks = check_maps(wrapper, x, candidates, target)
     best = int(np.nanargmax([c.total for c in checks]))
-    assert layer == best and row["check"] == pytest.approx([checks[best].score], abs=1e-5)
+    assert layer == candidate_layers[best] and row["check"] == pytest.approx([checks[best].score], abs=1e-5)
+    assert row["candidates"] == "SmoothGradCAM x layers projector,0,1,2"
+    suffix = "projector" if layer == "projector" else f"layer{layer}"
     assert row["files"] == ["b_SmoothGradCAM_single.png", "b_SmoothGradCAM_maps.npy",
-                            f"b_SmoothGradCAM_layer{layer}_overlay.png"]
+                            f"b_SmoothGradCAM_{suffix}_overlay.png"]
     _, _, maps = reference(wrapper, str(image), SmoothGradCAM, layers=[layer], n_samples=2, noise_level=0.1, seed=3)
     np.testing.assert_allclose(np.load(out / row["files"][1]), maps, atol=1e-5)
     assert Image.open(out / row["files"][2]).size == (84, 56)
@@ -270,6 +274,22 @@ def test_explain_clip_model_with_texts(capsys, tmp_path, image_dir):
     code, _, stderr = run(capsys, "explain", "--model", model_dir, "--image", image_dir / "b.png",
                           "--prompt", PROMPT, "--out", tmp_path / "out2")
     assert code == 2 and "needs --texts" in stderr
+    code, _, stderr = run(capsys, "explain", "--model", model_dir, "--image", image_dir / "b.png", "--texts", *texts,
+                          "--layers", "projector", "--out", tmp_path / "out3")
+    assert code == 2 and "names the projector, which this model or command does not offer" in stderr
+
+
+def test_explain_at_the_projector_draws_the_mergers_map(capsys, tmp_path, model_dir, image_dir, wrapper):
+    out = tmp_path / "out"
+    image = image_dir / "a.jpg"
+    code, stdout, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT,
+                          "--method", "GradCAM", "--layers", "projector", "--out", out)
+    assert code == 0 and "with GradCAM at projector;" in stdout
+    [row] = json.loads((out / "report.json").read_text())
+    assert row["layers"] == ["projector"]
+    assert row["files"] == ["a_GradCAM_single.png", "a_GradCAM_maps.npy", "a_GradCAM_projector_overlay.png"]
+    _, _, maps = reference(wrapper, str(image), layers=["projector"])
+    np.testing.assert_allclose(np.load(out / row["files"][1]), maps, atol=1e-5)
 
 
 def test_demo_writes_figures_and_localization_table(capsys, tmp_path):
@@ -287,7 +307,8 @@ def test_demo_writes_figures_and_localization_table(capsys, tmp_path):
     chosen = explain(demo_wrapper, x)  # method and layer chosen by the deletion check, as the CLI's default
     assert (single["method"], single["layers"]) == (chosen.methods[0], chosen.layers)
     np.testing.assert_allclose(np.load(out / single["files"][1])[0], chosen.maps[0], atol=1e-5)
-    assert grid["method"] == chosen.methods[0] and grid["layers"] == chosen.candidate_layers
+    # The grid draws every decoder layer ("all"), the candidates but the projector.
+    assert grid["method"] == chosen.methods[0] and grid["layers"] == chosen.candidate_layers[1:] == [0, 1, 2]
     assert "auto →" not in single["files"][0] and single["files"][0] == "sample0_auto_single.png"
     with torch.no_grad():
         assert single["predicted_token"] == demo_wrapper.processor.tokenizer.decode([int(demo_wrapper(x).argmax())])

@@ -6,6 +6,7 @@ from conftest import model_state, random_image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from pytorch_grad_cam_vlm.layers import has_projector, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, layer_sweep, select_layers
 
 LAYERS = [0, 1, 2]  # every decoder layer of the tiny model but the last
@@ -138,3 +139,17 @@ def test_select_layers_without_gradients_may_take_the_last_layer():
 def test_select_layers_refuses_bad_choices(spec, message):
     with pytest.raises(ValueError, match=message):
         select_layers(8, spec)
+
+
+def test_the_projector_is_a_layer_choice_of_vision_language_models(wrapper):
+    """Named first whatever its place in the list (it runs before decoder layer 0); refused where not offered."""
+    assert select_layers(8, "3, Projector", projector=True) == ["projector", 3]
+    assert select_layers(8, ["projector"], projector=True) == ["projector"]
+    assert select_layers(8, "all", projector=True) == list(range(7))  # presets are decoder layers
+    with pytest.raises(ValueError, match="names the projector, which this model or command does not offer"):
+        select_layers(8, "projector,3")
+    with pytest.raises(ValueError, match="names the projector twice"):
+        select_layers(8, "projector,projector", projector=True)
+    assert has_projector(wrapper)
+    assert layer_modules(wrapper, ["projector", 1]) == [wrapper.merger, wrapper.decoder_layers[1]]
+    assert [layer_name(k) for k in ("projector", 3)] == ["projector", "layer 3"]

@@ -8,7 +8,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam,
+from conftest import (assert_projector_candidate, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam,
                       check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
                       partly_frozen_in_train_mode, random_image)
 from test_llava import change_maps, gradcam_by_hand, pipeline, shapes_image
@@ -274,6 +274,13 @@ def test_every_method_runs_at_batch_1_and_2(tiny, method):
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
     assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(40, 70)))
+
+
+def test_the_projector_is_an_explain_candidate(tiny):
+    wrapper = wrap(tiny)
+    assert_projector_candidate(wrapper, wrapper.projector, wrapper.preprocess(random_image(40, 70)))
+
+
 def test_model_state_restored_after_call_and_after_exception(tiny):
     model, _, _ = tiny
     with partly_frozen_in_train_mode(model, model.model.vision_tower):
@@ -290,7 +297,7 @@ def test_explain_returns_a_map_of_the_input_size(tiny, pan_and_scan):
     x = wrapper.preprocess(random_image(*LANDSCAPE, seed=12))
     result = explain(wrapper, x)
     assert result.maps.shape == (1,) + tuple(x.shape[2:]) and result.maps.dtype == np.float32
-    assert result.layers[0] in (0, 1, 2) and result.methods[0] in AUTO_METHODS
+    assert result.candidate_layers == ["projector", 0, 1, 2] and result.methods[0] in AUTO_METHODS
     m, l = result.candidate_methods.index(result.methods[0]), result.candidate_layers.index(result.layers[0])
     np.testing.assert_array_equal(result.maps[0], result.candidate_maps[0, m, l])
 

@@ -9,7 +9,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
+from conftest import (assert_projector_candidate, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
                       check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
                       partly_frozen_in_train_mode, random_image)
 from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, Qwen3VLWrapper, build_tiny_qwen3_vl, patchify
@@ -267,6 +267,13 @@ def test_every_method_runs_at_batch_1_and_2(tiny, method):
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
     assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(64, 64)))
+
+
+def test_the_projector_is_an_explain_candidate(tiny):
+    wrapper = wrap(tiny)
+    assert_projector_candidate(wrapper, wrapper.merger, wrapper.preprocess(random_image(64, 64)))
+
+
 def test_model_state_restored_after_call_and_after_exception(tiny):
     family, model, processor, _ = tiny
     with partly_frozen_in_train_mode(model, model.model.visual):

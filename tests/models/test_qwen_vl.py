@@ -16,7 +16,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import (HALF_DTYPES, PROMPT, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
+from conftest import (assert_projector_candidate, HALF_DTYPES, PROMPT, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
                       hidden_and_grad, model_state, partly_frozen_in_train_mode, random_image)
 from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, patchify
 from pytorch_grad_cam_vlm.models.state import HookableTuple, hookable_tuple_outputs
@@ -133,6 +133,10 @@ def test_every_method_runs_unchanged(qwen, method):
 
 def test_fullgrad_raises_clear_error(wrapper):
     assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(56, 56)))
+
+
+def test_the_projector_is_an_explain_candidate(wrapper):
+    assert_projector_candidate(wrapper, wrapper.merger, wrapper.preprocess(random_image(56, 56)))
 def test_default_ablation_layer_is_undone_with_clear_error(tiny_qwen, capsys):
     model, processor = tiny_qwen
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
