@@ -33,23 +33,26 @@ from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_BATCH_SIZE, DEF
 # (+ LayerCAM, XGradCAM) gave 0.910 / 1.000 and 0.910 / 0.990 at twice the cost. GradCAM++ leads on the demo model and
 # fails on the crosses model, GradCAMElementWise the other way round (benchmarks/auto_layer.md).
 AUTO_METHODS = ("GradCAMPlusPlus", "GradCAMElementWise")
-# Models with at most this many usable layers try every one of them; deeper ones a spread of this many.
+# Models with at most this many usable layers try every one of them; deeper ones a spread of this many, with no
+# refining round around the best: on the trained models a spread of 3 of 7 layers already chose as well as every
+# layer, and a refinement changed nothing (benchmarks/auto_refine.md).
 CANDIDATE_LAYERS = 8
 
 MethodSpec = Union[str, type, Sequence[Union[str, type]]]
 
 
-def candidate_layers(n_layers: int, last_layer_blank: bool = True, projector: bool = False) -> List[Layer]:
-    """The layers ``layers="auto"`` tries: every usable layer of a model with at most :data:`CANDIDATE_LAYERS`,
-    else that many spread evenly from the first to the last usable layer; first the :data:`PROJECTOR` when the
+def candidate_layers(n_layers: int, last_layer_blank: bool = True, projector: bool = False,
+                     spread: int = CANDIDATE_LAYERS) -> List[Layer]:
+    """The layers ``layers="auto"`` tries: every usable layer of a model with at most ``spread`` of them, else
+    ``spread`` layers spread evenly from the first to the last usable layer; first the :data:`PROJECTOR` when the
     model has one (``projector``)."""
     usable = n_layers - 1 if last_layer_blank else n_layers
     if usable < 1:
         raise ValueError(f"A model with {n_layers} layer(s) has no layer usable for gradient methods.")
-    if usable <= CANDIDATE_LAYERS:
+    if usable <= spread:
         layers = list(range(usable))
     else:
-        layers = sorted({int(round(i)) for i in np.linspace(0, usable - 1, CANDIDATE_LAYERS)})
+        layers = sorted({int(round(i)) for i in np.linspace(0, usable - 1, spread)})
     # The projector's maps read the image tokens the decoder receives: on the crosses model they point at the cross
     # where every decoder layer's map peaks on the top row of tokens, which lifts auto to occlusion's 1.000 there
     # (benchmarks/auto_rules.md).

@@ -18,6 +18,7 @@ def test_candidate_layers_are_every_usable_layer_or_a_spread_of_eight():
     assert candidate_layers(36) == [0, 5, 10, 15, 19, 24, 29, 34]
     assert candidate_layers(4, projector=True) == ["projector", 0, 1, 2]
     assert candidate_layers(36, projector=True) == ["projector", 0, 5, 10, 15, 19, 24, 29, 34]
+    assert candidate_layers(8, spread=4) == [0, 2, 4, 6] and candidate_layers(8, spread=7) == list(range(7))
     with pytest.raises(ValueError, match="no layer usable"):
         candidate_layers(1)
 
