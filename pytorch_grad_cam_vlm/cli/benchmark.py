@@ -10,8 +10,8 @@ from pytorch_grad_cam_vlm.benchmark.runner import BenchmarkOptions, run
 from pytorch_grad_cam_vlm.cli.common import add_loading_arguments
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
-from pytorch_grad_cam_vlm.metrics.perturbation import (AUC_BASELINES, AUC_SCORES, AUC_STEPS, CPU_BATCH_PIXELS,
-                                                       DEFAULT_BATCH_SIZE, SOLVERS)
+from pytorch_grad_cam_vlm.metrics.deletion_check import CPU_BATCH_PIXELS, DEFAULT_BATCH_SIZE
+from pytorch_grad_cam_vlm.metrics.perturbation import AUC_BASELINES, AUC_SCORES, AUC_STEPS, SOLVERS
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
 
 

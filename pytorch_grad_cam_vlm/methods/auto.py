@@ -22,8 +22,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_BATCH_SIZE, DEFAULT_FRACTIONS, MapCheck,
-                                                         check_maps, failure_warning)
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
 
 # The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
 # held-out samples each, every list at the projector and the decoder layers, ranked by the check's total): the lists
@@ -126,7 +125,7 @@ def best_candidate(checks: Sequence[Sequence[MapCheck]]) -> tuple:
 
 def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] = None, method: MethodSpec = "auto",
             layers: LayerSpec = "auto", fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
-            batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, options: Optional[dict] = None) -> Explanation:
+            batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None) -> Explanation:
     """Maps of ``x`` ``(B, 3, H, W)`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the
     model predicts), from each candidate method at each candidate layer of ``wrapper.layers`` (and its projector),
     scored by the deletion check, the highest ``total`` per image kept.

@@ -43,10 +43,25 @@ DEFAULT_FRACTIONS = (0.05, 0.2)
 PEAK_WINDOW = 28
 FILLS = ("mean", "blur")
 BLUR_SIGMA = 8.0
-# Measured with benchmarks/bench_check_batch.py on the idle CPU (2 threads), per checked map against one image at a
-# time: batches of 8 are 3.0x (demo model, 112x112) and 3.1x (crosses model, 112x168) faster and the fastest at
-# 448x448 on the mid-size model (1.12x; 16 there is 0.89x); 16 would gain another 25-30 % on the small canvases only.
-DEFAULT_BATCH_SIZE = 8
+# Batch sizes, measured with benchmarks/bench_benchmark.py --batch-sizes (CPU time per image, 1 torch thread;
+# benchmarks/benchmark_speed.md). The demo model at 112x112: 8.6 ms at batch 1, 2.4 at 16 (3.65x), 2.1 at 32. The
+# mid-size model: at 112x112 batch 16 is 2.3x cheaper than batch 1, at 224x224 batch 8 1.4x (16: 1.25x), at 336x336
+# batch 4 1.14x (16: 0.96x), at 448x448 every batch of 4 or more costs 7-16 % more than batch 1: on the CPU the
+# forward pass turns compute-bound beyond about CPU_BATCH_PIXELS pixels per batch. The deletion check's images
+# (benchmarks/bench_check_batch.py, idle CPU, 2 threads, per checked map against batch 1): batch 16 is 4.1x (demo
+# model, 112x112) and 3.8x (crosses model, 112x168) faster, batch 8 3.2x and 3.0x; at 448x448 on the mid-size model
+# batch 1 is the fastest (8: 0.88x, 16: 0.84x). On CUDA, DEFAULT_BATCH_SIZE (not measured here: no GPU was lent to
+# this work).
+DEFAULT_BATCH_SIZE = 16
+CPU_BATCH_PIXELS = 400_000
+
+
+def auto_batch_size(x: torch.Tensor) -> int:
+    """The default batch size for images like ``x`` ``(1, C, H, W)``: :data:`DEFAULT_BATCH_SIZE` on CUDA; on the CPU
+    as many as fit in :data:`CPU_BATCH_PIXELS` pixels (at least 1, at most :data:`DEFAULT_BATCH_SIZE`)."""
+    if x.is_cuda:
+        return DEFAULT_BATCH_SIZE
+    return max(1, min(DEFAULT_BATCH_SIZE, CPU_BATCH_PIXELS // (x.shape[-2] * x.shape[-1])))
 
 
 @dataclass
@@ -120,11 +135,12 @@ def target_scores(model: torch.nn.Module, images: torch.Tensor, target: Callable
 
 def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable,
                fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
-               batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, blank_tolerance: float = 1e-6,
+               batch_size: Optional[int] = None, seed: int = 0, blank_tolerance: float = 1e-6,
                peak_window: int = PEAK_WINDOW) -> List[MapCheck]:
     """The deletion check (see the module's docstring) of each of ``maps`` ``(M, H, W)`` for one image ``x``
     ``(1, 3, H, W)`` and a grad-cam ``target`` (e.g. ``ClassifierOutputTarget(token_id)``), on ``model`` (a
-    wrapper). Every perturbed image of every map goes through the model in batches of ``batch_size``: ``2 * F``
+    wrapper). Every perturbed image of every map goes through the model in batches of ``batch_size`` (None:
+    :func:`auto_batch_size`): ``2 * F``
     forward images per map that is not blank, one per distinct peak (``peak_window`` pixels removed around it), and
     the clean image. Returns one :class:`MapCheck` per map."""
     maps = np.asarray(maps, dtype=np.float32)
@@ -138,6 +154,7 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     fractions = [float(f) for f in fractions]
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be numbers between 0 and 1 (exclusive), got {fractions}.")
+    batch_size = auto_batch_size(x) if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     if not isinstance(peak_window, int) or peak_window < 1:

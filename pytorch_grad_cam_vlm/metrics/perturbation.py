@@ -39,7 +39,7 @@ import torch
 from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import FILLS, filled, target_scores
+from pytorch_grad_cam_vlm.metrics.deletion_check import FILLS, auto_batch_size, filled, target_scores
 from pytorch_grad_cam_vlm.metrics.road import FastNoisyLinearImputer, impute_linear
 from pytorch_grad_cam_vlm.metrics.road_cg import impute_cg
 
@@ -47,24 +47,6 @@ AUC_STEPS = 20
 AUC_BASELINES = FILLS
 AUC_SCORES = ("probability", "logit")
 SOLVERS = ("auto", "direct", "cg")
-# Batch sizes, measured with benchmarks/bench_benchmark.py --batch-sizes (CPU time per image, 1 torch thread;
-# benchmarks/benchmark_speed.md). The demo model at 112x112: 8.6 ms at batch 1, 2.4 at 16 (3.65x), 2.1 at 32. The
-# mid-size model: at 112x112 batch 16 is 2.3x cheaper than batch 1, at 224x224 batch 8 1.4x (16: 1.25x), at 336x336
-# batch 4 1.14x (16: 0.96x), at 448x448 every batch of 4 or more costs 7-16 % more than batch 1: on the CPU the
-# forward pass turns compute-bound beyond about CPU_BATCH_PIXELS pixels per batch. On CUDA, DEFAULT_BATCH_SIZE (not
-# measured here: no GPU was lent to this work).
-DEFAULT_BATCH_SIZE = 16
-CPU_BATCH_PIXELS = 400_000
-
-
-def auto_batch_size(x: torch.Tensor) -> int:
-    """The default batch size for images like ``x`` ``(1, C, H, W)``: :data:`DEFAULT_BATCH_SIZE` on CUDA; on the CPU
-    as many as fit in :data:`CPU_BATCH_PIXELS` pixels (at least 1, at most :data:`DEFAULT_BATCH_SIZE`)."""
-    if x.is_cuda:
-        return DEFAULT_BATCH_SIZE
-    return max(1, min(DEFAULT_BATCH_SIZE, CPU_BATCH_PIXELS // (x.shape[-2] * x.shape[-1])))
-
-
 class ProbabilityTarget:
     """The softmax probability of class ``category`` (a token, a text) in a row of model outputs."""
 

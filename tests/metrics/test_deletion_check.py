@@ -5,8 +5,8 @@ import torch
 from conftest import random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, check_maps, failure_warning, filled,
-                                                         ranked_map)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, auto_batch_size, check_maps, failure_warning,
+                                                         filled, ranked_map)
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 BOX = (8, 4, 20, 14)  # x0, y0, x1, y1 of the region the toy model reads
@@ -66,6 +66,10 @@ def test_every_map_of_an_image_goes_through_batched_passes():
                batch_size=8)
     # the clean image, 5 maps x 2 fractions x (top, bottom), 4 distinct peaks, in batches of 8
     assert calls == [8, 8, 8, 1]
+    calls.clear()  # by default as many images as fit in CPU_BATCH_PIXELS, at most 16 (the benchmark's rule)
+    check_maps(Counting(), torch.rand(1, 3, 24, 32), maps, ClassifierOutputTarget(0), fractions=(0.1, 0.3))
+    assert calls == [16, 9]
+    assert [auto_batch_size(torch.zeros(1, 3, s, s)) for s in (112, 224, 448)] == [16, 7, 1]
 
 
 def test_the_check_equals_a_by_hand_computation(wrapper):
