@@ -45,6 +45,20 @@ def tasks() -> Dict[str, tuple]:
     return found
 
 
+def held_out(name: str, n: int, seed: int = 0):
+    """``(model, processor, samples)``: the trained model ``name`` and ``n`` of its held-out samples."""
+    load, make = tasks()[name]
+    model, processor = load()
+    return model, processor, make(n, seed=seed, split="test")
+
+
+def sample_case(model, processor, sample):
+    """``(wrapper, x, target)`` of one sample: its prompt's wrapper, its image and the logit of its answer."""
+    wrapper = QwenVLWrapper(model, processor, sample.prompt)
+    target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
+    return wrapper, wrapper.preprocess(sample.image), target
+
+
 def method_maps(wrapper: QwenVLWrapper, x: torch.Tensor, target, method: str, layers: List[Layer]) -> np.ndarray:
     """``method``'s maps of ``x`` ``(1, 3, H, W)`` for ``target`` at each layer of ``layers`` (decoder layer indices
     and the projector), ``(L, H, W)``, from one sweep pass."""

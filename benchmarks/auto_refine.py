@@ -17,10 +17,9 @@ import sys
 
 import numpy as np
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from auto_layer import method_maps, tasks
+from auto_layer import held_out, method_maps, sample_case
 from pytorch_grad_cam_vlm import QwenVLWrapper, pointing_hit
 from pytorch_grad_cam_vlm.layers import PROJECTOR
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_layers
@@ -41,17 +40,13 @@ def main() -> None:
     name, n = sys.argv[1], int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     torch.set_num_threads(1)
-    load, make = tasks()[name]
-    model, processor = load()
-    samples = make(n, seed=seed, split="test")
+    model, processor, samples = held_out(name, n, seed)
     n_layers = len(QwenVLWrapper(model, processor, samples[0].prompt).decoder_layers)
     every = candidate_layers(n_layers, projector=True, spread=n_layers)
     spreads = range(2, len(every) - 1)
     results = {}
     for sample in tqdm(samples, desc=name, unit="sample"):
-        wrapper = QwenVLWrapper(model, processor, sample.prompt)
-        x = wrapper.preprocess(sample.image)
-        target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
+        wrapper, x, target = sample_case(model, processor, sample)
         maps = np.concatenate([method_maps(wrapper, x, target, method, every) for method in AUTO_METHODS])
         checks = check_maps(wrapper, x, maps, target)  # one call for every map of the image, as explain makes it
         scored = {(m, k): (maps[i * len(every) + j], checks[i * len(every) + j])

@@ -21,10 +21,9 @@ from itertools import product
 
 import numpy as np
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from auto_layer import method_maps, tasks
+from auto_layer import held_out, method_maps, sample_case
 from pytorch_grad_cam_vlm import QwenVLWrapper, pointing_hit
 from pytorch_grad_cam_vlm.layers import PROJECTOR
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers
@@ -48,16 +47,12 @@ def main() -> None:
     name, n = sys.argv[1], int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     torch.set_num_threads(1)
-    load, make = tasks()[name]
-    model, processor = load()
-    samples = make(n, seed=seed, split="test")
+    model, processor, samples = held_out(name, n, seed)
     layers = candidate_layers(len(QwenVLWrapper(model, processor, samples[0].prompt).decoder_layers), projector=True)
     layer_sets = {"": [k for k in layers if k != PROJECTOR], " + projector": layers}
     results = {}
     for sample in tqdm(samples, desc=name, unit="sample"):
-        wrapper = QwenVLWrapper(model, processor, sample.prompt)
-        x = wrapper.preprocess(sample.image)
-        target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
+        wrapper, x, target = sample_case(model, processor, sample)
         scored = {}
         for method in METHODS:
             maps = method_maps(wrapper, x, target, method, layers)

@@ -13,11 +13,9 @@ import argparse
 import os
 
 import numpy as np
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from auto_layer import METHODS, method_maps, tasks
-from pytorch_grad_cam_vlm import QwenVLWrapper
+from auto_layer import METHODS, held_out, method_maps, sample_case, tasks
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, check_maps, ranked_map
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastROADLeastRelevantFirst, FastROADMostRelevantFirst
@@ -44,14 +42,11 @@ def main() -> None:
              "| model | maps | same sign | check > 0, ROAD > 0 | check < 0, ROAD < 0 | check > 0, ROAD < 0 | "
              "check < 0, ROAD > 0 |", "|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
-        load, make = tasks()[name]
-        model, processor = load()
+        model, processor, samples = held_out(name, args.n)
         counts = np.zeros((2, 2), dtype=int)  # [check > 0][ROAD > 0]
         rng = np.random.default_rng(0)
-        for sample in tqdm(make(args.n, seed=0, split="test"), desc=name, unit="sample"):
-            wrapper = QwenVLWrapper(model, processor, sample.prompt)
-            x = wrapper.preprocess(sample.image)
-            target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
+        for sample in tqdm(samples, desc=name, unit="sample"):
+            wrapper, x, target = sample_case(model, processor, sample)
             layers = candidate_layers(len(wrapper.decoder_layers))
             for method in METHODS:
                 maps = method_maps(wrapper, x, target, method, layers)
