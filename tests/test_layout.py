@@ -10,8 +10,8 @@ import pytorch_grad_cam_vlm
 PACKAGE = "pytorch_grad_cam_vlm"
 ROOT = os.path.dirname(pytorch_grad_cam_vlm.__file__)
 # Lower rooms may not import higher ones; rooms of one rank may import each other (no cycle is still checked).
-RANK = {"errors": 0, "image": 0, "layers": 0, "output": 0, "visualize": 0, "models": 1, "demo": 2, "methods": 2, "metrics": 2,
-        "benchmark": 3, "cli": 4}
+RANK = {"errors": 0, "image": 0, "layers": 0, "output": 0, "visualize": 0, "models": 1, "demo": 2, "methods": 2,
+        "metrics": 2, "benchmark": 3, "cli": 4}
 ENTRY_POINTS = {f"{PACKAGE}.__main__"}  # `python -m pytorch_grad_cam_vlm`: nothing imports it
 
 

@@ -25,10 +25,10 @@ from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_la
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
 
 # The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
-# held-out samples each, every list at the projector and the decoder layers, ranked by the check's total): the lists
-# that reach occlusion on both seed-0 sets (demo 0.760 / 0.155, crosses 1.000 / 0.000), this one with the best worst
-# case over the four sets and, among those, the fewest methods: it points at the evidence 0.940 / 1.000 (demo / crosses, seed 0) and
-# 0.950 / 1.000 (seed 1), at a distractor 0.045 / 0.000 and 0.020 / 0.000. The four-method list before it
+# held-out samples each, every list at the projector and the decoder layers, ranked by the check's total): of the
+# lists that reach occlusion on both seed-0 sets (demo 0.760 / 0.155, crosses 1.000 / 0.000), the best worst case over
+# the four sets and, among those, the fewest methods. It points at the evidence 0.940 / 1.000 (demo / crosses, seed 0)
+# and 0.950 / 1.000 (seed 1), at a distractor 0.045 / 0.000 and 0.020 / 0.000. The four-method list before it
 # (+ LayerCAM, XGradCAM) gave 0.910 / 1.000 and 0.910 / 0.990 at twice the cost. GradCAM++ leads on the demo model and
 # fails on the crosses model, GradCAMElementWise the other way round (benchmarks/auto_layer.md).
 AUTO_METHODS = ("GradCAMPlusPlus", "GradCAMElementWise")

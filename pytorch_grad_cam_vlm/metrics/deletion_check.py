@@ -140,9 +140,8 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     """The deletion check (see the module's docstring) of each of ``maps`` ``(M, H, W)`` for one image ``x``
     ``(1, 3, H, W)`` and a grad-cam ``target`` (e.g. ``ClassifierOutputTarget(token_id)``), on ``model`` (a
     wrapper). Every perturbed image of every map goes through the model in batches of ``batch_size`` (None:
-    :func:`auto_batch_size`): ``2 * F``
-    forward images per map that is not blank, one per distinct peak (``peak_window`` pixels removed around it), and
-    the clean image. Returns one :class:`MapCheck` per map."""
+    :func:`auto_batch_size`): ``2 * F`` forward images per map that is not blank, one per distinct peak
+    (``peak_window`` pixels removed around it), and the clean image. Returns one :class:`MapCheck` per map."""
     maps = np.asarray(maps, dtype=np.float32)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"check_maps takes one image (1, 3, H, W), got "

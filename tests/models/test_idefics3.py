@@ -11,9 +11,10 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import (assert_projector_candidate, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
-                      check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
-                      partly_frozen_in_train_mode, random_image)
+from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_projector_candidate,
+                      assert_state_kept_through_gradcam, chat_inputs, check_cli_explain,
+                      check_method_on_decoder_and_vision, hidden_and_grad, model_state, partly_frozen_in_train_mode,
+                      random_image)
 from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, Idefics3Wrapper, build_tiny_idefics3, explain
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
 
@@ -368,6 +369,8 @@ def test_every_method_runs_at_batch_1_and_2(tiny, method):
     wrapper = wrap(tiny)
     check_method_on_decoder_and_vision(method, model, wrapper, wrapper.preprocess(random_image(100, 30, seed=10)),
                                        wrapper.decoder_layers[0], "vision blocks and the projector are not supported")
+
+
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
     assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(40, 70)))

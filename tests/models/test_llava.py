@@ -13,9 +13,10 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import (assert_projector_candidate, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
-                      check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
-                      partly_frozen_in_train_mode, random_image)
+from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_projector_candidate,
+                      assert_state_kept_through_gradcam, chat_inputs, check_cli_explain,
+                      check_method_on_decoder_and_vision, hidden_and_grad, model_state, partly_frozen_in_train_mode,
+                      random_image)
 from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, LlavaWrapper, build_tiny_llava, explain
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
 
@@ -351,6 +352,8 @@ def test_every_method_runs_at_batch_1_and_2(tiny, method):
     wrapper = wrap(tiny)
     check_method_on_decoder_and_vision(method, model, wrapper, wrapper.preprocess(random_image(40, 70, seed=10)),
                                        wrapper.decoder_layers[0], "vision blocks and the projector are not supported")
+
+
 def test_smoothing_targets_and_road_run(tiny):
     """aug_smooth (flips and brightness on the canvas), eigen_smooth, softmax targets, SmoothGradCAM's noise in
     pixel space and grad-cam's ROAD on the wrapper."""

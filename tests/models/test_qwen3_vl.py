@@ -9,9 +9,10 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from conftest import (assert_projector_candidate, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
-                      check_cli_explain, check_method_on_decoder_and_vision, hidden_and_grad, model_state,
-                      partly_frozen_in_train_mode, random_image)
+from conftest import (PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_projector_candidate,
+                      assert_state_kept_through_gradcam, chat_inputs, check_cli_explain,
+                      check_method_on_decoder_and_vision, hidden_and_grad, model_state, partly_frozen_in_train_mode,
+                      random_image)
 from pytorch_grad_cam_vlm import AttentionMap, AttentionRollout, Qwen3VLWrapper, build_tiny_qwen3_vl, patchify
 
 FAMILIES = ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"]
@@ -264,6 +265,8 @@ def test_every_method_runs_at_batch_1_and_2(tiny, method):
     wrapper = wrap(tiny)
     check_method_on_decoder_and_vision(method, model, wrapper, wrapper.preprocess(random_image(64, 96, seed=9)),
                                        wrapper.decoder_layers[-2], "vision blocks and mergers are not supported")
+
+
 def test_fullgrad_raises_its_documented_error(tiny):
     wrapper = wrap(tiny)
     assert_fullgrad_refused(wrapper, wrapper.preprocess(random_image(64, 64)))
@@ -280,6 +283,8 @@ def test_model_state_restored_after_call_and_after_exception(tiny):
         wrapper = wrap(tiny)
         assert_state_kept_through_gradcam(model, wrapper, wrapper.preprocess(random_image(64, 96)),
                                           [wrapper.decoder_layers[0], wrapper.vision_blocks[1]])
+
+
 def test_last_decoder_layer_warns_and_names_a_working_layer(tiny):
     wrapper = wrap(tiny)
     with pytest.warns(UserWarning, match=r"decoder_layers\[-2\] \(layer 2\)"):

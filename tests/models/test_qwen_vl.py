@@ -16,8 +16,9 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import (assert_projector_candidate, HALF_DTYPES, PROMPT, assert_fullgrad_refused, assert_state_kept_through_gradcam, chat_inputs,
-                      hidden_and_grad, model_state, partly_frozen_in_train_mode, random_image)
+from conftest import (HALF_DTYPES, PROMPT, assert_fullgrad_refused, assert_projector_candidate,
+                      assert_state_kept_through_gradcam, chat_inputs, hidden_and_grad, model_state,
+                      partly_frozen_in_train_mode, random_image)
 from pytorch_grad_cam_vlm import QwenVLWrapper, ShapleyCAM, patchify
 from pytorch_grad_cam_vlm.models.state import HookableTuple, hookable_tuple_outputs
 
@@ -137,6 +138,8 @@ def test_fullgrad_raises_clear_error(wrapper):
 
 def test_the_projector_is_an_explain_candidate(wrapper):
     assert_projector_candidate(wrapper, wrapper.merger, wrapper.preprocess(random_image(56, 56)))
+
+
 def test_default_ablation_layer_is_undone_with_clear_error(tiny_qwen, capsys):
     model, processor = tiny_qwen
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
@@ -252,6 +255,8 @@ def test_model_state_restored_after_call_and_after_exception(qwen):
         wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
         assert_state_kept_through_gradcam(model, wrapper, wrapper.preprocess(random_image(56, 56)),
                                           [wrapper.decoder_layers[0], wrapper.vision_blocks[1]])
+
+
 def test_frozen_while_computing_and_graph_starts_at_target(qwen_wrapper):
     """While a map is computed no parameter takes part in autograd, and no graph is built below the target layer.
     Probes are forward pre-hooks: only forward hooks mark a layer as watched."""
