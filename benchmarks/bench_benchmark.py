@@ -3,6 +3,7 @@
     python benchmarks/bench_benchmark.py                       # README's example on the demo model, then mid-size
     python benchmarks/bench_benchmark.py --models demo --n 4   # quicker
     python benchmarks/bench_benchmark.py --gil                 # does scipy's SuperLU release the GIL?
+    python benchmarks/bench_benchmark.py --overlap             # imputation beside the model: threads, processes
     python benchmarks/bench_benchmark.py --batch-sizes 1,4,8,16,32,56   # one row's images per batch size
     python benchmarks/bench_benchmark.py --batch-sizes 1,2,4,8,16 --mid-sizes 112,168,224,336 --mid-images 16
     python benchmarks/bench_benchmark.py --gpu 3b --rows 100   # on CUDA: GPU imputation, 100 rows of a 3B model
@@ -141,14 +142,12 @@ def gil() -> None:
     with it, holds the GIL in a Python loop, or sleeps: a call that held the GIL would stop the counter."""
     from scipy.sparse.linalg import splu
 
-    from pytorch_grad_cam_vlm.metrics.road import nested_dissection_order, sparse_system
+    from pytorch_grad_cam_vlm.metrics.road import dissection_rank, sparse_system
 
     size = 336
     rng = np.random.default_rng(0)
     mask = np.float32(rng.random((size, size)) < 0.1)
-    a, b, unknown = sparse_system(mask, rng.normal(size=(3, size, size)))
-    perm = nested_dissection_order(*np.divmod(unknown, size))
-    system = a[perm][:, perm].tocsc()
+    system, b, _ = sparse_system(mask, rng.normal(size=(3, size, size)), rank=dissection_rank(size, size))
     factor = [None]
 
     def counting(work) -> tuple:
@@ -173,7 +172,7 @@ def gil() -> None:
     runs = {"sleep 1 s (releases the GIL)": lambda: time.sleep(1.0),
             "Python loop 1 s (holds the GIL)": spin,
             "splu: factor": lambda: factor.__setitem__(0, splu(system, permc_spec="NATURAL", diag_pivot_thresh=0.0)),
-            "SuperLU.solve x 20": lambda: [factor[0].solve(b[perm]) for _ in range(20)]}
+            "SuperLU.solve x 20": lambda: [factor[0].solve(b) for _ in range(20)]}
     print("| main thread runs | seconds | counter thread (M increments / s) |\n|---|---|---|")
     for name, work in runs.items():
         seconds, rate = counting(work)
@@ -194,6 +193,67 @@ def gil() -> None:
             list(executor.map(lambda m: impute_linear(m, image), masks))
             threaded = time.perf_counter() - start
         print(f"| {size}x{size} | {serial:.2f} | {threaded:.2f} | {serial / threaded:.2f}x |", flush=True)
+
+
+def overlap(repeats: int = 5) -> None:
+    """One row of the demo model at 112x112: its 56 perturbed images through the model (batches of 16) and its 18
+    imputation systems, alone and side by side, the systems solved on 2 threads or in 2 processes. Wall seconds
+    (median of ``repeats``), against the floor: both parts' CPU seconds alone, over the cores."""
+    import multiprocessing
+    import statistics
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cv2
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pytorch_grad_cam_vlm import QwenVLWrapper
+    from pytorch_grad_cam_vlm.demo import load_demo_model, make_demo_samples
+    from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map, target_scores
+    from pytorch_grad_cam_vlm.metrics.perturbation import road_masks
+    from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
+
+    sample = make_demo_samples(1)[0]
+    wrapper = QwenVLWrapper(*load_demo_model(), prompt=sample.prompt)
+    x = wrapper.preprocess(sample.image)
+    rng = np.random.default_rng(0)
+    cam = cv2.resize(rng.random((4, 4)).astype(np.float32), (112, 112))
+    masks, image, images = road_masks(ranked_map(cam, rng), PERCENTILES), x[0].numpy(), x.repeat(56, 1, 1, 1)
+
+    def forwards() -> None:
+        target_scores(wrapper, images, ClassifierOutputTarget(0), 16)
+
+    def imputation(pool) -> None:
+        for future in [pool.submit(impute_linear, mask, image) for mask in masks]:
+            future.result()
+
+    def both(pool) -> None:
+        futures = [pool.submit(impute_linear, mask, image) for mask in masks]
+        forwards()
+        for future in futures:
+            future.result()
+
+    def median(work) -> tuple:
+        work()  # warm-up
+        walls, cpus = [], []
+        for _ in range(repeats):
+            start, cpu = time.perf_counter(), time.process_time()
+            work()
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+        return statistics.median(walls), statistics.median(cpus)
+
+    cores = len(os.sched_getaffinity(0))
+    forward_wall, forward_cpu = median(forwards)
+    serial_wall, serial_cpu = median(lambda: [impute_linear(mask, image) for mask in masks])
+    print(f"torch {torch.get_num_threads()} thread(s); {cores} cores\n\n| work | wall (s) |\n|---|---|")
+    print(f"| 56 images through the model | {forward_wall:.3f} |\n| 18 systems, serial | {serial_wall:.3f} |")
+    print(f"| floor of both side by side (CPU seconds / {cores} cores) | {(forward_cpu + serial_cpu) / cores:.3f} |")
+    pools = {"2 threads": lambda: ThreadPoolExecutor(2),
+             "2 processes": lambda: ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))}
+    for name, make_pool in pools.items():
+        with make_pool() as pool:
+            print(f"| 18 systems, {name} | {median(lambda: imputation(pool))[0]:.3f} |")
+            print(f"| both side by side, systems on {name} | {median(lambda: both(pool))[0]:.3f} |", flush=True)
 
 
 def batch_sizes(sizes, mid_images: int, mid_sizes) -> None:
@@ -323,6 +383,8 @@ def main() -> None:
     parser.add_argument("--mid-n", type=int, default=1, help="samples on the mid-size model")
     parser.add_argument("--mid-layers", default="6", help="layers on the mid-size model")
     parser.add_argument("--gil", action="store_true", help="measure whether SuperLU releases the GIL, and exit")
+    parser.add_argument("--overlap", action="store_true", help="one row's imputation beside its forward passes, on "
+                        "threads and in processes, and exit")
     parser.add_argument("--batch-sizes", help="measure these forward batch sizes, e.g. 1,4,8,16,32,64, and exit")
     parser.add_argument("--mid-images", type=int, default=16, help="images per batch-size measurement, mid-size")
     parser.add_argument("--mid-sizes", default="448", help="image sides of the mid-size batch-size measurement")
@@ -340,6 +402,8 @@ def main() -> None:
         gpu_rows(args.gpu, device, args.rows, args.before_rows, args.profile)
     elif args.gil:
         gil()
+    elif args.overlap:
+        overlap()
     elif args.batch_sizes:
         batch_sizes([int(b) for b in args.batch_sizes.split(",")], args.mid_images,
                     [int(v) for v in args.mid_sizes.split(",")])

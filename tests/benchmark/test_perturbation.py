@@ -116,3 +116,29 @@ def test_cg_imputation_equals_the_direct_solver(device):
             torch.manual_seed(0)
             images.append(imputed_images(x, masks, solver)())
         assert (images[0] - images[1]).abs().max() < 1e-4
+
+
+def test_sparse_system_is_grad_cams_in_either_numbering():
+    """The vectorised system equals grad-cam's setup_sparse_system entry for entry, in grad-cam's numbering and in
+    the grid's nested-dissection numbering (the same system, rows and columns permuted); the latter is solved."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+
+    from pytorch_grad_cam_vlm.metrics.road import dissection_rank, sparse_system
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(3, 30, 45))
+    mask = np.float32(ranked_map(token_grid_map((56, 84)), rng)[:30, :45] < 0.6)
+    expected_a, expected_b = NoisyLinearImputer.setup_sparse_system(mask, image, neighbors_weights)
+    unknown = np.flatnonzero(mask.reshape(-1) == 0)
+    a, b, pixels = sparse_system(mask, image)
+    np.testing.assert_array_equal(pixels, unknown)
+    np.testing.assert_array_equal(a.toarray(), expected_a.toarray())
+    np.testing.assert_array_equal(b, expected_b)
+    a, b, pixels = sparse_system(mask, image, rank=dissection_rank(30, 45))
+    place = np.searchsorted(unknown, pixels)
+    assert sorted(place) == list(range(len(unknown))) and not np.array_equal(place, np.arange(len(unknown)))
+    assert (np.diff(dissection_rank(30, 45)[pixels]) > 0).all()
+    np.testing.assert_array_equal(a.toarray(), expected_a.toarray()[np.ix_(place, place)])
+    np.testing.assert_array_equal(b, expected_b[place])
+    values, _ = impute_linear(mask, image)
+    np.testing.assert_allclose(values, np.linalg.solve(expected_a.toarray(), expected_b), atol=1e-10, rtol=0)
