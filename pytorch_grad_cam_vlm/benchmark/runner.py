@@ -24,7 +24,8 @@ Every method x layer is scored on every sample against RandomCAM (always added a
 The target is the first token of the sample's answer, or without an answer the model's next token on the clean image.
 A row's perturbed images go through the model in batches of ``--batch-size``; its imputation systems are solved on
 ``--imputation-threads`` threads (CPU) or by conjugate gradients on the GPU (CUDA), with the results of the serial
-path (the imputer's noise is drawn afterwards, in order).
+path (the imputer's noise is drawn afterwards, in order). The rows of a sample run one ahead: the next map's systems
+are solved while this row's images go through the model.
 
 Rows of ``per_sample.csv`` are appended as they finish; a run started again with the same ``--out`` skips the rows
 there (and refuses other settings). Each process of an ``accelerate launch`` takes the samples whose index modulo
@@ -57,7 +58,7 @@ from pytorch_grad_cam_vlm.methods.sweep import select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, energy_in_mask, pointing_hit, pointing_in_mask
 from pytorch_grad_cam_vlm.metrics.perturbation import (AUC_BASELINES, AUC_SCORES, AUC_STEPS, SOLVERS,
-                                                       PerturbationScorer, make_executor)
+                                                       PerturbationScorer, PerturbationScores, make_executor)
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
 from pytorch_grad_cam_vlm.metrics.sanity import randomized_copy, spearman
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, check_question, layer_count, load_model,
@@ -82,6 +83,21 @@ def seed_everything(seed: int, sample: int, method: str, layer: int, phase: str)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+@dataclass
+class SampleInputs:
+    """What every row of one sample shares: the wrapped model, the image ``x``, the target, the boxes and mask
+    mapped onto ``x``, the pointing tolerance in pixels and the perturbation scorer."""
+
+    subject: object
+    x: torch.Tensor
+    targets: list
+    boxes: list
+    distractors: list
+    mask: Optional[np.ndarray]
+    tolerance: float
+    perturb: PerturbationScorer
+
+
 class Scorer:
     """Scores the rows of one sample: builds the wrappers of its prompt (trained and randomized model), its image
     and target once, then each (method, layer)."""
@@ -140,35 +156,57 @@ class Scorer:
         mask = pixel_mask(sample.masks, image.size, tuple(x.shape[2:]), sample.where) if sample.masks else None
         tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.token_cell / 2
         token = self.target_token(sample, wrapper, x)
-        targets = [ClassifierOutputTarget(token)]
         executor = make_executor(self.imputation_threads)
         with executor or nullcontext():
-            perturb = PerturbationScorer(wrapper, x, token, self.percentiles, executor=executor, **self.perturbation)
+            inputs = SampleInputs(subject, x, [ClassifierOutputTarget(token)], boxes, distractors, mask, tolerance,
+                                  PerturbationScorer(wrapper, x, token, self.percentiles, executor=executor,
+                                                     **self.perturbation))
+            # One row ahead: the next map's imputation runs on the executor's threads while this row's images go
+            # through the model (benchmarks/benchmark_speed.md).
+            started = None
             for method, layer in units:
-                yield self.row(sample, subject, method, layer, x, targets, perturb, boxes, distractors, mask,
-                               tolerance)
+                try:
+                    following = self.start_row(sample, inputs, method, layer)
+                except Exception:
+                    if started is not None:  # the row before is whole: keep it
+                        yield self.finish_row(sample, inputs, *started)
+                    raise
+                if started is not None:
+                    yield self.finish_row(sample, inputs, *started)
+                started = following
+            if started is not None:
+                yield self.finish_row(sample, inputs, *started)
 
-    def row(self, sample: Sample, subject, method: str, layer: int, x: torch.Tensor, targets,
-            perturb: PerturbationScorer, boxes, distractors, mask: Optional[np.ndarray], tolerance: float) -> dict:
-        """The scores of one (method, layer) of a sample."""
-        cam = self.cam(subject, method, layer, x, targets, sample.index)
+    def start_row(self, sample: Sample, inputs: SampleInputs, method: str, layer: int
+                  ) -> Tuple[str, int, np.ndarray, Callable[[], PerturbationScores]]:
+        """The map of one (method, layer) and its perturbation scores started (:meth:`PerturbationScorer.start`)."""
+        cam = self.cam(inputs.subject, method, layer, inputs.x, inputs.targets, sample.index)
         seed_everything(self.seed, sample.index, method, layer, "road")
         ranks = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31)))
-        scores = perturb(ranks if self.road_ties == "random" else cam, ranks)
+        return method, layer, cam, inputs.perturb.start(ranks if self.road_ties == "random" else cam, ranks)
+
+    def finish_row(self, sample: Sample, inputs: SampleInputs, method: str, layer: int, cam: np.ndarray,
+                   finish: Callable[[], PerturbationScores]) -> dict:
+        """The scores of one (method, layer) of a sample, from :meth:`start_row`'s map and scores started."""
+        seed_everything(self.seed, sample.index, method, layer, "road")  # the imputer's noise, as if drawn at once
+        scores = finish()
         morf, lerf = scores.morf, scores.lerf
-        row = dict(sample=sample.index, method=method, layer=layer, target_token=int(targets[0].category),
+        row = dict(sample=sample.index, method=method, layer=layer, target_token=int(inputs.targets[0].category),
                    road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf), road_lerf=np.mean(lerf),
                    deletion_auc=scores.deletion_auc, insertion_auc=scores.insertion_auc, pointing=None,
                    distractor=None, energy=None, mask_pointing=None, mask_energy=None, sanity=None)
-        if boxes:
-            row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in boxes),
-                       energy=energy_in_boxes(cam, boxes))
-        if distractors:
-            row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in distractors)
-        if mask is not None:
-            row.update(mask_pointing=pointing_in_mask(cam, mask, tolerance), mask_energy=energy_in_mask(cam, mask))
+        tolerance = inputs.tolerance
+        if inputs.boxes:
+            row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in inputs.boxes),
+                       energy=energy_in_boxes(cam, inputs.boxes))
+        if inputs.distractors:
+            row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in inputs.distractors)
+        if inputs.mask is not None:
+            row.update(mask_pointing=pointing_in_mask(cam, inputs.mask, tolerance),
+                       mask_energy=energy_in_mask(cam, inputs.mask))
         if self.randomized is not None:
-            random_cam = self.cam(self.subject(sample.prompt, True), method, layer, x, targets, sample.index)
+            random_cam = self.cam(self.subject(sample.prompt, True), method, layer, inputs.x, inputs.targets,
+                                  sample.index)
             row["sanity"] = spearman(cam, random_cam)
         row.update({f"morf_{p:g}": v for p, v in zip(self.percentiles, morf)})
         row.update({f"lerf_{p:g}": v for p, v in zip(self.percentiles, lerf)})

@@ -21,13 +21,14 @@ baseline, are scored once per image, not once per map.
 Every perturbed image of a map (``2 P`` for ROAD, ``2 (steps - 1)`` for the AUC) goes through the model in batches
 of ``batch_size``. The imputation systems of a map are independent: on the CPU they are solved on the threads of an
 ``executor`` (a ``concurrent.futures.ThreadPoolExecutor``) while the AUC images go through the model; on CUDA by
-batched conjugate gradients on the GPU (:func:`~pytorch_grad_cam_vlm.metrics.road_cg.impute_cg`). Threads, not
-processes: scipy's SuperLU releases the GIL while it factors and solves. Measured by
+batched conjugate gradients on the GPU (:func:`~pytorch_grad_cam_vlm.metrics.road_cg.impute_cg`).
+:meth:`PerturbationScorer.start` lets a caller do more while they run (the benchmark runner scores the previous map's
+ROAD images). Threads, not processes: scipy's SuperLU releases the GIL while it factors and solves. Measured by
 ``benchmarks/bench_benchmark.py --gil``: a pure-Python counter thread counted 7.7 M/s during a 1.1 s ``splu`` of a
 336x336 imputation system, against 4.9 M/s beside a Python loop that holds the GIL and 12.0 M/s beside a sleep; a
 call that held the GIL would have stopped it for the whole second. Threads also share the image and the masks, where
-processes would pickle them and the solutions (``N x 3`` float64 per mask) both ways. Threads gain only where cores
-are free (the numpy assembly of each system does hold the GIL in parts).
+processes would pickle them and the solutions (``N x 3`` float64 per mask) both ways; ``bench_benchmark.py
+--overlap`` compares the two beside the model's forward passes.
 """
 from __future__ import annotations
 
@@ -171,15 +172,25 @@ class PerturbationScorer:
     def __call__(self, road_map: np.ndarray, ranks: np.ndarray) -> PerturbationScores:
         """The scores of one map: ROAD on ``road_map`` (the ranked map, or the map itself for grad-cam's
         thresholds), the AUC curves in the order of ``ranks`` (a ranked map: distinct values)."""
+        return self.start(road_map, ranks)()
+
+    def start(self, road_map: np.ndarray, ranks: np.ndarray) -> Callable[[], PerturbationScores]:
+        """:meth:`__call__` in two halves, so that a caller can work while the imputation runs: this one starts the
+        imputation (on the executor's threads) and scores the deletion / insertion images; the function it returns
+        waits for the imputation, draws the imputer's noise from torch's generator as it then stands, scores ROAD's
+        images and returns the scores."""
         finish = imputed_images(self.x, road_masks(road_map, self.percentiles), self.solver, self.executor)
         curves = target_scores(self.model, auc_images(self.x, ranks, self.background, self.steps), self.curve_target,
                                self.batch_size)
-        road = target_scores(self.model, finish(), self.logit, self.batch_size) - self.clean_logit
-        n, inner = len(self.percentiles), self.steps - 1
-        return PerturbationScores(
-            list(road[:n]), list(road[n:]),
-            [self.clean_score] + [float(v) for v in curves[:inner]] + [self.background_score],
-            [self.background_score] + [float(v) for v in curves[inner:]] + [self.clean_score])
+
+        def scores() -> PerturbationScores:
+            road = target_scores(self.model, finish(), self.logit, self.batch_size) - self.clean_logit
+            n, inner = len(self.percentiles), self.steps - 1
+            return PerturbationScores(
+                list(road[:n]), list(road[n:]),
+                [self.clean_score] + [float(v) for v in curves[:inner]] + [self.background_score],
+                [self.background_score] + [float(v) for v in curves[inner:]] + [self.clean_score])
+        return scores
 
 
 def make_executor(threads: Optional[int]):

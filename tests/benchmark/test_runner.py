@@ -281,6 +281,30 @@ def test_killed_and_resumed_run_gives_the_same_csv(tmp_path, full_run, tiny_path
     assert code == 2 and "holds a benchmark run with other settings (seed 5 there, 6 here)" in err
 
 
+def test_a_map_that_fails_keeps_the_row_before_it(tmp_path, full_run, tiny_path, data_path, monkeypatch):
+    """Rows run one ahead (the next map's imputation beside this row's model passes): when the next map fails, the
+    row before it is still scored and written, and a resumed run completes the table as an uninterrupted one."""
+    argv = ["--model", tiny_path, "--data", data_path, "--out", str(tmp_path / "out"), "--seed", "5"] + BASE_ARGS
+    start_row = runner.Scorer.start_row
+
+    def random_cam_fails(self, sample, inputs, method, layer):
+        if method == "RandomCAM":
+            raise RuntimeError("no map")
+        return start_row(self, sample, inputs, method, layer)
+
+    monkeypatch.setattr(runner.Scorer, "start_row", random_cam_fails)
+    finished = []
+    with pytest.raises(RuntimeError, match="no map"):
+        runner.run(options(argv), finished.append)
+    assert [(row["sample"], row["method"]) for row in finished] == [(0, "GradCAM")]
+    monkeypatch.undo()
+    resumed = []
+    assert runner.run(options(argv), resumed.append) == 0
+    assert len(resumed) == 5
+    assert (tmp_path / "out" / "per_sample.csv").read_bytes() == open(os.path.join(full_run, "per_sample.csv"),
+                                                                      "rb").read()
+
+
 def test_two_processes_give_the_same_table(tmp_path, full_run, tiny_path, data_path):
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
