@@ -11,9 +11,10 @@
 
 "before": the runner with ``batch_size=1`` and ``imputation_threads=1`` (every perturbed image through the model on
 its own, the imputation systems solved one after the other, as grad-cam's metric classes do); "after": the defaults
-(batches of ``auto_batch_size``: 16 images of 112x112, 1 of 448x448 on the CPU; one imputation thread per core). Both compute the same table (README's example:
-methods GradCAM, HiResCAM, GradCAMPlusPlus, LayerCAM and RandomCAM, every layer, ROAD at the default percentiles,
-deletion / insertion in 20 steps, the sanity check on); the script checks that the two per_sample.csv agree.
+(batches of ``auto_batch_size``: 16 images of 112x112, 1 of 448x448 on the CPU; one imputation thread per core,
+solving while the model runs). Both compute the same table (README's example: methods GradCAM, HiResCAM,
+GradCAMPlusPlus, LayerCAM and RandomCAM, every layer, ROAD at the default percentiles, deletion / insertion in 20
+steps, the sanity check on); the script checks that the two per_sample.csv agree.
 
 Models: the demo model on ``--n`` demo samples (112x112), and the mid-size random Qwen2.5-VL of bench_smooth.py
 (8 decoder layers of width 512, 8 vision blocks of width 256) on ``--mid-n`` demo samples upscaled to 448x448 (no
