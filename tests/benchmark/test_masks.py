@@ -90,7 +90,8 @@ def test_benchmark_mask_columns_equal_box_columns(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["benchmark", "--model", str(tmp_path / "tiny"), "--data", path, "--out", str(out), "--layers",
                      "0,1", "--methods", "GradCAM", "--percentiles", "50", "--auc-steps", "4", "--no-sanity"]) == 0
-    results = list(csv.DictReader(open(out / "per_sample.csv")))
+    with open(out / "per_sample.csv") as f:
+        results = list(csv.DictReader(f))
     assert len(results) == 16
     for row in results:
         if row["sample"] == "3":

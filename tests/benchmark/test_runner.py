@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,7 +256,8 @@ def test_rows_scores_and_outputs(full_run, tiny_path):
         table = f.read()
     assert f"| GradCAM | 1 | {float(grad['road_combined']):.3f} |" in table
     for name in ("road_curves.png", "heat_table.png"):
-        assert Image.open(os.path.join(full_run, name)).format == "PNG"
+        with Image.open(os.path.join(full_run, name)) as picture:
+            assert picture.format == "PNG"
 
 
 def test_killed_and_resumed_run_gives_the_same_csv(tmp_path, full_run, tiny_path, data_path, capsys):
@@ -275,7 +277,7 @@ def test_killed_and_resumed_run_gives_the_same_csv(tmp_path, full_run, tiny_path
     assert runner.run(options(argv), resumed.append) == 0
     assert len(resumed) == 3  # only the missing rows ran
     for name in ("per_sample.csv", "summary.csv", "benchmark.md"):
-        assert (tmp_path / "out" / name).read_bytes() == open(os.path.join(full_run, name), "rb").read()
+        assert (tmp_path / "out" / name).read_bytes() == Path(full_run, name).read_bytes()
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith("per_sample.part")]
     code, err = run_main(argv[:-len(BASE_ARGS)] + ["--seed", "6"] + BASE_ARGS, capsys)
     assert code == 2 and "holds a benchmark run with other settings (seed 5 there, 6 here)" in err
@@ -301,8 +303,7 @@ def test_a_map_that_fails_keeps_the_row_before_it(tmp_path, full_run, tiny_path,
     resumed = []
     assert runner.run(options(argv), resumed.append) == 0
     assert len(resumed) == 5
-    assert (tmp_path / "out" / "per_sample.csv").read_bytes() == open(os.path.join(full_run, "per_sample.csv"),
-                                                                      "rb").read()
+    assert (tmp_path / "out" / "per_sample.csv").read_bytes() == Path(full_run, "per_sample.csv").read_bytes()
 
 
 def test_two_processes_give_the_same_table(tmp_path, full_run, tiny_path, data_path):
@@ -315,7 +316,7 @@ def test_two_processes_give_the_same_table(tmp_path, full_run, tiny_path, data_p
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("per_sample.csv", "summary.csv", "benchmark.md"):
-        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(full_run, name), "rb").read(), name
+        assert Path(out, name).read_bytes() == Path(full_run, name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------------------ demo model
@@ -360,7 +361,7 @@ def test_clip_model_benchmark_scores_its_texts(tmp_path, capsys):
             "--layers", "0", "--methods", "GradCAM", "--percentiles", "20,80"]
     code, _ = run_main(argv, capsys)
     assert code == 0
-    results = {(r["sample"], r["method"]): r for r in csv.DictReader(open(tmp_path / "out" / "per_sample.csv"))}
+    results = {(r["sample"], r["method"]): r for r in read_csv(tmp_path / "out" / "per_sample.csv")}
     assert len(results) == 4 and results[("0", "GradCAM")]["target_token"] == "1"
     wrapper = CLIPWrapper(model, processor, texts=texts)
     x = wrapper.preprocess(os.path.join(tmp_path / "data", "im0.png"))
