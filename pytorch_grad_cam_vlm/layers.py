@@ -25,6 +25,7 @@ def layer_depth(layer: Layer) -> int:
     return -1 if layer == PROJECTOR else int(layer)
 
 
-def layer_name(layer: Layer) -> str:
-    """``"layer 3"``, or ``"projector"``: how reports, titles and warnings name a chosen layer."""
-    return PROJECTOR if layer == PROJECTOR else f"layer {layer}"
+def layer_name(layer: Layer, kind: str = "") -> str:
+    """``"layer 3"`` (``"decoder layer 3"`` given the ``kind`` of layers), or ``"projector"``: how reports, titles
+    and warnings name a chosen layer."""
+    return PROJECTOR if layer == PROJECTOR else f"{kind} layer {layer}".lstrip()

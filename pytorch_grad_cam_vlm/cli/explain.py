@@ -65,8 +65,7 @@ def run_explain(args: argparse.Namespace) -> int:
                     key=lambda pair: (pair[0], layer_depth(pair[1])))
     choice = (f" (chosen by the deletion check among {'/'.join(cls.__name__ for cls in methods)} at layers "
               f"{', '.join(map(str, layers))})" if args.mode == "single" and len(layers) > 1 or len(methods) > 1 else "")
-    where = ", ".join((f"{m} at " if len(methods) > 1 else "") + (k if k == PROJECTOR else f"{kind} layer {k}")
-                      for m, k in chosen)
+    where = ", ".join((f"{m} at " if len(methods) > 1 else "") + layer_name(k, kind) for m, k in chosen)
     print(f"Explained {len(rows)} image(s) with {name}{': ' if len(methods) > 1 else ' at '}{where}{choice}; wrote "
           f"{sum(len(r['files']) for r in rows) + 2} files to {args.out}, listed in "
           f"{os.path.join(args.out, 'report.csv')} and report.json.")

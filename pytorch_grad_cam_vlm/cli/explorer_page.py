@@ -7,9 +7,9 @@ from typing import List, Optional
 import gradio as gr
 
 from pytorch_grad_cam_vlm.cli.explorer import Explorer, Request, explain_request
-from pytorch_grad_cam_vlm.cli.explorer_views import (details, heatmap_figure, map_place, strip_items, summary,
-                                                      token_map)
+from pytorch_grad_cam_vlm.cli.explorer_views import details, heatmap_figure, strip_items, summary, token_map
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS
 from pytorch_grad_cam_vlm.methods.catalog import method_classes
 from pytorch_grad_cam_vlm.visualize import overlay
@@ -148,4 +148,4 @@ def build_page(explorer: Explorer, examples: List[List[str]]) -> gr.Blocks:
 
 
 def map_title(result: dict) -> str:
-    return f"{result['method']} · {map_place(result)}"
+    return f"{result['method']} · {layer_name(result['layer'], result['target'])}"

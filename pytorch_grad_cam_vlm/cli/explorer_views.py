@@ -9,7 +9,7 @@ from typing import List, Optional
 import numpy as np
 
 from pytorch_grad_cam_vlm.errors import InputError
-from pytorch_grad_cam_vlm.layers import PROJECTOR
+from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.visualize import heatmap, overlay
 
 
@@ -31,7 +31,7 @@ def summary(result: dict) -> str:
     method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
               else result["method"])
     check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
-    lines = [said, f"**Map** {method} · {map_place(result)} · deletion check **{check}**"]
+    lines = [said, f"**Map** {method} · {layer_name(result['layer'], result['target'])} · deletion check **{check}**"]
     if result["warning"]:
         lines.append(f"⚠️ {result['warning']}")
     return "\n\n".join(lines)
@@ -46,11 +46,6 @@ def details(result: dict) -> dict:
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
                 files=[os.path.basename(f) for f in result.get("files", [])])
-
-
-def map_place(result: dict) -> str:
-    """Where the map was taken: ``decoder layer 3``, ``vision encoder layer 1`` or ``projector``."""
-    return PROJECTOR if result["layer"] == PROJECTOR else f"{result['target']} layer {result['layer']}"
 
 
 def heatmap_figure(cam: np.ndarray, title: str):

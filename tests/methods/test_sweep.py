@@ -153,3 +153,4 @@ def test_the_projector_is_a_layer_choice_of_vision_language_models(wrapper):
     assert has_projector(wrapper)
     assert layer_modules(wrapper, ["projector", 1]) == [wrapper.merger, wrapper.decoder_layers[1]]
     assert [layer_name(k) for k in ("projector", 3)] == ["projector", "layer 3"]
+    assert [layer_name(k, "decoder") for k in ("projector", 3)] == ["projector", "decoder layer 3"]
