@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
-from pytorch_grad_cam_vlm.metrics import road
 from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
 from pytorch_grad_cam_vlm.metrics.perturbation import road_masks
-from pytorch_grad_cam_vlm.metrics.road import PERCENTILES, FastNoisyLinearImputer
+from pytorch_grad_cam_vlm.metrics.road import (PERCENTILES, FastNoisyLinearImputer, dissection_rank,
+                                              nested_dissection_order, sparse_system)
 
 
 def cam_like_map(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -87,18 +87,18 @@ def time_orders(height: int, width: int, leaves, panels, repeats: int) -> None:
             return (time.process_time() - start) / repeats
 
         def per_mask(mask):
-            a, b, pixels = road.sparse_system(mask, image)
-            perm = road.nested_dissection_order(*np.divmod(pixels, width), 64)
+            a, b, pixels = sparse_system(mask, image)
+            perm = nested_dissection_order(*np.divmod(pixels, width), 64)
             splu(a[perm][:, perm].tocsc(), permc_spec="NATURAL", diag_pivot_thresh=0.0).solve(b[perm])
         reference = seconds(per_mask)
         print(f"| {height}x{width} | {kind} | each mask's own, leaf 64 | SuperLU's | {reference:.3f} | 1.00x |")
         for leaf in leaves:
-            rank = road.dissection_rank(height, width, leaf)
+            rank = dissection_rank(height, width, leaf)
             for panel in panels:
                 options = dict(panel_size=panel) if panel else {}
 
                 def grid(mask):
-                    a, b, _ = road.sparse_system(mask, image, rank=rank)
+                    a, b, _ = sparse_system(mask, image, rank=rank)
                     splu(a, permc_spec="NATURAL", diag_pivot_thresh=0.0, **options).solve(b)
                 value = seconds(grid)
                 panel_name = panel or "SuperLU's"
