@@ -24,7 +24,7 @@ the ratios between kinds at large n, not the n at which a kind matches i.i.d. at
     python benchmarks/bench_smooth_convergence.py --images 20     # the issue's full size, about twice as long
     python benchmarks/bench_smooth_convergence.py --kinds sobol --sobol-dimension 21201 --out /tmp/sobol21201
 
-Writes benchmarks/smooth_convergence.csv (one row per model, kind, n and seed) and benchmarks/smooth_convergence.png
+Writes benchmarks/smooth_convergence.csv (one row per model, kind, n and seed) and docs/images/smooth_convergence.png
 (error against n, log-log, per model and error).
 """
 from __future__ import annotations
@@ -295,8 +295,9 @@ def main() -> None:
     print_table(summary, models, kinds)
     decide(summary, models, kinds)
     write_csv(args.out + ".csv", summary, seeds, n_images)
-    plot(args.out + ".png", summary, models, kinds, n_images, len(seeds))
-    print(f"\nwrote {args.out}.csv and {args.out}.png")
+    figure_path = os.path.join(HERE, os.pardir, "docs", "images", os.path.basename(args.out) + ".png")
+    plot(figure_path, summary, models, kinds, n_images, len(seeds))
+    print(f"\nwrote {args.out}.csv and {figure_path}")
 
 
 if __name__ == "__main__":
