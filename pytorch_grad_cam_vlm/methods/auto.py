@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from pytorch_grad_cam_vlm.image import ImageInput
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
 
 # The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
 # held-out samples each, every list at the projector and the decoder layers, ranked by the check's total): of the
@@ -73,17 +75,23 @@ def candidate_methods(method: MethodSpec) -> List[type]:
 @dataclass
 class Explanation:
     """What :func:`explain` found for a batch of B images: the chosen map, method, layer and check per image, and
-    every candidate's map and check (``candidate_maps[b, m, l]``, ``candidate_checks[b][m][l]``)."""
+    every candidate's map and check (``candidate_maps[b, m, l]``, ``candidate_checks[b][m][l]``).
 
-    maps: np.ndarray  # (B, H, W) float32 in [0, 1]
+    ``maps`` lie on the user's images (``frames[b].image_size``; NaN where the model saw no part of the image, as
+    outside a center crop), ``model_maps`` and ``candidate_maps`` on the model's input ``x`` (what grad-cam gives);
+    ``frames[b].to_image(...)`` carries any of the latter onto image ``b`` (``docs/frames.md``)."""
+
+    maps: np.ndarray  # (B, H0, W0) float32 in [0, 1], NaN where unseen: on the user's images
     methods: List[str]
     layers: List[Layer]  # an index into wrapper.layers, or "projector"
     checks: List[MapCheck]
     candidate_methods: List[str]
     candidate_layers: List[Layer]
-    candidate_maps: np.ndarray  # (B, M, L, H, W)
+    candidate_maps: np.ndarray  # (B, M, L, H, W) on the model's input
     candidate_checks: List[List[List[MapCheck]]]
     targets: list
+    model_maps: Optional[np.ndarray] = None  # (B, H, W): the chosen maps on the model's input
+    frames: Optional[List[ImageFrame]] = None  # where each input lies on its image
 
     @property
     def scores(self) -> np.ndarray:
@@ -123,12 +131,20 @@ def best_candidate(checks: Sequence[Sequence[MapCheck]]) -> tuple:
     return tuple(int(i) for i in np.unravel_index(np.nanargmax(scores), scores.shape))
 
 
-def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] = None, method: MethodSpec = "auto",
-            layers: LayerSpec = "auto", fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
-            batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None) -> Explanation:
-    """Maps of ``x`` ``(B, 3, H, W)`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the
-    model predicts), from each candidate method at each candidate layer of ``wrapper.layers`` (and its projector),
-    scored by the deletion check, the highest ``total`` per image kept.
+def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequence[ImageInput]],
+            targets: Optional[list] = None, method: MethodSpec = "auto", layers: LayerSpec = "auto",
+            fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
+            seed: int = 0, options: Optional[dict] = None,
+            image_size: Optional[Union[Size, Sequence[Size]]] = None) -> Explanation:
+    """Maps of ``x`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the model predicts), from
+    each candidate method at each candidate layer of ``wrapper.layers`` (and its projector), scored by the deletion
+    check, the highest ``total`` per image kept.
+
+    ``x``: the user's image (a path, a PIL image or a uint8 array) or a list of images of one size, preprocessed
+    here; or normalised inputs ``(B, 3, H, W)`` as ``wrapper.preprocess`` makes them, with ``image_size`` ``(height,
+    width)`` of the images they were made from (one for all, or one per input). ``maps`` lie on those images
+    (without ``image_size``, a tensor is taken as the image itself), ``model_maps`` on the inputs
+    (:func:`~pytorch_grad_cam_vlm.models.frame.prepare_images`).
 
     ``method``: ``"auto"`` (:data:`AUTO_METHODS`), a method name or class, or a list. ``layers``: ``"auto"``
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`
@@ -137,6 +153,7 @@ def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] =
     backward pass for all its layers; the check adds ``2 * len(fractions)`` forward images per map that is not
     blank, one per distinct peak and the clean image, in batches. ``options`` go to each method's constructor (a
     Smooth method's ``n_samples``, ...)."""
+    x, frames = prepare_images(wrapper, x, image_size)
     classes = candidate_methods(method)
     n_layers, projector = len(wrapper.layers), has_projector(wrapper)
     if isinstance(layers, str) and layers.strip().lower() == "auto":
@@ -158,8 +175,9 @@ def explain(wrapper: torch.nn.Module, x: torch.Tensor, targets: Optional[list] =
                           targets[b], fractions, fill, batch_size, seed)
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
         chosen.append(best_candidate(checks[-1]))
-    return Explanation(maps=np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)]),
+    model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
+    return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
                        methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
                        checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
-                       targets=list(targets))
+                       targets=list(targets), model_maps=model_maps, frames=frames)

@@ -9,6 +9,7 @@ from typing import Iterator, List, Sequence, Tuple, Type
 import numpy as np
 import torch
 
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.state import (Stage, eager_attention, explaining, graph_starts_at,
                                               has_forward_hooks, hookable_tuple_outputs, shallowest_hooked,
                                               stage_modules)
@@ -82,6 +83,20 @@ class ModelWrapper(torch.nn.Module):
         """Put every watched layer back in its place."""
         for parent, name, original in self._replaced_layers():
             parent._modules[name] = original
+
+    def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
+        """Where the input that :meth:`preprocess` makes of an image of ``image_size`` lies on that image: an
+        :class:`~pytorch_grad_cam_vlm.models.frame.ImageFrame`, whose ``to_image(maps)`` carries maps ``(..., H,
+        W)`` on the input (``input_size``, ``x.shape[2:]``) onto the image ``(..., H0, W0)``. Sizes are ``(height,
+        width)``, as numpy shapes (PIL's ``image.size`` is ``(width, height)``).
+
+        The contract for a family's wrapper: the frame undoes exactly what the family's ``preprocess`` does to the
+        image (resize, letterbox, tiles, crops), so that a map hot on one token cell of the input lands on the image
+        region whose pixels the processor put in that cell (``tests/models/test_frames.py`` checks it within half a
+        cell on every family); image pixels the input does not show (a center crop) come out NaN; the wrapper's own
+        state (a ``source_size``) is neither read nor changed. This default is for a ``preprocess`` that stretches
+        the whole image onto the whole input; families that letterbox, crop or tile override it."""
+        return ImageFrame.resized(image_size, input_size)
 
     def to_rgb(self, x: torch.Tensor) -> np.ndarray:
         """Undo the normalisation: ``(B, 3, H, W)`` to ``(B, H, W, 3)`` float32 in [0, 1], for overlays."""
