@@ -1,0 +1,264 @@
+"""Which image matches a caption, how sure the model is, and where in each image it looked: retrieval by asking a
+prompt-taking VLM a question per image, with a map per image from :func:`~pytorch_grad_cam_vlm.methods.auto.explain`
+(so every map comes with its deletion check).
+
+Two scorings:
+
+- **yes/no** (``caption=``): the model is asked ``template.format(caption=caption)`` (:data:`DEFAULT_TEMPLATE`) and
+  the score is ``p(yes) / (p(yes) + p(no))``, the softmax of the next-token logits over the two words
+  (:data:`YES_NO`). The map explains ``logit(yes) - logit(no)``, the log-odds of that score
+  (:class:`~pytorch_grad_cam_vlm.methods.targets.ContrastiveTarget`).
+- **answer** (``question=`` and ``answer=``): the answer is teacher-forced after the question and the score is its
+  probability, ``exp`` of the sum of its tokens' log-probabilities: what ``explain --answer`` scores. This works on
+  any model, including the tiny demo model, which was never taught to say yes or no.
+
+The entropy of each image's score is the binary entropy in bits of ``(score, 1 - score)``: 0 when the model is sure
+either way, 1 at 0.5. :func:`rank_images` ranks images for one query, :func:`rank_captions` the reverse: captions (or
+answers) for one image.
+
+    ranking = rank_images(wrapper, ["a.png", "b.png"], question="What shape is the red object?", answer="circle")
+    ranking.best, ranking.order, ranking.scores, ranking.entropies, ranking.maps, ranking.checks
+"""
+from __future__ import annotations
+
+import string
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from pytorch_grad_cam_vlm.image import ImageInput
+from pytorch_grad_cam_vlm.methods.auto import explain
+from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
+from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, auto_batch_size
+from pytorch_grad_cam_vlm.models.answer_text import VISION_TOKENS
+from pytorch_grad_cam_vlm.models.qwen_vl import check_prompt
+
+# The question of retrieval code built on Qwen-VL, and the words its instruction-tuned models answer with (the first
+# word of an answer has no leading space: Qwen's tokenizer gives "Yes" and " Yes" their own ids). A convention, not a
+# measurement: no trained yes/no model can be loaded here; models whose tokenizer lacks these words (the tiny
+# word-level ones) take yes_no=("yes", "no").
+DEFAULT_TEMPLATE = "Does this image show: {caption}? Answer yes or no."
+YES_NO = ("Yes", "No")
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the model is asked about one image: the ``prompt``, and the teacher-forced ``answer`` (``None``: the
+    yes/no scoring)."""
+
+    prompt: str
+    answer: Optional[str] = None
+
+
+@dataclass
+class Ranking:
+    """Ranked items (images for :func:`rank_images`, captions or answers for :func:`rank_captions`), in input order:
+    each one's name, query, score, entropy, the map that explains its score (on its image's grid), the method and
+    layer :func:`explain` chose and the map's deletion check; ``order`` holds the indices best first."""
+
+    names: List[str]
+    queries: List[Query]
+    scoring: str  # "yes/no" or "answer"
+    scores: np.ndarray  # (N,) float64 in [0, 1]
+    entropies: np.ndarray  # (N,) bits
+    maps: List[np.ndarray]  # (H_i, W_i) float32 in [0, 1]
+    methods: List[str]
+    layers: list
+    checks: List[MapCheck]
+    rgb: List[np.ndarray]  # (H_i, W_i, 3) in [0, 1]: the image each map lies on
+
+    @property
+    def order(self) -> np.ndarray:
+        """Item indices by score, best first (ties keep input order)."""
+        return np.argsort(-self.scores, kind="stable")
+
+    @property
+    def best(self) -> int:
+        """The index of the best-scoring item."""
+        return int(self.order[0])
+
+    def rows(self) -> List[dict]:
+        """One report row per item, best first."""
+        return [dict(rank=rank + 1, index=int(i), name=self.names[i], prompt=self.queries[i].prompt,
+                     answer=self.queries[i].answer or "", scoring=self.scoring,
+                     score=round(float(self.scores[i]), 6), entropy=round(float(self.entropies[i]), 6),
+                     method=self.methods[i], layer=self.layers[i], check=round(self.checks[i].score, 6),
+                     peak_drop=round(self.checks[i].peak_drop, 6), verdict=self.checks[i].verdict)
+                for rank, i in enumerate(self.order)]
+
+    def plot(self, path: str, title: Optional[str] = None, columns: int = 4) -> str:
+        """The items in rank order, each its map's overlay labelled with rank, name, score, entropy and check, as a
+        PNG at ``path`` (images of other sizes centred on a white panel of the largest one). Returns ``path``."""
+        from pytorch_grad_cam_vlm.visualize import DPI, overlay, panel_figure
+
+        height, width = max(r.shape[0] for r in self.rgb), max(r.shape[1] for r in self.rgb)
+        panels = []
+        for rank, i in enumerate(self.order):
+            canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+            drawn = overlay(self.rgb[i], self.maps[i])
+            top, left = (height - drawn.shape[0]) // 2, (width - drawn.shape[1]) // 2
+            canvas[top:top + drawn.shape[0], left:left + drawn.shape[1]] = drawn
+            panels.append((canvas, f"#{rank + 1} {self.names[i][:24]} · {self.scores[i]:.3f} · "
+                                   f"H {self.entropies[i]:.2f} · {self.checks[i].verdict}"))
+        columns = min(columns, len(panels))
+        rows = -(-len(panels) // columns)
+        figure = panel_figure(panels, rows, columns, (height, width), title or self._title())
+        figure.savefig(path, dpi=DPI)
+        return path
+
+    def _title(self) -> str:
+        query = self.queries[self.best]
+        return f"{self.scoring} · {query.prompt}" + (f" → {query.answer}" if query.answer else "")
+
+
+def yes_no_prompt(caption: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """``template`` with ``caption`` in its one ``{caption}`` placeholder; a template without it (or with other
+    fields) is refused."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if fields != ["caption"]:
+        raise ValueError(f"The caption template must hold one {{caption}} placeholder and no other field, got "
+                         f"{template!r}; e.g. {DEFAULT_TEMPLATE!r}.")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"A caption must be non-empty text, got {caption!r}.")
+    return template.format(caption=caption)
+
+
+@contextmanager
+def asking(wrapper: torch.nn.Module, query: Query) -> Iterator[torch.nn.Module]:
+    """The wrapper asks ``query`` inside the block (its prompt, its teacher-forced answer or next-token logits), and
+    its own prompt and answer again afterwards."""
+    if not hasattr(wrapper, "set_answer") or not hasattr(wrapper, "prompt"):
+        raise ValueError(f"Ranking asks a question, and {type(wrapper).__name__} takes none: use a prompt-taking "
+                         "wrapper (QwenVLWrapper, Qwen3VLWrapper, LlavaWrapper, Gemma3Wrapper, InternVLWrapper, "
+                         "Idefics3Wrapper).")
+    check_prompt(query.prompt, VISION_TOKENS)
+    saved = wrapper.prompt, wrapper.answer, wrapper.answer_reduction
+    try:
+        wrapper.prompt = query.prompt
+        wrapper.set_answer(query.answer, "sum")
+        yield wrapper
+    finally:
+        wrapper.prompt = saved[0]
+        wrapper.set_answer(saved[1], saved[2])
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in bits of ``(p, 1 - p)``, 0 at 0 and 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = -(p * np.log2(p)) - (1 - p) * np.log2(1 - p)
+    return np.nan_to_num(terms, nan=0.0)
+
+
+def query_scores(wrapper: torch.nn.Module, x: torch.Tensor, yes_no: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """``(B,)`` float64 scores of images ``x`` for the wrapper's current query: ``softmax(logits[[yes, no]])[0]``
+    with ``yes_no`` token ids, else the teacher-forced answer's probability."""
+    with torch.no_grad():
+        output = wrapper(x).double()
+    if yes_no is None:
+        return output[:, 0].exp()
+    return torch.softmax(output[:, list(yes_no)], dim=-1)[:, 0]
+
+
+def _target(yes_no: Optional[Tuple[int, int]]):
+    return AnswerTarget() if yes_no is None else ContrastiveTarget(*yes_no)
+
+
+def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: Sequence[str]) -> List[torch.Tensor]:
+    """Every image through the wrapper's own preprocessing before any model work, a failure naming its image."""
+    if len(images) == 0:
+        raise ValueError("Nothing to rank: pass at least one image.")
+    xs = []
+    for image, name in zip(images, names):
+        try:
+            xs.append(wrapper.preprocess(image))
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(f"{name}: {error}") from error
+    return xs
+
+
+def _yes_no_ids(wrapper: torch.nn.Module, yes_no: Sequence[str]) -> Tuple[int, int]:
+    if len(yes_no) != 2 or yes_no[0] == yes_no[1]:
+        raise ValueError(f"yes_no takes two different words, got {tuple(yes_no)}.")
+    try:
+        return wrapper.token_id(yes_no[0]), wrapper.token_id(yes_no[1])
+    except ValueError as error:
+        raise ValueError(f"yes_no={tuple(yes_no)}: {error} Pass the model's own yes/no words (yes_no=('yes', 'no') "
+                         "for a lower-case vocabulary), or score a question and an answer instead.") from error
+
+
+def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequence[Query], names: Sequence[str],
+          yes_no: Optional[Tuple[int, int]], batch_size: Optional[int], explain_options: dict) -> Ranking:
+    """Score and explain item ``i`` (image ``xs[i]`` asked ``queries[i]``); items that share a query and an image
+    size go through the model together, ``batch_size`` (default: the deletion check's
+    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.auto_batch_size`) images at a time."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (x, query) in enumerate(zip(xs, queries)):
+        groups.setdefault((query, tuple(x.shape[2:])), []).append(i)
+    n = len(xs)
+    scores, maps, methods, layers, checks = np.zeros(n), [None] * n, [""] * n, [None] * n, [None] * n
+    for (query, _), members in groups.items():
+        with asking(wrapper, query):
+            step = batch_size or auto_batch_size(xs[members[0]])
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                x = torch.cat([xs[i] for i in chunk])
+                scores[chunk] = query_scores(wrapper, x, yes_no).cpu().numpy()
+                result = explain(wrapper, x, [_target(yes_no)] * len(chunk), **explain_options)
+                for b, i in enumerate(chunk):
+                    maps[i], methods[i] = result.maps[b], result.methods[b]
+                    layers[i], checks[i] = result.layers[b], result.checks[b]
+    return Ranking(names=list(names), queries=list(queries), scoring="answer" if yes_no is None else "yes/no",
+                   scores=scores, entropies=binary_entropy(scores), maps=maps, methods=methods, layers=layers,
+                   checks=checks, rgb=[wrapper.to_rgb(x)[0] for x in xs])
+
+
+def _queries(wrapper: torch.nn.Module, captions: Optional[Sequence[str]], question: Optional[str],
+             answers: Optional[Sequence[str]], template: str, yes_no: Sequence[str]
+             ) -> Tuple[List[Query], Optional[Tuple[int, int]]]:
+    """The queries of a caption list (yes/no) or of a question with answers, checked; and the yes/no token ids."""
+    if (captions is None) == (question is None):
+        raise ValueError("Rank by a caption (yes/no scoring) or by a question and an answer: give one of them.")
+    if captions is not None:
+        if answers is not None:
+            raise ValueError("An answer goes with a question, not with a caption.")
+        queries = [Query(yes_no_prompt(c, template)) for c in captions]
+        return queries, _yes_no_ids(wrapper, yes_no)
+    if not answers or any(not isinstance(a, str) or not a.strip() for a in answers):
+        raise ValueError(f"A question needs the answer to score, non-empty text; got {answers!r}.")
+    return [Query(question, a) for a in answers], None
+
+
+def rank_images(wrapper: torch.nn.Module, images: Sequence[ImageInput], caption: Optional[str] = None,
+                question: Optional[str] = None, answer: Optional[str] = None, template: str = DEFAULT_TEMPLATE,
+                yes_no: Sequence[str] = YES_NO, names: Optional[Sequence[str]] = None,
+                batch_size: Optional[int] = None, **explain_options) -> Ranking:
+    """Rank ``images`` (paths, PIL images or uint8 arrays) by how well each matches ``caption`` (yes/no scoring,
+    asked through ``template``), or by the probability of ``answer`` to ``question``; each image's map explains its
+    score through :func:`~pytorch_grad_cam_vlm.methods.auto.explain` (``explain_options``: ``method``, ``layers``,
+    ``fractions``, ``fill``, ``seed``, ``options``). ``names`` label the images (default ``image 0``, ...). Every
+    input is checked before the model runs; the wrapper's own prompt and answer are kept."""
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images.")
+    queries, ids = _queries(wrapper, None if caption is None else [caption], question,
+                            None if question is None else [answer], template, yes_no)
+    xs = _preprocess(wrapper, images, names)
+    return _rank(wrapper, xs, queries * len(xs), names, ids, batch_size, explain_options)
+
+
+def rank_captions(wrapper: torch.nn.Module, image: ImageInput, captions: Optional[Sequence[str]] = None,
+                  question: Optional[str] = None, answers: Optional[Sequence[str]] = None,
+                  template: str = DEFAULT_TEMPLATE, yes_no: Sequence[str] = YES_NO, **explain_options) -> Ranking:
+    """The reverse of :func:`rank_images`: rank ``captions`` (yes/no scoring) or the ``answers`` to ``question``
+    for one ``image``, each with the map that explains its score. Each caption is its own prompt, so each is one
+    pass of the model."""
+    items = captions if captions is not None else answers
+    if items is not None and len(items) == 0:
+        raise ValueError("Nothing to rank: pass at least one caption or answer.")
+    queries, ids = _queries(wrapper, captions, question, answers, template, yes_no)
+    x = _preprocess(wrapper, [image], ["the image"])[0]
+    return _rank(wrapper, [x] * len(queries), queries, list(items), ids, None, explain_options)
