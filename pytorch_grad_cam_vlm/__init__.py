@@ -24,6 +24,7 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
 from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
 from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
+from pytorch_grad_cam_vlm.models.gemma4 import Gemma4Wrapper
 from pytorch_grad_cam_vlm.models.idefics3 import Idefics3Wrapper
 from pytorch_grad_cam_vlm.models.internvl import InternVLWrapper
 from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
@@ -31,6 +32,7 @@ from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
 from pytorch_grad_cam_vlm.models.tiny.gemma3 import build_tiny_gemma3
+from pytorch_grad_cam_vlm.models.tiny.gemma4 import build_tiny_gemma4
 from pytorch_grad_cam_vlm.models.tiny.idefics3 import build_tiny_idefics3
 from pytorch_grad_cam_vlm.models.tiny.internvl import build_tiny_internvl
 from pytorch_grad_cam_vlm.models.tiny.llava import build_tiny_llava
@@ -48,6 +50,7 @@ __all__ = [
     "smooth", "Explanation", "MapCheck", "check_maps", "explain",
     "LlavaWrapper", "build_tiny_llava",
     "Gemma3Wrapper", "build_tiny_gemma3",
+    "Gemma4Wrapper", "build_tiny_gemma4",
     "Idefics3Wrapper", "build_tiny_idefics3",
     "InternVLWrapper", "build_tiny_internvl",
     "ClassifierWrapper", "classify_and_explain",

@@ -29,6 +29,7 @@ def word_token_id(tokenizer, word: str) -> int:
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
                  "<image>", "<video>",  # LLaVA's
                  "<start_of_image>", "<end_of_image>", "<image_soft_token>",  # Gemma 3's
+                 "<|image>", "<image|>", "<|image|>", "<|video|>",  # Gemma 4's
                  "<img>", "</img>", "<IMG_CONTEXT>",  # InternVL's
                  "<fake_token_around_image>", "<global-img>")  # Idefics3's, and its tiles' markers:
 VISION_TOKENS += tuple(f"<row_{i}_col_{j}>" for i in range(1, 11) for j in range(1, 11))

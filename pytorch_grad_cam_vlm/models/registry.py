@@ -38,6 +38,7 @@ PROMPT_FAMILIES = {
     "internvl": PromptFamily("InternVLForConditionalGeneration", "internvl:InternVLWrapper", "InternVL"),
     "idefics3": PromptFamily("Idefics3ForConditionalGeneration", "idefics3:Idefics3Wrapper", "Idefics3 / SmolVLM"),
     "smolvlm": PromptFamily("SmolVLMForConditionalGeneration", "idefics3:Idefics3Wrapper", "SmolVLM2"),
+    "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).
 QWEN_MODEL_CLASSES = {family: row.model_class for family, row in PROMPT_FAMILIES.items()}
@@ -98,9 +99,11 @@ def model_config(name: str):
 
 
 def layer_count(config, family: str) -> int:
-    """How many layers the CLI picks from: Qwen's decoder layers, CLIP's vision layers."""
+    """How many layers the CLI picks from: Qwen's decoder layers (Gemma 4's before those that share keys and
+    values, as its wrapper's ``layers``), CLIP's vision layers."""
     if family in QWEN_MODEL_CLASSES:
-        return getattr(config, "text_config", config).num_hidden_layers  # transformers 4.x: on the config itself
+        text = getattr(config, "text_config", config)  # transformers 4.x: on the config itself
+        return text.num_hidden_layers - int(getattr(text, "num_kv_shared_layers", 0) or 0)
     return config.vision_config.num_hidden_layers
 
 

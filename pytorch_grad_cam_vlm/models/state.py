@@ -80,7 +80,8 @@ def graph_starts_at(stage: Optional[torch.nn.Module]) -> Iterator[None]:
         torch.set_grad_enabled(True)  # undone when the surrounding no_grad block exits
         if args:
             return (args[0].detach().requires_grad_(True),) + tuple(args[1:]), kwargs
-        kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"].detach().requires_grad_(True))
+        name = "hidden_states" if "hidden_states" in kwargs else "inputs_embeds"  # Gemma 4's projector
+        kwargs = dict(kwargs, **{name: kwargs[name].detach().requires_grad_(True)})
         return args, kwargs
 
     handle = stage.register_forward_pre_hook(start_graph, with_kwargs=True)
