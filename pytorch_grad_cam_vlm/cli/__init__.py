@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from pytorch_grad_cam_vlm.cli import app, benchmark, demo, explain
+from pytorch_grad_cam_vlm.cli import app, benchmark, demo, explain, rank
 from pytorch_grad_cam_vlm.cli.common import EXIT_BAD_INPUT, PROG
 from pytorch_grad_cam_vlm.errors import InputError
 
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="explain a model's prediction on images",
         description="Maps of the predicted next token (Qwen) or best-matching text (CLIP, SigLIP) for one image or "
                     "a folder of images."))
+    rank.add_arguments(commands.add_parser(
+        "rank", help="rank images by a caption or an answer, with a map per image",
+        description="Score each image by the yes/no answer to a caption (or an answer's probability), rank them, "
+                    "and explain each score with a map and its deletion check; or rank captions for one image."))
     app.add_arguments(commands.add_parser(
         "app", help="interactive explorer in the browser (needs the app extra: Gradio)",
         description="A local web page to explain images interactively on one model: methods, layers, the deletion "
