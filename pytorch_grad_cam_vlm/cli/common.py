@@ -9,7 +9,7 @@ import csv
 import json
 import os
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import Layer
@@ -111,20 +111,17 @@ def write_report(rows: Sequence[dict], out_dir: str, name: str = "report") -> Li
 
 
 def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequence[type], method_name: str,
-                  layers: Sequence[Layer], options: dict, out_dir: str, source: str, choice: str = "staged",
-                  stage: Optional[Callable[[str], None]] = None) -> dict:
+                  layers: Sequence[Layer], options: dict, out_dir: str, source: str) -> dict:
     """Maps of the candidate ``methods`` x ``layers`` for the predicted token of one image, each scored by the
     deletion check (:func:`~pytorch_grad_cam_vlm.methods.auto.explain`); the best map (single mode) or the best
     method's layers (other modes) drawn as ``mode`` into ``out_dir``, one warning line on stderr for each drawn map
-    that fails the check. ``choice`` and ``stage`` go to ``explain`` (modes that draw several layers check every
-    candidate in full). Returns the report row."""
+    that fails the check. Returns the report row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     x = subject.wrapper.preprocess(image)
     index, label, probability = subject.predict(x)
     with inner_progress_silenced(methods):
-        result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options,
-                         choice=choice if mode == "single" else "full", stage=stage)
+        result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options)
     m = result.candidate_methods.index(result.methods[0])
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers)
     positions = [result.candidate_layers.index(k) for k in drawn]
