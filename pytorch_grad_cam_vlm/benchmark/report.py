@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pytorch_grad_cam_vlm.benchmark.intervals import interval, sample_draws, separable
 from pytorch_grad_cam_vlm.errors import InputError
 
 
@@ -31,17 +32,36 @@ def _mean(values: Iterable[str]) -> Optional[float]:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def curve_column(curve: str, percentile: float) -> str:
+    """The column of ROAD's ``curve`` (``morf``, ``lerf``) at grad-cam's ``percentile``, named by the share of pixels
+    it removes: grad-cam's percentile ``p`` removes the other ``100 - p`` % (``morf_removed_90`` at p = 10)."""
+    return f"{curve}_removed_{100 - percentile:g}"
+
+
+def _cells(row: Dict[str, str], column: str) -> str:
+    """A per-sample cell as a mean takes it: the answer change is 1 (the whole image) where it never happens."""
+    return "1" if column == "answer_change" and row[column] == "" else row[column]
+
+
 def summarize(rows: Sequence[Dict[str, str]], methods: Sequence[str], layers: Sequence[int],
-              percentiles: Sequence[float]) -> List[dict]:
+              percentiles: Sequence[float], resamples: int = 0, seed: int = 0) -> List[dict]:
     """Mean scores per (method, layer) over the samples: ``method, layer, n``, the scores of :data:`SCORES` and the
-    ROAD curves ``morf_P`` / ``lerf_P``."""
-    columns = list(SCORES) + [f"{curve}_{p:g}" for curve in ("morf", "lerf") for p in percentiles]
+    ROAD curves (:func:`curve_column`), each followed, with ``resamples`` > 0, by its bootstrap 95 % interval
+    (``_low``, ``_high``; :mod:`~pytorch_grad_cam_vlm.benchmark.intervals`, the same draws for every row)."""
+    columns = list(SCORES) + [curve_column(curve, p) for curve in ("morf", "lerf") for p in percentiles]
+    samples = sorted({int(r["sample"]) for r in rows})
+    draws = sample_draws(samples, resamples, seed) if resamples and samples else np.zeros((0, 0), dtype=int)
     summary = []
     for method in methods:
         for layer in layers:
             chosen = [r for r in rows if r["method"] == method and int(r["layer"]) == layer]
-            summary.append(dict(method=method, layer=layer, n=len(chosen),
-                                **{c: _mean(r[c] for r in chosen) for c in columns}))
+            row = dict(method=method, layer=layer, n=len(chosen))
+            for c in columns:
+                row[c] = _mean(_cells(r, c) for r in chosen)
+                if resamples:
+                    values = {int(r["sample"]): float(_cells(r, c)) for r in chosen if _cells(r, c) != ""}
+                    row[f"{c}_low"], row[f"{c}_high"] = interval(values, samples, draws)
+            summary.append(row)
     return summary
 
 
@@ -64,6 +84,14 @@ def _cell(value: Optional[float], signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _ci(row: dict, metric: str) -> str:
+    """The mean with its 95 % interval where the summary has one: ``0.705 [0.650, 0.760]``."""
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    if low is None or high is None or math.isnan(low) or _number(row, metric) is None:
+        return _cell(row.get(metric))
+    return f"{_cell(row[metric])} [{low:.3f}, {high:.3f}]"
+
+
 def _versus(row: dict, baseline: Optional[dict], score: str) -> str:
     if baseline is None or row.get(score) is None or baseline.get(score) is None:
         return "–"
@@ -74,11 +102,17 @@ def _versus(row: dict, baseline: Optional[dict], score: str) -> str:
 METRICS: Dict[str, Tuple[str, bool, str]] = {
     "road_combined": ("ROAD combined", True, "logits"), "road_morf": ("MoRF", False, "logits"),
     "road_lerf": ("LeRF", True, "logits"), "deletion_auc": ("deletion AUC", False, "score x share"),
-    "insertion_auc": ("insertion AUC", True, "score x share"), "pointing": ("pointing", True, "share of maps"),
+    "insertion_auc": ("insertion AUC", True, "score x share"),
+    "deletion_auc_norm": ("deletion AUC, normalised", False, "0 canvas .. 1 clean"),
+    "insertion_auc_norm": ("insertion AUC, normalised", True, "0 canvas .. 1 clean"),
+    "answer_change": ("answer change", False, "share removed"),
+    "top10_changed": ("answer changed at 10 %", True, "share of maps"),
+    "pointing": ("pointing", True, "share of maps"),
     "distractor": ("distractor", False, "share of maps"), "energy": ("energy in box", True, "share of mass"),
     "mask_pointing": ("mask pointing", True, "share of maps"), "mask_energy": ("energy in mask", True,
                                                                             "share of mass"),
     "sanity": ("sanity", False, "Spearman rho"),
+    "sanity_cascade": ("sanity, cascading", False, "Spearman rho"),
 }
 
 
@@ -87,15 +121,41 @@ def _number(row: dict, metric: str) -> Optional[float]:
     return None if value is None or math.isnan(value) else value
 
 
-def best_per_metric(summary: Sequence[dict]) -> Dict[str, dict]:
-    """Per metric with a value, the method x layer (RandomCAM left out) that scores best on it (the first in table
-    order on ties)."""
-    best: Dict[str, dict] = {}
+def ranked_per_metric(summary: Sequence[dict]) -> Dict[str, List[dict]]:
+    """Per metric with a value, the method x layer rows (RandomCAM left out), best first (table order on ties)."""
+    ranked: Dict[str, List[dict]] = {}
     for metric, (_, higher, _) in METRICS.items():
         rows = [r for r in summary if r["method"] != BASELINE and _number(r, metric) is not None]
         if rows:
-            best[metric] = (max if higher else min)(rows, key=lambda r: _number(r, metric))
-    return best
+            ranked[metric] = sorted(rows, key=lambda r: -_number(r, metric) if higher else _number(r, metric))
+    return ranked
+
+
+def best_per_metric(summary: Sequence[dict]) -> Dict[str, dict]:
+    """Per metric with a value, the method x layer (RandomCAM left out) that scores best on it (the first in table
+    order on ties)."""
+    return {metric: rows[0] for metric, rows in ranked_per_metric(summary).items()}
+
+
+def _next_best(rows: List[dict], metric: str) -> str:
+    """The runner-up of a metric and whether the best is separable from it (disjoint 95 % intervals)."""
+    if len(rows) < 2:
+        return "–"
+    runner = rows[1]
+    apart = separable(rows[0], runner, metric)
+    verdict = "" if apart is None else " (separable)" if apart else " (not separable)"
+    return f"{runner['method']} {runner['layer']}: {_cell(runner[metric])}{verdict}"
+
+
+def flagged_line(summary: Sequence[dict]) -> Optional[str]:
+    """How many rows the saturation guard flagged (their canvas kept half the target's probability or more)."""
+    rows = [r for r in summary if _number(r, "saturated") is not None]
+    if not rows:
+        return None
+    flagged = sum(round(r["saturated"] * r["n"]) for r in rows)
+    total = sum(r["n"] for r in rows)
+    return (f"Saturation guard: {flagged} of {total} rows flagged (a canvas kept half the target's probability or "
+            "more: the model answers the same without the image's content); the normalised AUCs leave them out.")
 
 
 def reading(summary: Sequence[dict]) -> str:
@@ -153,41 +213,47 @@ def markdown_tables(summary: Sequence[dict], header: str) -> str:
     """The best method x layer per metric and a reading of the results, the best-layer table of every method
     against RandomCAM at the same layer, then the full method x layer table."""
     by_key = {(r["method"], r["layer"]): r for r in summary}
-    lines = [header, "", "Best method x layer per metric (RandomCAM left out; its value at the same layer beside):",
-             "", "| metric | better | method | layer | value | RandomCAM |", "|---|---|---|---|---|---|"]
-    for metric, row in best_per_metric(summary).items():
+    lines = [header, "", "Best method x layer per metric (RandomCAM left out; its value at the same layer beside; "
+             "[95 % bootstrap interval over samples]; the next best, and whether the intervals are disjoint):",
+             "", "| metric | better | method | layer | value | RandomCAM | next best |", "|---|---|---|---|---|---|---|"]
+    for metric, rows in ranked_per_metric(summary).items():
+        row = rows[0]
         label, higher, unit = METRICS[metric]
         random_row = by_key.get((BASELINE, row["layer"]), {})
         lines.append(f"| {label} ({unit}) | {'higher' if higher else 'lower'} | {row['method']} | {row['layer']} | "
-                     f"{_cell(row[metric])} | {_cell(random_row.get(metric))} |")
-    lines += ["", reading(summary), "",
+                     f"{_ci(row, metric)} | {_ci(random_row, metric)} | {_next_best(rows, metric)} |")
+    flagged = flagged_line(summary)
+    lines += ["", reading(summary)] + (["", flagged] if flagged else []) + ["",
               "Each method at its best layer (highest ROAD combined); \"vs RandomCAM\" is the difference with "
               "RandomCAM at the same layer. ROAD: change of the target logit when pixels are removed (MoRF: most "
               "relevant first, lower is better; LeRF: least relevant first, higher is better; combined = (LeRF - "
               "MoRF) / 2, higher is better). Deletion / insertion: area under the target's score as the most relevant "
               "pixels are removed (lower is better) or inserted (higher is better). Pointing / distractor: share of "
               "maps whose maximum lies in an evidence / distractor box (mask pointing: in an evidence mask). Sanity: "
-              "rank correlation with the map of the randomized model (lower is better).", ""]
+              "rank correlation with the map of the randomized model (lower is better). Answer change: share of the "
+              "pixels removed, in the map's order, when the model's top answer first changes (1 where it never does; "
+              "lower is better); changed at 10 %: share of maps whose top 10 % removed changes it.", ""]
     masks = _present(summary, ("mask_pointing", "mask_energy"))
-    columns = ["road_morf", "road_lerf", "deletion_auc", "insertion_auc"]
-    tail = ["distractor", "energy"] + masks + ["sanity"]
+    columns = ["road_morf", "road_lerf", "deletion_auc", "insertion_auc"] + _present(
+        summary, ("deletion_auc_norm", "insertion_auc_norm", "answer_change", "top10_changed"))
+    tail = ["distractor", "energy"] + masks + _present(summary, ("sanity", "sanity_cascade"))
     lines += ["| method | layer | ROAD combined | vs RandomCAM | " + " | ".join(METRICS[c][0] for c in columns)
               + " | pointing | vs RandomCAM | " + " | ".join(METRICS[c][0] for c in tail) + " |",
               "|---|---|" + "---|" * (len(columns) + len(tail) + 4)]
     for method, row in best_layers(summary).items():
         baseline = by_key.get((BASELINE, row["layer"])) if method != BASELINE else None
-        lines.append(f"| {method} | {row['layer']} | {_cell(row['road_combined'])} | "
+        lines.append(f"| {method} | {row['layer']} | {_ci(row, 'road_combined')} | "
                      f"{_versus(row, baseline, 'road_combined')} | "
-                     + "".join(f"{_cell(row.get(c))} | " for c in columns)
-                     + f"{_cell(row['pointing'])} | {_versus(row, baseline, 'pointing')} | "
-                     + " | ".join(_cell(row.get(c)) for c in tail) + " |")
+                     + "".join(f"{_ci(row, c)} | " for c in columns)
+                     + f"{_ci(row, 'pointing')} | {_versus(row, baseline, 'pointing')} | "
+                     + " | ".join(_ci(row, c) for c in tail) + " |")
     every = ["road_combined"] + columns + ["pointing"] + tail
     lines += ["", "Every method and layer:", "",
               "| method | layer | samples | " + " | ".join(METRICS[c][0] for c in every) + " |",
               "|---|---|---|" + "---|" * len(every)]
     for row in summary:
         lines.append(f"| {row['method']} | {row['layer']} | {row['n']} | "
-                     + " | ".join(_cell(row.get(c)) for c in every) + " |")
+                     + " | ".join(_ci(row, c) for c in every) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +268,7 @@ def plot_road_curves(summary: Sequence[dict], percentiles: Sequence[float], path
                                   ("MoRF: most relevant removed first (lower is better)",
                                    "LeRF: least relevant removed first (higher is better)")):
         for method, row in best_layers(summary).items():
-            axes.plot(removed, [row[f"{curve}_{p:g}"] for p in percentiles], marker="o",
+            axes.plot(removed, [row[curve_column(curve, p)] for p in percentiles], marker="o",
                       linestyle="--" if method == BASELINE else "-", label=f"{method} (layer {row['layer']})")
         axes.set(title=title, xlabel="pixels removed and imputed (% of the image)",
                  ylabel="change of the target logit (logits)")
@@ -231,9 +297,10 @@ def plot_heat_table(summary: Sequence[dict], methods: Sequence[str], layers: Seq
 
 
 def write_outputs(out_dir: str, rows: Sequence[Dict[str, str]], methods: Sequence[str], layers: Sequence[int],
-                  percentiles: Sequence[float], header: str) -> List[str]:
-    """``summary.csv``, ``benchmark.md``, ``road_curves.png`` and ``heat_table.png`` from the per-sample rows."""
-    summary = summarize(rows, methods, layers, percentiles)
+                  percentiles: Sequence[float], header: str, resamples: int = 0, seed: int = 0) -> List[str]:
+    """``summary.csv``, ``benchmark.md``, ``road_curves.png`` and ``heat_table.png`` from the per-sample rows, with
+    bootstrap intervals from ``resamples`` draws seeded by ``seed`` (none for 0)."""
+    summary = summarize(rows, methods, layers, percentiles, resamples, seed)
     paths = [os.path.join(out_dir, name) for name in ("summary.csv", "benchmark.md", "road_curves.png",
                                                       "heat_table.png")]
     with open(paths[0], "w", newline="") as f:
@@ -283,5 +350,6 @@ def compare_runs(run_a: str, run_b: str) -> str:
 BASELINE = "RandomCAM"
 
 
-SCORES = ("road_combined", "road_morf", "road_lerf", "deletion_auc", "insertion_auc", "pointing", "distractor",
-          "energy", "mask_pointing", "mask_energy", "sanity")
+SCORES = ("road_combined", "road_morf", "road_lerf", "deletion_auc", "insertion_auc", "deletion_auc_norm",
+          "insertion_auc_norm", "saturated", "answer_change", "top10_changed", "pointing", "distractor", "energy",
+          "mask_pointing", "mask_energy", "sanity", "sanity_cascade")

@@ -7,7 +7,7 @@ import io
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from pytorch_grad_cam_vlm.benchmark.report import SCORES, format_value
+from pytorch_grad_cam_vlm.benchmark.report import SCORES, curve_column, format_value
 
 PER_SAMPLE = "per_sample.csv"
 KEY = ("sample", "method", "layer")
@@ -15,8 +15,8 @@ KEY = ("sample", "method", "layer")
 
 def row_fields(percentiles: Sequence[float]) -> List[str]:
     """Columns of ``per_sample.csv``."""
-    return (list(KEY) + ["target_token"] + list(SCORES) + [f"morf_{p:g}" for p in percentiles]
-            + [f"lerf_{p:g}" for p in percentiles])
+    return (list(KEY) + ["target_token"] + list(SCORES) + [curve_column("morf", p) for p in percentiles]
+            + [curve_column("lerf", p) for p in percentiles])
 
 
 def read_rows(path: str) -> List[Dict[str, str]]:

@@ -11,15 +11,19 @@ Every method x layer is scored on every sample against RandomCAM (always added a
   ``road_combined = (mean LeRF - mean MoRF) / 2``, as grad-cam's ``ROADCombined``: higher is better. Pixels of
   equal map value are removed in random order (``--road-ties``, :func:`ranked_map`).
 - Deletion and insertion AUC (Petsiuk et al. 2018): the target's probability (``--auc-score``) as the map's most
-  relevant pixels are removed onto, or inserted into, a blurred or mean-colour baseline (``--auc-baseline``) in
-  ``--auc-steps`` steps; lower deletion and higher insertion AUC are better
-  (:mod:`pytorch_grad_cam_vlm.metrics.perturbation`).
+  relevant pixels are removed onto, or inserted into, the protocol's canvases (``--auc-protocol``: ``black``,
+  RISE's or EAGLE's, :mod:`pytorch_grad_cam_vlm.metrics.auc_protocols`); lower deletion and higher insertion AUC are
+  better. Rows whose canvas keeps half the target's probability or more are flagged (``saturated``); the normalised
+  AUCs leave them out. ``answer_change``: the share removed (deletion) when the model's top answer first changes;
+  ``top10_changed``: whether removing the map's top 10 % changes it (:mod:`pytorch_grad_cam_vlm.metrics.answer_change`).
 - Pointing game (the map's maximum in an evidence box, widened by ``--tolerance`` pixels), the same on the
   distractor boxes, and the share of the map's positive mass in the evidence boxes, where a sample has boxes; the
   same two on the union of its evidence masks, where it has masks (``mask_pointing``, ``mask_energy``).
 - Model-parameter randomization (Adebayo et al. 2018): the Spearman rank correlation between the map of the trained
   model and the map, same method, layer, image and target, of a copy whose decoder layers and ``lm_head`` are
-  re-initialised (:func:`randomized_copy`). Lower means the map depends more on what the model learned.
+  re-initialised (:func:`randomized_copy`; ``sanity``), and of a copy re-initialised by the cascade from the output
+  down through the vision tower (:func:`cascade_modules`; ``sanity_cascade``). Lower means the map depends more on
+  what the model learned.
 
 The target is the first token of the sample's answer, or without an answer the model's next token on the clean image.
 A row's perturbed images go through the model in batches of ``--batch-size``; its imputation systems are solved on
@@ -48,7 +52,7 @@ import torch
 
 from pytorch_grad_cam_vlm.benchmark.data import Sample, load_samples, pixel_boxes
 from pytorch_grad_cam_vlm.benchmark.masks import pixel_mask
-from pytorch_grad_cam_vlm.benchmark.report import BASELINE, write_outputs
+from pytorch_grad_cam_vlm.benchmark.report import BASELINE, curve_column, write_outputs
 from pytorch_grad_cam_vlm.benchmark.rows import PER_SAMPLE, RowWriter, consolidate, read_rows, row_fields, row_key
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
@@ -57,10 +61,12 @@ from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, energy_in_mask, pointing_hit, pointing_in_mask
-from pytorch_grad_cam_vlm.metrics.perturbation import (AUC_BASELINES, AUC_SCORES, AUC_STEPS, SOLVERS,
-                                                       PerturbationScorer, PerturbationScores, make_executor)
+from pytorch_grad_cam_vlm.metrics.auc_protocols import (CANVASES, DEFAULT_PROTOCOL, PROTOCOLS, TIES, protocol,
+                                                        removal_order)
+from pytorch_grad_cam_vlm.metrics.perturbation import AUC_SCORES, SOLVERS, PerturbationScorer, PerturbationScores, \
+    make_executor
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
-from pytorch_grad_cam_vlm.metrics.sanity import randomized_copy, spearman
+from pytorch_grad_cam_vlm.metrics.sanity import cascade_modules, randomized_copy, spearman
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, check_question, layer_count, load_model,
                                                   make_subject, model_config, resolve_device, resolve_dtype,
                                                   skip_last)
@@ -103,23 +109,23 @@ class Scorer:
     and target once, then each (method, layer)."""
 
     def __init__(self, family: str, model, processor, methods: Dict[str, type], percentiles: Sequence[float],
-                 seed: int, tolerance_px: Optional[float], randomized: Optional[torch.nn.Module],
+                 seed: int, tolerance_px: Optional[float], randomized: Sequence[torch.nn.Module],
                  road_ties: str = "random", texts: Optional[Sequence[str]] = None, imputation_threads: int = 1,
                  **perturbation) -> None:
-        """``perturbation``: the options of :class:`PerturbationScorer` (``batch_size``, ``steps``, ``baseline``,
-        ``score``, ``solver``)."""
+        """``perturbation``: the options of :class:`PerturbationScorer` (``batch_size``, ``protocol``, ``score``,
+        ``solver``)."""
         self.family, self.model, self.processor, self.methods = family, model, processor, methods
         self.texts, self.imputation_threads, self.perturbation = texts, imputation_threads, perturbation
         self.percentiles, self.seed, self.tolerance_px = list(percentiles), seed, tolerance_px
         self.randomized, self.road_ties = randomized, road_ties
         self._subjects: Dict[Tuple[str, bool], object] = {}
 
-    def subject(self, prompt: Optional[str], randomized: bool = False):
+    def subject(self, prompt: Optional[str], randomized: Optional[int] = None):
         """The CLI's wrapped model (:class:`pytorch_grad_cam_vlm.cli.Subject`) of ``prompt`` (CLIP: of the texts),
         one per prompt."""
         key = (prompt, randomized)
         if key not in self._subjects:
-            model = self.randomized if randomized else self.model
+            model = self.model if randomized is None else self.randomized[randomized]
             self._subjects[key] = make_subject(self.family, model, self.processor, prompt, self.texts)
         return self._subjects[key]
 
@@ -183,7 +189,8 @@ class Scorer:
         cam = self.cam(inputs.subject, method, layer, inputs.x, inputs.targets, sample.index)
         seed_everything(self.seed, sample.index, method, layer, "road")
         ranks = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31)))
-        return method, layer, cam, inputs.perturb.start(ranks if self.road_ties == "random" else cam, ranks)
+        order = removal_order(cam, inputs.perturb.protocol.tie_order, ranks)
+        return method, layer, cam, inputs.perturb.start(ranks if self.road_ties == "random" else cam, order)
 
     def finish_row(self, sample: Sample, inputs: SampleInputs, method: str, layer: int, cam: np.ndarray,
                    finish: Callable[[], PerturbationScores]) -> dict:
@@ -193,8 +200,12 @@ class Scorer:
         morf, lerf = scores.morf, scores.lerf
         row = dict(sample=sample.index, method=method, layer=layer, target_token=int(inputs.targets[0].category),
                    road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf), road_lerf=np.mean(lerf),
-                   deletion_auc=scores.deletion_auc, insertion_auc=scores.insertion_auc, pointing=None,
-                   distractor=None, energy=None, mask_pointing=None, mask_energy=None, sanity=None)
+                   deletion_auc=scores.deletion_auc, insertion_auc=scores.insertion_auc,
+                   deletion_auc_norm=scores.deletion_auc_norm, insertion_auc_norm=scores.insertion_auc_norm,
+                   saturated=scores.saturated, answer_change=scores.answer_change,
+                   top10_changed=scores.top_share_changed, pointing=None,
+                   distractor=None, energy=None, mask_pointing=None, mask_energy=None, sanity=None,
+                   sanity_cascade=None)
         tolerance = inputs.tolerance
         if inputs.boxes:
             row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in inputs.boxes),
@@ -204,12 +215,12 @@ class Scorer:
         if inputs.mask is not None:
             row.update(mask_pointing=pointing_in_mask(cam, inputs.mask, tolerance),
                        mask_energy=energy_in_mask(cam, inputs.mask))
-        if self.randomized is not None:
-            random_cam = self.cam(self.subject(sample.prompt, True), method, layer, inputs.x, inputs.targets,
+        for column, which in zip(("sanity", "sanity_cascade"), range(len(self.randomized))):
+            random_cam = self.cam(self.subject(sample.prompt, which), method, layer, inputs.x, inputs.targets,
                                   sample.index)
-            row["sanity"] = spearman(cam, random_cam)
-        row.update({f"morf_{p:g}": v for p, v in zip(self.percentiles, morf)})
-        row.update({f"lerf_{p:g}": v for p, v in zip(self.percentiles, lerf)})
+            row[column] = spearman(cam, random_cam)
+        row.update({curve_column("morf", p): v for p, v in zip(self.percentiles, morf)})
+        row.update({curve_column("lerf", p): v for p, v in zip(self.percentiles, lerf)})
         return row
 
     def cam(self, subject, method: str, layer: int, x: torch.Tensor, targets, sample: int) -> np.ndarray:
@@ -251,13 +262,17 @@ def _percentiles(text: str) -> List[float]:
 def _check_numbers(args: "BenchmarkOptions") -> None:
     """The options argparse's types and choices do not check (the runner is also called directly)."""
     for name, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
-                             ("--auc-steps", args.auc_steps, 2), ("--imputation-threads", args.imputation_threads, 1)):
+                             ("--auc-steps", args.auc_steps, 2), ("--imputation-threads", args.imputation_threads, 1),
+                             ("--bootstrap", args.bootstrap, 0)):
         if value is not None and (not isinstance(value, int) or value < low):
             raise InputError(f"{name} {value}: expected a whole number >= {low}.")
-    for name, value, choices in (("--auc-baseline", args.auc_baseline, AUC_BASELINES),
+    for name, value, choices in (("--auc-protocol", args.auc_protocol, tuple(PROTOCOLS)),
+                                 ("--deletion-canvas", args.deletion_canvas, (None,) + CANVASES),
+                                 ("--insertion-canvas", args.insertion_canvas, (None,) + CANVASES),
+                                 ("--auc-ties", args.auc_ties, TIES),
                                  ("--auc-score", args.auc_score, AUC_SCORES), ("--solver", args.solver, SOLVERS)):
         if value not in choices:
-            raise InputError(f"{name} {value}: expected one of {', '.join(choices)}.")
+            raise InputError(f"{name} {value}: expected one of {', '.join(c for c in choices if c)}.")
 
 
 @dataclass
@@ -282,9 +297,13 @@ class BenchmarkOptions:
     allow_pickle: bool = False  # load a pickle checkpoint (it can run code)
     trust_remote_code: bool = False
     batch_size: Optional[int] = None  # perturbed images per forward pass (default: metrics.perturbation's auto)
-    auc_steps: int = AUC_STEPS  # deletion / insertion steps
-    auc_baseline: str = "blur"  # "blur" or "mean"
+    auc_protocol: str = DEFAULT_PROTOCOL  # deletion / insertion protocol: a preset of auc_protocols.PROTOCOLS
+    deletion_canvas: Optional[str] = None  # the deletion canvas (default: the protocol's)
+    insertion_canvas: Optional[str] = None  # the insertion canvas (default: the protocol's)
+    auc_steps: Optional[int] = None  # deletion / insertion steps, evenly spaced (default: the protocol's)
+    auc_ties: str = "protocol"  # order of equal map values: the protocol's, or "random" (seeded)
     auc_score: str = "probability"  # "probability" (softmax) or "logit"
+    bootstrap: int = 1000  # bootstrap resamples of the samples for the 95 % intervals (0: none)
     imputation_threads: Optional[int] = None  # ROAD's imputation threads (default: this process's share of cores)
     solver: str = "auto"  # ROAD's imputation: "direct" (CPU), "cg" (torch), "auto" (cg on CUDA)
 
@@ -294,7 +313,8 @@ def _settings(args: BenchmarkOptions, model: str, percentiles: Sequence[float]) 
     return dict(model=os.path.abspath(model) if os.path.exists(model) else model,
                 data=os.path.abspath(args.data), percentiles=list(percentiles), seed=args.seed,
                 tolerance=args.tolerance, sanity=args.sanity, coco_prompt=args.coco_prompt, dtype=args.dtype,
-                road_ties=args.road_ties, auc_steps=args.auc_steps, auc_baseline=args.auc_baseline,
+                road_ties=args.road_ties, auc_protocol=args.auc_protocol, deletion_canvas=args.deletion_canvas,
+                insertion_canvas=args.insertion_canvas, auc_steps=args.auc_steps, auc_ties=args.auc_ties,
                 auc_score=args.auc_score)
 
 
@@ -319,6 +339,7 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
     state = PartialState()
     percentiles = _percentiles(args.percentiles)
     _check_numbers(args)
+    chosen = protocol(args.auc_protocol, args.deletion_canvas, args.insertion_canvas, args.auc_steps, args.auc_ties)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = {cls.__name__: cls for cls in map(resolve_method, names + [BASELINE])}
     model_name = embedded_model_path(args.model)
@@ -352,15 +373,16 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
     for sample in samples:
         if sample.answer is not None:
             answer_token(processor.tokenizer, sample, args.texts)
-    randomized = None
+    randomized = []  # the independent form, then the cascade's last stage
     if args.sanity:
-        layers_to_randomize = make_subject(family, model, processor, samples[0].prompt, args.texts).layers
-        randomized = randomized_copy(model, layers_to_randomize, args.seed)
+        wrapper = make_subject(family, model, processor, samples[0].prompt, args.texts).wrapper
+        randomized = [randomized_copy(model, wrapper.layers, args.seed),
+                      randomized_copy(model, cascade_modules(wrapper), args.seed)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.imputation_threads or max(1, cores // state.num_processes)
     scorer = Scorer(family, model, processor, methods, percentiles, args.seed, args.tolerance, randomized,
-                    args.road_ties, args.texts, threads, batch_size=args.batch_size, steps=args.auc_steps,
-                    baseline=args.auc_baseline, score=args.auc_score, solver=args.solver)
+                    args.road_ties, args.texts, threads, batch_size=args.batch_size, protocol=chosen,
+                    score=args.auc_score, solver=args.solver)
 
     done = {row_key(row) for row in read_rows(os.path.join(args.out, PER_SAMPLE))}
     work = [(sample, [(m, l) for m in methods for l in layers if (sample.index, m, l) not in done])
@@ -384,11 +406,13 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
         rows = consolidate(args.out, fields)
         wanted = {s.index for s in samples}
         rows = [r for r in rows if int(r["sample"]) in wanted]
+        steps = f"{chosen.steps} steps" if chosen.steps else f"{chosen.rows_per_step} image rows per step"
         header = (f"Faithfulness benchmark of {args.model} on {len(samples)} samples of {args.data} (seed "
                   f"{args.seed}; ROAD percentiles {', '.join(f'{p:g}' for p in percentiles)}; deletion / insertion "
-                  f"in {args.auc_steps} steps onto the {args.auc_baseline} baseline, AUC of the target's "
+                  f"protocol {args.auc_protocol}: {steps}, deletion onto the {chosen.deletion_canvas} canvas, "
+                  f"insertion from the {chosen.insertion_canvas} canvas, ties {chosen.tie_order}; AUC of the target's "
                   f"{args.auc_score}).")
-        paths = write_outputs(args.out, rows, list(methods), layers, percentiles, header)
+        paths = write_outputs(args.out, rows, list(methods), layers, percentiles, header, args.bootstrap, args.seed)
         with open(paths[1]) as f:
             print(f.read())
         print(f"Wrote {os.path.join(args.out, PER_SAMPLE)}, " + ", ".join(paths) + ".")

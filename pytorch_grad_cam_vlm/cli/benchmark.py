@@ -11,7 +11,9 @@ from pytorch_grad_cam_vlm.cli.common import add_loading_arguments
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
 from pytorch_grad_cam_vlm.metrics.deletion_check import CPU_BATCH_PIXELS, DEFAULT_BATCH_SIZE
-from pytorch_grad_cam_vlm.metrics.perturbation import AUC_BASELINES, AUC_SCORES, AUC_STEPS, SOLVERS
+from pytorch_grad_cam_vlm.benchmark.intervals import DEFAULT_RESAMPLES
+from pytorch_grad_cam_vlm.metrics.auc_protocols import CANVASES, DEFAULT_PROTOCOL, PROTOCOLS, TIES
+from pytorch_grad_cam_vlm.metrics.perturbation import AUC_SCORES, SOLVERS
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
 
 
@@ -50,11 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"perturbed images (ROAD, deletion, insertion) per forward pass (default: "
                              f"{DEFAULT_BATCH_SIZE} on CUDA; on the CPU as many as fit in {CPU_BATCH_PIXELS} pixels, "
                              f"at most {DEFAULT_BATCH_SIZE}; measured in benchmarks/benchmark_speed.md)")
-    parser.add_argument("--auc-steps", type=int, default=AUC_STEPS,
-                        help=f"deletion / insertion steps (default {AUC_STEPS}: 5 %% of the pixels each)")
-    parser.add_argument("--auc-baseline", choices=AUC_BASELINES, default="blur",
-                        help="what deleted pixels become and insertion starts from: the image blurred (Gaussian, "
-                             "8 px) or the processor's mean colour")
+    parser.add_argument("--auc-protocol", choices=tuple(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="deletion / insertion as published: black (black canvas for both curves, 20 steps; the "
+                             "default, chosen in benchmarks/auc_canvas.md), rise (deletion to zeros, insertion from "
+                             "RISE's 11-px sigma-5 blur, 8 image rows per step), eagle (black canvas for both, 64 "
+                             "steps), blur (the former default: sigma-8 blur for both, 20 steps; it saturates)")
+    parser.add_argument("--deletion-canvas", choices=CANVASES,
+                        help="what deleted pixels become (default: the protocol's): black, zeros (the processor's "
+                             "mean colour), rise-blur, blur (sigma 8)")
+    parser.add_argument("--insertion-canvas", choices=CANVASES,
+                        help="what insertion starts from (default: the protocol's)")
+    parser.add_argument("--auc-steps", type=int,
+                        help="deletion / insertion steps, evenly spaced (default: the protocol's)")
+    parser.add_argument("--auc-ties", choices=TIES, default="protocol",
+                        help="order of equal map values in the curves: the protocol's (RISE and EAGLE: by position, "
+                             "stable sort; black and blur: seeded random) or random (seeded)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
+                        help=f"bootstrap resamples of the samples for the 95 %% intervals (default "
+                             f"{DEFAULT_RESAMPLES}; 0: none)")
     parser.add_argument("--auc-score", choices=AUC_SCORES, default="probability",
                         help="the deletion / insertion curve: the target's softmax probability or its logit")
     parser.add_argument("--imputation-threads", type=int,

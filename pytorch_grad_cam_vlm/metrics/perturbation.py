@@ -8,15 +8,17 @@ ROAD (Rong et al. 2022): the image with the most (MoRF) or least (LeRF) relevant
 then LeRF) from the same torch seed: the systems are solved first, all at once, and the imputer's noise is drawn
 afterwards in grad-cam's order.
 
-Deletion and insertion (Petsiuk et al. 2018, RISE; as EAGLE reports them): in :data:`AUC_STEPS` steps, step ``k``
-takes the ``floor(k * N / steps)`` most relevant of the ``N`` pixels, in the order of the ranked map (ties broken by
-:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.ranked_map`). Deletion replaces them with the baseline (lower
-AUC is better); insertion starts from the baseline and puts them back (higher is better). The baseline is the image
-blurred by a Gaussian of 8 pixels (``"blur"``, RISE's insertion canvas) or the processor's mean colour (``"mean"``,
-0 once normalised), both from :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.filled`. The curve is the
-target's softmax probability (``"probability"``, as RISE and EAGLE report it; in [0, 1]) or its logit; the AUC is
-the trapezoid rule over the removed share 0..1 (``steps + 1`` points). The end points, the clean image and the
-baseline, are scored once per image, not once per map.
+Deletion and insertion (Petsiuk et al. 2018): the protocol (:mod:`~pytorch_grad_cam_vlm.metrics.auc_protocols`:
+RISE's, EAGLE's, or this package's) gives the canvas of each curve, the pixels removed at each step and the order of
+equal map values. Deletion replaces the map's most relevant pixels with the deletion canvas (lower AUC is better);
+insertion starts from the insertion canvas and puts them back (higher is better). The curve is the target's softmax
+probability (``"probability"``, as RISE and EAGLE report it; in [0, 1]) or its logit; the AUC is the trapezoid rule
+over evenly spaced points. The end points, the clean image and the canvases, are scored once per image, not once
+per map; they also give the saturation guard: a canvas that keeps :data:`SATURATION` or more of the clean image's
+probability of the target (as where the model answers the same for a blank image) flags the row, and the
+normalised AUC ``(AUC - canvas score) / (clean score - canvas score)`` of that curve is left out. The deletion
+curve's images also give the share removed when the model's top answer first changes
+(:mod:`~pytorch_grad_cam_vlm.metrics.answer_change`), with one more image: the map's top 10 % removed.
 
 Every perturbed image of a map (``2 P`` for ROAD, ``2 (steps - 1)`` for the AUC) goes through the model in batches
 of ``batch_size``. The imputation systems of a map are independent: on the CPU they are solved on the threads of an
@@ -40,14 +42,20 @@ import torch
 from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import FILLS, auto_batch_size, filled, target_scores
+from pytorch_grad_cam_vlm.metrics.answer_change import first_change, top_share_count
+from pytorch_grad_cam_vlm.metrics.auc_protocols import PROTOCOLS, AUCProtocol, canvas, removed_masks
+from pytorch_grad_cam_vlm.metrics.deletion_check import auto_batch_size, target_scores
 from pytorch_grad_cam_vlm.metrics.road import FastNoisyLinearImputer, impute_linear
 from pytorch_grad_cam_vlm.metrics.road_cg import impute_cg
 
-AUC_STEPS = 20
-AUC_BASELINES = FILLS
 AUC_SCORES = ("probability", "logit")
 SOLVERS = ("auto", "direct", "cg")
+# A canvas that keeps this share of the clean image's probability of the target flags the row. Measured in
+# benchmarks/auc_canvas.md on both development models: a canvas keeps either less than 0.1 or more than 0.9 of it
+# on 97-100 % of samples, and keeps 0.5 or more exactly where it leaves the model's top answer unchanged.
+SATURATION = 0.5
+
+
 class ProbabilityTarget:
     """The softmax probability of class ``category`` (a token, a text) in a row of model outputs."""
 
@@ -100,23 +108,28 @@ def imputed_images(x: torch.Tensor, masks: Sequence[np.ndarray], solver: str = "
     return finish
 
 
-def removal_order(ranks: np.ndarray) -> np.ndarray:
-    """Each pixel's place in the removal order of a ranked map (0: the highest rank, removed first)."""
-    order = np.argsort(-np.ravel(ranks), kind="stable")
-    place = np.empty(order.size, dtype=np.int64)
-    place[order] = np.arange(order.size)
-    return place.reshape(np.shape(ranks))
+class TopRecorder:
+    """A grad-cam target that records the top class of each output row it scores (for the answer change)."""
+
+    def __init__(self, target: Callable) -> None:
+        self.target, self.tops = target, []
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        self.tops.append(int(output.argmax()))
+        return self.target(output)
 
 
-def auc_images(x: torch.Tensor, ranks: np.ndarray, background: torch.Tensor, steps: int = AUC_STEPS
-               ) -> torch.Tensor:
-    """The inner images of the deletion curve (steps ``1 .. steps - 1``: the most relevant ``floor(k N / steps)``
-    pixels replaced by ``background``), then of the insertion curve (the same pixels of ``x`` on the background):
-    ``(2 (steps - 1), C, H, W)``."""
-    place = torch.from_numpy(removal_order(ranks)).to(x.device)
-    removed = [place < (k * place.numel()) // steps for k in range(1, steps)]
-    return torch.stack([torch.where(r, background, x)[0] for r in removed]
-                       + [torch.where(r, x, background)[0] for r in removed])
+def auc_images(x: torch.Tensor, order: np.ndarray, counts: Sequence[int], deletion_canvas: torch.Tensor,
+               insertion_canvas: torch.Tensor, deletion_only: Sequence[int] = ()) -> torch.Tensor:
+    """The inner images of the deletion curve (at each count ``c`` of ``counts``, the first ``c`` pixels of
+    ``order`` replaced by the deletion canvas), then of the insertion curve (the same pixels of ``x`` on the
+    insertion canvas), then deletion images at the counts ``deletion_only``: ``(2 len(counts) + len(deletion_only),
+    C, H, W)``."""
+    removed = removed_masks(order, list(counts) + list(deletion_only), tuple(x.shape[2:]), x.device)
+    inner = removed[:len(counts)]
+    return torch.stack([torch.where(r, deletion_canvas, x)[0] for r in inner]
+                       + [torch.where(r, x, insertion_canvas)[0] for r in inner]
+                       + [torch.where(r, deletion_canvas, x)[0] for r in removed[len(counts):]])
 
 
 def auc(curve: Sequence[float]) -> float:
@@ -125,15 +138,28 @@ def auc(curve: Sequence[float]) -> float:
     return float((values[1:] + values[:-1]).sum() / (2 * (len(values) - 1)))
 
 
+def normalised(area: float, clean: float, canvas_score: float) -> float:
+    """``(AUC - canvas score) / (clean score - canvas score)``: 0 at the canvas's score, 1 at the clean image's."""
+    return (area - canvas_score) / (clean - canvas_score)
+
+
 @dataclass
 class PerturbationScores:
-    """One map's scores: ROAD's change of the target logit at each percentile (MoRF, LeRF), and the deletion and
-    insertion curves at the removed shares ``0 .. 1``."""
+    """One map's scores: ROAD's change of the target logit at each percentile (MoRF, LeRF); the deletion and
+    insertion curves at the removed ``shares`` (``0 .. 1``); the share of the target's probability each canvas keeps
+    (``kept_deletion``, ``kept_insertion``); the top answer at each point of the deletion curve (``deletion_tops``)
+    and on the clean image (``answer``); whether removing the map's top 10 % changes it."""
 
     morf: List[float]
     lerf: List[float]
     deletion: List[float]
     insertion: List[float]
+    shares: List[float]
+    kept_deletion: float
+    kept_insertion: float
+    deletion_tops: List[int]
+    answer: int
+    top_share_changed: bool
 
     @property
     def deletion_auc(self) -> float:
@@ -143,53 +169,97 @@ class PerturbationScores:
     def insertion_auc(self) -> float:
         return auc(self.insertion)
 
+    @property
+    def saturated(self) -> bool:
+        """A canvas keeps :data:`SATURATION` or more of the target's probability: its curve says little."""
+        return max(self.kept_deletion, self.kept_insertion) >= SATURATION
+
+    @property
+    def deletion_auc_norm(self) -> Optional[float]:
+        """The deletion AUC from the deletion canvas's score (0) to the clean image's (1); None when saturated."""
+        if self.kept_deletion >= SATURATION:
+            return None
+        return normalised(self.deletion_auc, self.deletion[0], self.deletion[-1])
+
+    @property
+    def insertion_auc_norm(self) -> Optional[float]:
+        """The insertion AUC from the insertion canvas's score (0) to the clean image's (1); None when saturated."""
+        if self.kept_insertion >= SATURATION:
+            return None
+        return normalised(self.insertion_auc, self.insertion[-1], self.insertion[0])
+
+    @property
+    def answer_change(self) -> Optional[float]:
+        """The share removed when the top answer first changes along the deletion curve (None: never)."""
+        return first_change(self.deletion_tops[1:], self.shares[1:], self.answer)
+
 
 class PerturbationScorer:
     """ROAD and the deletion / insertion AUC of maps of one image ``x`` ``(1, C, H, W)`` and target class
-    ``category`` on ``model`` (a wrapper), the clean image and the baseline scored once (see the module);
-    ``batch_size`` None: :func:`auto_batch_size`."""
+    ``category`` on ``model`` (a wrapper), under the deletion / insertion ``protocol``
+    (:class:`~pytorch_grad_cam_vlm.metrics.auc_protocols.AUCProtocol`); the clean image and the canvases scored
+    once (see the module); ``batch_size`` None: :func:`auto_batch_size`."""
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, category: int, percentiles: Sequence[float],
-                 steps: int = AUC_STEPS, baseline: str = "blur", score: str = "probability",
+                 protocol: AUCProtocol = PROTOCOLS["black"], score: str = "probability",
                  batch_size: Optional[int] = None, solver: str = "auto", executor=None) -> None:
         if score not in AUC_SCORES:
             raise ValueError(f"score must be one of {AUC_SCORES}, got {score!r}.")
-        if not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"steps must be a whole number >= 2, got {steps!r}.")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-        self.model, self.x, self.percentiles, self.steps = model, x.detach(), list(percentiles), steps
+        self.model, self.x, self.percentiles, self.protocol = model, x.detach(), list(percentiles), protocol
         self.batch_size = batch_size or auto_batch_size(x)
         self.solver, self.executor = solver, executor
         self.logit = ClassifierOutputTarget(category)
-        self.curve_target = ProbabilityTarget(category) if score == "probability" else self.logit
-        self.background = filled(self.x, baseline)
+        self.probability = ProbabilityTarget(category)
+        self.curve_target = self.probability if score == "probability" else self.logit
+        mean, std = getattr(model, "image_mean", None), getattr(model, "image_std", None)
+        self.deletion_canvas = canvas(self.x, protocol.deletion_canvas, mean, std)
+        self.insertion_canvas = self.deletion_canvas if protocol.insertion_canvas == protocol.deletion_canvas \
+            else canvas(self.x, protocol.insertion_canvas, mean, std)
+        n = self.x.shape[2] * self.x.shape[3]
+        self.counts = protocol.counts(*self.x.shape[2:])
+        self.shares = [c / n for c in self.counts]
+        self.top_count = top_share_count(n)
         with torch.no_grad():
-            clean, background = model(self.x)[0], model(self.background)[0]
+            clean, deletion, insertion = model(torch.cat([self.x, self.deletion_canvas, self.insertion_canvas]))
         self.clean_logit = np.float32(self.logit(clean).cpu().numpy())
-        self.clean_score, self.background_score = (float(self.curve_target(o)) for o in (clean, background))
+        self.answer, self.canvas_top = int(clean.argmax()), int(deletion.argmax())
+        self.clean_score, self.deletion_score, self.insertion_score = (float(self.curve_target(o)) for o in
+                                                                        (clean, deletion, insertion))
+        clean_probability = float(self.probability(clean))
+        self.kept = [float(self.probability(o)) / clean_probability if clean_probability > 0 else 1.0
+                     for o in (deletion, insertion)]
 
-    def __call__(self, road_map: np.ndarray, ranks: np.ndarray) -> PerturbationScores:
+    def __call__(self, road_map: np.ndarray, order: np.ndarray) -> PerturbationScores:
         """The scores of one map: ROAD on ``road_map`` (the ranked map, or the map itself for grad-cam's
-        thresholds), the AUC curves in the order of ``ranks`` (a ranked map: distinct values)."""
-        return self.start(road_map, ranks)()
+        thresholds), the AUC curves removing pixels in ``order`` (flat indices, the most relevant first:
+        :func:`~pytorch_grad_cam_vlm.metrics.auc_protocols.removal_order`)."""
+        return self.start(road_map, order)()
 
-    def start(self, road_map: np.ndarray, ranks: np.ndarray) -> Callable[[], PerturbationScores]:
+    def start(self, road_map: np.ndarray, order: np.ndarray) -> Callable[[], PerturbationScores]:
         """:meth:`__call__` in two halves, so that a caller can work while the imputation runs: this one starts the
         imputation (on the executor's threads) and scores the deletion / insertion images; the function it returns
         waits for the imputation, draws the imputer's noise from torch's generator as it then stands, scores ROAD's
         images and returns the scores."""
         finish = imputed_images(self.x, road_masks(road_map, self.percentiles), self.solver, self.executor)
-        curves = target_scores(self.model, auc_images(self.x, ranks, self.background, self.steps), self.curve_target,
-                               self.batch_size)
+        inner = self.counts[1:-1]
+        extra = [] if self.top_count in self.counts else [self.top_count]  # the map's top 10 % removed
+        recorder = TopRecorder(self.curve_target)
+        curves = target_scores(self.model, auc_images(self.x, order, inner, self.deletion_canvas,
+                                                      self.insertion_canvas, extra), recorder, self.batch_size)
+        k = len(inner)
+        tops = [self.answer] + recorder.tops[:k] + [self.canvas_top]
+        top_changed = (recorder.tops[2 * k] if extra else tops[self.counts.index(self.top_count)]) != self.answer
 
         def scores() -> PerturbationScores:
             road = target_scores(self.model, finish(), self.logit, self.batch_size) - self.clean_logit
-            n, inner = len(self.percentiles), self.steps - 1
+            n = len(self.percentiles)
             return PerturbationScores(
                 list(road[:n]), list(road[n:]),
-                [self.clean_score] + [float(v) for v in curves[:inner]] + [self.background_score],
-                [self.background_score] + [float(v) for v in curves[inner:]] + [self.clean_score])
+                [self.clean_score] + [float(v) for v in curves[:k]] + [self.deletion_score],
+                [self.insertion_score] + [float(v) for v in curves[k:2 * k]] + [self.clean_score],
+                self.shares, self.kept[0], self.kept[1], tops, self.answer, top_changed)
         return scores
 
 

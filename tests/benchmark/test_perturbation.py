@@ -9,7 +9,8 @@ import torch
 from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import filled, ranked_map
+from pytorch_grad_cam_vlm.metrics.auc_protocols import canvas, protocol, removal_order
+from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
 from pytorch_grad_cam_vlm.metrics.perturbation import PerturbationScorer, imputed_images, road_masks
 from pytorch_grad_cam_vlm.metrics.road import FastNoisyLinearImputer, impute_linear
 from pytorch_grad_cam_vlm.metrics.road_cg import impute_cg
@@ -49,28 +50,33 @@ def test_batched_road_equals_grad_cams_road_classes(wrapper, ties):
             expected.append(metric(x, road_map[None], [ClassifierOutputTarget(TOKEN)], wrapper)[0])
     torch.manual_seed(3)
     with ThreadPoolExecutor(2) as executor:
-        scorer = PerturbationScorer(wrapper, x, TOKEN, percentiles, steps=4, batch_size=3, executor=executor)
-        scores = scorer(road_map, ranked_map(cam, np.random.default_rng(1)))
+        scorer = PerturbationScorer(wrapper, x, TOKEN, percentiles, protocol("black", steps=4), batch_size=3,
+                                    executor=executor)
+        scores = scorer(road_map, removal_order(cam, "random", ranked_map(cam, np.random.default_rng(1))))
     np.testing.assert_allclose(scores.morf + scores.lerf, expected, atol=1e-5, rtol=0)
     assert np.ptp(expected) > 1e-3
 
 
-@pytest.mark.parametrize("baseline, score", [("blur", "probability"), ("mean", "logit")])
-def test_deletion_and_insertion_auc_equal_a_loop_by_hand(wrapper, baseline, score):
+@pytest.mark.parametrize("deletion_canvas, insertion_canvas, score", [("blur", "black", "probability"),
+                                                                       ("zeros", "rise-blur", "logit")])
+def test_deletion_and_insertion_auc_equal_a_loop_by_hand(wrapper, deletion_canvas, insertion_canvas, score):
+    """A canvas per curve: each curve equals a loop by hand on its own canvas."""
     x = wrapper.preprocess(random_image(56, 84, seed=2))
     ranks = ranked_map(token_grid_map((56, 84), seed=4), np.random.default_rng(0))
     steps = 5
-    scores = PerturbationScorer(wrapper, x, TOKEN, [50], steps=steps, baseline=baseline, score=score,
-                                batch_size=4)(ranks, ranks)
-    background = torch.zeros_like(x) if baseline == "mean" else filled(x, "blur")
+    chosen = protocol("black", deletion_canvas, insertion_canvas, steps)
+    scores = PerturbationScorer(wrapper, x, TOKEN, [50], chosen, score=score,
+                                batch_size=4)(ranks, removal_order(ranks, "random", ranks))
+    deleted, inserted = (canvas(x, c, wrapper.image_mean, wrapper.image_std) for c in (deletion_canvas,
+                                                                                        insertion_canvas))
     order = np.argsort(-ranks.ravel())  # the most relevant pixel first
     deletion, insertion = [], []
     for k in range(steps + 1):
         removed = np.zeros(ranks.size, dtype=bool)
         removed[order[:k * ranks.size // steps]] = True
         removed = torch.from_numpy(removed.reshape(ranks.shape))
-        for curve, image in ((deletion, torch.where(removed, background, x)), (insertion, torch.where(removed, x,
-                                                                                                       background))):
+        for curve, image in ((deletion, torch.where(removed, deleted, x)), (insertion, torch.where(removed, x,
+                                                                                                    inserted))):
             with torch.no_grad():
                 logits = wrapper(image)[0]
             curve.append(float(torch.softmax(logits, -1)[TOKEN] if score == "probability" else logits[TOKEN]))

@@ -21,14 +21,20 @@ def test_markdown_opens_with_the_best_pair_per_metric_and_a_reading():
                            sanity=0.3),
                summary_row("RandomCAM", 1, road_combined=0.0, deletion_auc=0.5, insertion_auc=0.5, pointing=0.25),
                summary_row("RandomCAM", 2, road_combined=0.1, deletion_auc=0.5, insertion_auc=0.45, pointing=0.0)]
+    summary[1].update(road_combined_low=0.7, road_combined_high=1.1, saturated=0.25)
+    summary[0].update(road_combined_low=0.3, road_combined_high=0.6, saturated=0.25, deletion_auc_low=0.1,
+                      deletion_auc_high=0.3)
+    summary[1].update(deletion_auc_low=0.2, deletion_auc_high=0.3)
     lines = markdown_tables(summary, "Header.").splitlines()
     assert lines[0] == "Header." and lines[2].startswith("Best method x layer per metric")
     assert lines[4:10] == [
-        "| metric | better | method | layer | value | RandomCAM |", "|---|---|---|---|---|---|",
-        "| ROAD combined (logits) | higher | GradCAM | 2 | 0.900 | 0.100 |",
-        "| deletion AUC (score x share) | lower | GradCAM | 1 | 0.200 | 0.500 |",
-        "| insertion AUC (score x share) | higher | GradCAM | 2 | 0.800 | 0.450 |",
-        "| pointing (share of maps) | higher | GradCAM | 1 | 0.750 | 0.250 |"]
+        "| metric | better | method | layer | value | RandomCAM | next best |", "|---|---|---|---|---|---|---|",
+        "| ROAD combined (logits) | higher | GradCAM | 2 | 0.900 [0.700, 1.100] | 0.100 | GradCAM 1: 0.500 (separable) |",
+        "| deletion AUC (score x share) | lower | GradCAM | 1 | 0.200 [0.100, 0.300] | 0.500 | GradCAM 2: 0.250 "
+        "(not separable) |",
+        "| insertion AUC (score x share) | higher | GradCAM | 2 | 0.800 | 0.450 | GradCAM 1: 0.700 |",
+        "| pointing (share of maps) | higher | GradCAM | 1 | 0.750 | 0.250 | GradCAM 2: 0.500 |"]
+    assert lines[14].startswith("Saturation guard: 2 of 8 rows flagged (a canvas kept half")
     reading = lines[12]
     assert reading.startswith("GradCAM at layer 1 is best on 3 of 5 metrics (deletion AUC, pointing, sanity). "
                               "2 of 3 method x layer pairs beat RandomCAM at their layer on ROAD combined. "
@@ -36,7 +42,7 @@ def test_markdown_opens_with_the_best_pair_per_metric_and_a_reading():
                               "ROAD combined and insertion - deletion AUC agree on the ranking of the pairs "
                               "(Spearman +1.00).")
     assert "correlates +0.60 with the randomized model's (above 0.5" in reading
-    assert any(line.startswith("| GradCAM | 2 | 0.900 | +0.800 |") for line in lines)  # vs RandomCAM at layer 2
+    assert any(line.startswith("| GradCAM | 2 | 0.900 [0.700, 1.100] | +0.800 |") for line in lines)  # vs RandomCAM at layer 2
 
 
 def write_summary(folder, rows):

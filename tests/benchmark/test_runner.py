@@ -237,8 +237,8 @@ def test_rows_scores_and_outputs(full_run, tiny_path):
     assert [(r["sample"], r["method"], r["layer"]) for r in rows] == [
         (str(s), m, "1") for s in range(3) for m in ("GradCAM", "RandomCAM")]
     for row in rows:
-        morf = [float(row["morf_10"]), float(row["morf_60"])]
-        lerf = [float(row["lerf_10"]), float(row["lerf_60"])]
+        morf = [float(row["morf_removed_90"]), float(row["morf_removed_40"])]  # grad-cam's percentiles 10, 60
+        lerf = [float(row["lerf_removed_90"]), float(row["lerf_removed_40"])]
         assert float(row["road_combined"]) == pytest.approx((np.mean(lerf) - np.mean(morf)) / 2, abs=2e-6)
         assert -1 <= float(row["sanity"]) <= 1 or row["sanity"] == "nan"
     # Sample 1 has an answer ("red": its first token is the target), sample 2 has no boxes.
@@ -254,7 +254,14 @@ def test_rows_scores_and_outputs(full_run, tiny_path):
     assert float(grad["pointing"]) == pytest.approx(np.mean([float(r["pointing"]) for r in grad_rows[:2]]))
     with open(os.path.join(full_run, "benchmark.md")) as f:
         table = f.read()
-    assert f"| GradCAM | 1 | {float(grad['road_combined']):.3f} |" in table
+    assert (f"| GradCAM | 1 | {float(grad['road_combined']):.3f} [{float(grad['road_combined_low']):.3f}, "
+            f"{float(grad['road_combined_high']):.3f}] |") in table
+    # The bootstrap interval (1000 draws of the 3 samples) holds the mean; the saturation guard's columns.
+    assert float(grad["road_combined_low"]) <= float(grad["road_combined"]) <= float(grad["road_combined_high"])
+    for row in rows:
+        assert row["saturated"] in "01" and row["top10_changed"] in "01"
+        assert row["deletion_auc_norm"] == "" if row["saturated"] == "1" else float(row["deletion_auc_norm"]) >= -1
+        assert row["answer_change"] == "" or 0 < float(row["answer_change"]) <= 1
     for name in ("road_curves.png", "heat_table.png"):
         with Image.open(os.path.join(full_run, name)) as picture:
             assert picture.format == "PNG"
