@@ -1,21 +1,26 @@
-"""The cost of ``auto`` (every candidate method x layer, each map checked) against occlusion (28-pixel windows every
-14 pixels, the reference it is meant to replace), on one 448x448 image, as a ratio measured in the same run.
+"""The cost of ``explain``'s default (``auto``: every candidate method x layer, the maps checked by the staged choice),
+its ``full`` and ``peak`` (``--fast``) choices, against one GradCAM call at a middle decoder layer and one forward pass
+(and occlusion, 28-pixel windows every 14 pixels, with ``--occlusion``), on one 448x448 image, in the same run, with
+the forward images per call (counted by a hook on the wrapper). Writes benchmarks/bench_auto.csv.
 
 Models: the mid-size random Qwen2.5-VL of bench_smooth.py (8 decoder layers of width 512, 8 vision blocks of width
 256) and the trained demo models, whose processors are widened to accept 448x448 (they were trained at their own
 canvas size; the cost does not depend on the weights).
 
-    python benchmarks/bench_auto.py [--repeats 3] [--threads N]
+    python benchmarks/bench_auto.py [--repeats 3] [--threads N] [--models "mid-size random,3b"] [--occlusion]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import os
 import tempfile
 import time
 
 import numpy as np
 import torch
+from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from auto_layer import tasks
@@ -41,34 +46,81 @@ def best_time(run, repeats: int) -> float:
     return min(times)
 
 
+def forward_images(wrapper, run) -> int:
+    """Images through ``wrapper`` during ``run()``, counted by a forward pre-hook."""
+    counted = []
+    hook = wrapper.register_forward_pre_hook(lambda module, args: counted.append(len(args[0])))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return sum(counted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--models", default="mid-size random,demo,crosses",
+                        help="comma-separated: mid-size random, demo, crosses, 3b (Qwen2.5-VL-3B's published config, "
+                             "random bf16 weights: about 7 GB and half an hour per explain on a 2-core CPU)")
+    parser.add_argument("--occlusion", action="store_true", help="also time occlusion (slow)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_auto.csv"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {"mid-size random": build_tiny_model(tempfile.mkdtemp(prefix="bench_auto_"), seed=0, text_layers=8,
-                                                  text_width=512, vision_blocks=8, vision_width=256,
-                                                  window_size=112, fullatt_block_indexes=(3, 7), heads=8,
-                                                  vision_heads=4)}
-    for name, (load, make) in tasks().items():
-        models[name] = load()
     image = (np.random.RandomState(0).rand(SIZE, SIZE, 3) * 255).astype(np.uint8)
-    print("| model | decoder layers | auto: methods x layers | auto s | occlusion s | occlusion / auto |")
-    print("|---|---|---|---|---|---|")
-    for name, (model, processor) in models.items():
+    rows = []
+    for name in args.models.split(","):
+        model, processor = load(name)
         wrapper = QwenVLWrapper(model, at_size(processor, SIZE), prompt="What shape is the red object?")
         x = wrapper.preprocess(image)
         assert x.shape[2:] == (SIZE, SIZE), x.shape
         with torch.no_grad():
             token = int(wrapper(x).argmax())
         target = [ClassifierOutputTarget(token)]
-        result = explain(wrapper, x, target)
-        auto = best_time(lambda: explain(wrapper, x, target), args.repeats)
-        occlusion = best_time(lambda: occlusion_map(wrapper, x, token, window=28, stride=14), 1)
-        print(f"| {name} | {len(wrapper.decoder_layers)} | {len(result.candidate_methods)} x "
-              f"{len(result.candidate_layers)} | {auto:.2f} | {occlusion:.2f} | {occlusion / auto:.1f} |", flush=True)
+        layer = wrapper.decoder_layers[len(wrapper.decoder_layers) // 2]
+        row = dict(model=name, decoder_layers=len(wrapper.decoder_layers), threads=torch.get_num_threads())
+
+        def forward():
+            with torch.no_grad():
+                wrapper(x)
+
+        def gradcam():
+            with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=wrapper.reshape_transform) as cam:
+                cam(input_tensor=x, targets=target)
+
+        row["forward_s"] = best_time(forward, args.repeats)
+        row["gradcam_s"] = best_time(gradcam, args.repeats)
+        for choice in ("staged", "full", "peak"):
+            run = lambda: explain(wrapper, x, target, choice=choice)  # noqa: E731
+            row[f"{choice}_images"] = forward_images(wrapper, run)
+            row[f"{choice}_s"] = best_time(run, args.repeats)
+            row[f"{choice}_per_gradcam"] = row[f"{choice}_s"] / row["gradcam_s"]
+            row[f"{choice}_per_forward"] = row[f"{choice}_s"] / row["forward_s"]
+        if args.occlusion:
+            row["occlusion_s"] = best_time(lambda: occlusion_map(wrapper, x, token, window=28, stride=14), 1)
+        rows.append(row)
+        print(row, flush=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+def load(name: str):
+    """(model, processor) of a benchmark model by name."""
+    if name == "mid-size random":
+        return build_tiny_model(tempfile.mkdtemp(prefix="bench_auto_"), seed=0, text_layers=8, text_width=512,
+                                vision_blocks=8, vision_width=256, window_size=112, fullatt_block_indexes=(3, 7),
+                                heads=8, vision_heads=4)
+    if name == "3b":
+        from bench_gpu import build_model
+
+        return build_model("3b", torch.device("cpu"), torch.bfloat16)
+    load_model, _ = tasks()[name]
+    return load_model()
 
 
 if __name__ == "__main__":

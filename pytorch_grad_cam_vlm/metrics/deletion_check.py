@@ -24,8 +24,9 @@ Measured against ROAD on the demo model: ``benchmarks/deletion_check_vs_road.md`
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class MapCheck:
     bottom_removed: List[float]
     blank: bool
     peak_drop: float
+    estimated: bool = False  # the first-order estimate (:func:`first_order_checks`), not measured
+    partial: bool = False  # measured at the first fraction only (``explain``'s first stage): not the check's score
 
     @property
     def total(self) -> float:
@@ -94,6 +97,12 @@ class MapCheck:
     @property
     def verdict(self) -> str:
         return "blank" if self.blank else "inverted" if self.inverted else "ok"
+
+
+def map_rng(seed: int, cam: np.ndarray) -> np.random.Generator:
+    """The random tie order of one map: drawn from ``seed`` and the map's values, so a map's check is the same
+    whichever other maps are checked with it (``explain`` checks a map in two stages, and some maps in one)."""
+    return np.random.default_rng([seed, zlib.crc32(np.ascontiguousarray(cam, dtype=np.float32).tobytes())])
 
 
 def ranked_map(cam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -136,12 +145,15 @@ def target_scores(model: torch.nn.Module, images: torch.Tensor, target: Callable
 def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable,
                fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
                batch_size: Optional[int] = None, seed: int = 0, blank_tolerance: float = 1e-6,
-               peak_window: int = PEAK_WINDOW) -> List[MapCheck]:
+               peak_window: int = PEAK_WINDOW, clean: Optional[float] = None,
+               window_scores: Optional[dict] = None) -> List[MapCheck]:
     """The deletion check (see the module's docstring) of each of ``maps`` ``(M, H, W)`` for one image ``x``
     ``(1, 3, H, W)`` and a grad-cam ``target`` (e.g. ``ClassifierOutputTarget(token_id)``), on ``model`` (a
     wrapper). Every perturbed image of every map goes through the model in batches of ``batch_size`` (None:
     :func:`auto_batch_size`): ``2 * F`` forward images per map that is not blank, one per distinct peak
-    (``peak_window`` pixels removed around it), and the clean image. Returns one :class:`MapCheck` per map."""
+    (``peak_window`` pixels removed around it) not already in ``window_scores`` (peak pixel -> target with its window
+    removed; filled in, to share between calls on the same image), and the clean image unless its score ``clean``
+    is given. Ties are broken in the order of :func:`map_rng`. Returns one :class:`MapCheck` per map."""
     maps = np.asarray(maps, dtype=np.float32)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"check_maps takes one image (1, 3, H, W), got "
@@ -161,25 +173,28 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     x = x.detach()
     background = filled(x, fill)
     blank = [bool(not np.all(np.isfinite(m)) or m.max() - m.min() < blank_tolerance) for m in maps]
-    rng = np.random.default_rng(seed)
-    images = [x[0]]  # the clean image, for the peak drops
+    images = [] if clean is not None else [x[0]]  # the clean image, for the peak drops
+    window_scores = {} if window_scores is None else window_scores
     peak_images = {}  # peak pixel -> index of its image: maps that peak at the same pixel share it
     where = []  # per map: (index of its first image, index of its peak's image), None when blank
     for cam, is_blank in zip(maps, blank):
         if is_blank:
             where.append(None)
             continue
-        ranks = torch.from_numpy(ranked_map(cam, rng)).to(x.device)
+        ranks = torch.from_numpy(ranked_map(cam, map_rng(seed, cam))).to(x.device)
         start = len(images)
         for f in fractions:
             for removed in (ranks >= 1 - f, ranks < f):  # the top f, then the bottom f
                 images.append(torch.where(removed, background, x)[0])
         peak = map_peak(cam)
-        if peak not in peak_images:
+        if peak not in peak_images and peak not in window_scores:
             peak_images[peak] = len(images)
             images.append(without_window(x, background, peak, peak_window)[0])
-        where.append((start, peak_images[peak]))
-    scores = target_scores(model, torch.stack(images), target, batch_size) if len(images) > 1 else None
+        where.append((start, peak))
+    scores = target_scores(model, torch.stack(images), target, batch_size) \
+        if images and where.count(None) < len(where) else None
+    clean = float(scores[0]) if clean is None and scores is not None else clean
+    window_scores.update({peak: float(scores[i]) for peak, i in peak_images.items()})
     checks, n = [], len(fractions)
     for at in where:
         if at is None:
@@ -188,7 +203,61 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         start, peak = at
         top, bottom = scores[start:start + 2 * n:2], scores[start + 1:start + 2 * n:2]
         checks.append(MapCheck(float(np.mean(bottom - top)), [float(v) for v in top], [float(v) for v in bottom],
-                               False, float(scores[0] - scores[peak])))
+                               False, float(clean - window_scores[peak])))
+    return checks
+
+
+def peak_drops(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable, clean: float,
+               fill: str = "mean", batch_size: Optional[int] = None, blank_tolerance: float = 1e-6,
+               peak_window: int = PEAK_WINDOW, window_scores: Optional[dict] = None) -> np.ndarray:
+    """Each map's ``peak_drop`` alone (NaN when blank) given the target's ``clean`` value: one forward image per
+    distinct peak not already in ``window_scores`` (filled in, as :func:`check_maps` does)."""
+    window_scores = {} if window_scores is None else window_scores
+    x = x.detach()
+    peaks = [None if not np.all(np.isfinite(m)) or m.max() - m.min() < blank_tolerance else map_peak(m)
+             for m in np.asarray(maps, dtype=np.float32)]
+    new = list(dict.fromkeys(p for p in peaks if p is not None and p not in window_scores))
+    if new:
+        background = filled(x, fill)
+        images = torch.cat([without_window(x, background, p, peak_window) for p in new])
+        batch_size = auto_batch_size(x) if batch_size is None else batch_size
+        window_scores.update(zip(new, map(float, target_scores(model, images, target, batch_size))))
+    return np.array([np.nan if p is None else clean - window_scores[p] for p in peaks])
+
+
+def target_gradient(model: torch.nn.Module, x: torch.Tensor, target: Callable) -> Tuple[float, torch.Tensor]:
+    """``target(model(x))`` of one image ``x`` ``(1, 3, H, W)`` and its gradient with respect to ``x``: one forward
+    and one backward pass, the whole input to :func:`first_order_checks`."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        score = torch.as_tensor(target(model(x)[0])).float().reshape(())
+        gradient, = torch.autograd.grad(score, x)
+    return float(score.detach()), gradient
+
+
+def first_order_checks(x: torch.Tensor, gradient: torch.Tensor, clean: float, maps: np.ndarray,
+                       fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", seed: int = 0,
+                       blank_tolerance: float = 1e-6, peak_window: int = PEAK_WINDOW) -> List[MapCheck]:
+    """The deletion check of each of ``maps`` ``(M, H, W)`` estimated to first order, with no forward pass: removing
+    a set of pixels changes the target by about the sum over it of ``gradient * (fill - x)`` (``gradient`` and
+    ``clean`` from :func:`target_gradient`). The removed sets are those of :func:`check_maps` with the same ``seed``
+    (ties broken in the same order), so on a model linear in its input the two agree exactly. Returns
+    :class:`MapCheck` s marked ``estimated``."""
+    maps = np.asarray(maps, dtype=np.float32)
+    x = x.detach()
+    change = ((filled(x, fill) - x) * gradient).sum(dim=(0, 1)).double().cpu().numpy()  # (H, W)
+    checks = []
+    for cam in maps:
+        if not np.all(np.isfinite(cam)) or cam.max() - cam.min() < blank_tolerance:
+            checks.append(MapCheck(float("nan"), [], [], True, float("nan"), estimated=True))
+            continue
+        ranks = ranked_map(cam, map_rng(seed, cam))
+        top = [clean + float(change[ranks >= 1 - f].sum()) for f in fractions]
+        bottom = [clean + float(change[ranks < f].sum()) for f in fractions]
+        window = without_window(torch.zeros(1, 1, *cam.shape), torch.ones(1, 1, *cam.shape), map_peak(cam),
+                                peak_window)[0, 0].numpy() > 0
+        checks.append(MapCheck(float(np.mean(np.subtract(bottom, top))), top, bottom, False,
+                               -float(change[window].sum()), estimated=True))
     return checks
 
 

@@ -6,7 +6,8 @@ from conftest import random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, auto_batch_size, check_maps, failure_warning,
-                                                         filled, ranked_map)
+                                                         filled, first_order_checks, map_rng, ranked_map,
+                                                         target_gradient)
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 BOX = (8, 4, 20, 14)  # x0, y0, x1, y1 of the region the toy model reads
@@ -73,18 +74,17 @@ def test_every_map_of_an_image_goes_through_batched_passes():
 
 
 def test_the_check_equals_a_by_hand_computation(wrapper):
-    """On the tiny Qwen model: remove each fraction's top and bottom share (ties in the seeded random order of
-    ranked_map), fill with 0 and with the blur, and score the target's logit by hand."""
+    """On the tiny Qwen model: remove each fraction's top and bottom share (ties in the random order of
+    ranked_map, drawn from the seed and the map), fill with 0 and with the blur, and score the target's logit by hand."""
     x = wrapper.preprocess(random_image(56, 84, seed=3))
     maps = np.random.RandomState(2).rand(2, 56, 84).astype(np.float32)
     maps[1] = np.round(maps[1] * 3) / 3  # ties
     target = ClassifierOutputTarget(5)
     for fill in ("mean", "blur"):
         checks = check_maps(wrapper, x, maps, target, fractions=(0.2, 0.5), fill=fill, seed=7, batch_size=3)
-        rng = np.random.default_rng(7)
         background = torch.zeros_like(x) if fill == "mean" else filled(x, "blur")
         for cam, check in zip(maps, checks):
-            ranks = torch.from_numpy(ranked_map(cam, rng))
+            ranks = torch.from_numpy(ranked_map(cam, map_rng(7, cam)))
             expected = []
             for f in (0.2, 0.5):
                 top = torch.where(ranks >= 1 - f, background, x)
@@ -155,3 +155,41 @@ def test_an_inverted_map_warning_names_the_best_alternative():
         "b.png: LayerCAM at layer 2 is inverted (deletion check -0.25: removing its most relevant pixels hurts the "
         "target less than removing its least relevant); layer 0 ranks best on the check.")
     assert failure_warning("b.png", "LayerCAM at layer 0", MapCheck(0.5, [0.5], [1.0], False, 0.1)) is None
+
+
+def test_the_first_order_estimate_is_exact_on_a_linear_model():
+    """RegionScore is linear in its input: the first-order estimate of each map's check is the check itself."""
+    x = torch.rand(1, 3, 24, 32) + 1
+    maps = np.random.RandomState(1).rand(3, 24, 32).astype(np.float32)
+    maps[2] = np.round(maps[2] * 2) / 2  # ties, broken in the same order by both
+    for fill in ("mean", "blur"):
+        checks = check_maps(RegionScore(), x, maps, ClassifierOutputTarget(0), fill=fill, peak_window=7, seed=3)
+        clean, gradient = target_gradient(RegionScore(), x, ClassifierOutputTarget(0))
+        estimates = first_order_checks(x, gradient, clean, maps, fill=fill, peak_window=7, seed=3)
+        for check, estimate in zip(checks, estimates):
+            assert estimate.estimated and not check.estimated
+            assert estimate.score == pytest.approx(check.score, abs=1e-5)
+            assert estimate.peak_drop == pytest.approx(check.peak_drop, abs=1e-5)
+
+
+def test_the_first_order_estimate_equals_a_by_hand_computation(wrapper):
+    """On the tiny Qwen model: the input gradient of the target's logit by autograd, times (fill - x), summed over
+    each fraction's top and bottom share and over the peak window."""
+    x = wrapper.preprocess(random_image(56, 84, seed=3))
+    maps = np.random.RandomState(2).rand(2, 56, 84).astype(np.float32)
+    target = ClassifierOutputTarget(5)
+    leaf = x.clone().requires_grad_(True)
+    logit = wrapper(leaf)[0, 5]
+    logit.backward()
+    clean, gradient = target_gradient(wrapper, x, target)
+    assert clean == pytest.approx(float(logit), abs=1e-5)
+    np.testing.assert_allclose(gradient.numpy(), leaf.grad.numpy(), atol=1e-6)
+    estimates = first_order_checks(x, gradient, clean, maps, fractions=(0.1, 0.3), seed=4)
+    change = (-x * leaf.grad).sum(1)[0].detach().numpy()  # the mean fill is 0
+    for cam, estimate in zip(maps, estimates):
+        ranks = ranked_map(cam, map_rng(4, cam))
+        by_hand = np.mean([change[ranks < f].sum() - change[ranks >= 1 - f].sum() for f in (0.1, 0.3)])
+        assert estimate.score == pytest.approx(by_hand, abs=1e-5)
+        column, row = map(int, map_peak(cam))
+        window = change[max(0, row - 14):row + 14, max(0, column - 14):column + 14].sum()
+        assert estimate.peak_drop == pytest.approx(-window, abs=1e-5)

@@ -1,0 +1,61 @@
+"""Visual reliance (:mod:`pytorch_grad_cam_vlm.metrics.reliance`) on the trained demo models, to set its threshold:
+the share of the answer's logit lost when the whole image is replaced by its mean colour and when it is blurred, on
+held-out samples; on the same samples with the image tokens zeroed at the projector's output (a model that answers
+from the prompt alone); and on an all-black image.
+
+    python benchmarks/visual_reliance.py 100           # held-out samples per model; writes visual_reliance.md
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from auto_layer import held_out, markdown, sample_case
+from pytorch_grad_cam_vlm.metrics.reliance import RELIANCE_THRESHOLD, visual_reliance
+
+
+def zero_projector(wrapper):
+    """A hook that zeroes the projector's output: the decoder sees no image. Returns its handle."""
+    return wrapper.merger.register_forward_hook(lambda module, args, output: output * 0)
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    torch.set_num_threads(1)
+    rows = []
+    for name in ("demo", "crosses"):
+        model, processor, samples = held_out(name, n)
+        shares = {"held-out images": [], "image tokens zeroed": [], "all-black image": []}
+        for sample in samples:
+            wrapper, x, target = sample_case(model, processor, sample)
+            reliance = visual_reliance(wrapper, x, target)
+            shares["held-out images"].append(max(abs(reliance.share), abs(reliance.blur_share)))
+            handle = zero_projector(wrapper)
+            try:
+                reliance = visual_reliance(wrapper, x, target)
+            finally:
+                handle.remove()
+            shares["image tokens zeroed"].append(max(abs(reliance.share), abs(reliance.blur_share)))
+            black = wrapper.preprocess(np.zeros((*x.shape[2:], 3), np.uint8))
+            reliance = visual_reliance(wrapper, black, target)
+            shares["all-black image"].append(max(abs(reliance.share), abs(reliance.blur_share)))
+        for case, values in shares.items():
+            values = np.array(values)
+            rows.append(dict(model=name, images=case, n=len(values), min=float(values.min()),
+                             p05=float(np.percentile(values, 5)), median=float(np.median(values)),
+                             warned=float(np.mean(values < RELIANCE_THRESHOLD))))
+    header = ("# Visual reliance on the trained demo models\n\n"
+              "The larger of |drop| / |clean logit| when the whole image is replaced by its mean colour and when it "
+              f"is blurred, for the answer's logit; `warned`: share below the threshold {RELIANCE_THRESHOLD}. Written "
+              f"by `python benchmarks/visual_reliance.py {n}` (CPU, 1 thread).")
+    text = markdown(rows, header)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "visual_reliance.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
