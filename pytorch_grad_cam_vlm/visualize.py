@@ -162,3 +162,51 @@ def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray
         files.append(save_overlay(f"{prefix}_{layer_name(layers[0]).replace(' ', '')}_overlay.png", rgb, maps[0]))
     return files
 
+
+# ----------------------------------------------------------------------------------------- the prompt's words
+WORDS_FONT_SIZE = 14
+WORDS_LINE_HEIGHT = 24
+
+
+def word_colors(relevance: Sequence[float]) -> List[Tuple[int, int, int]]:
+    """A background colour per word: white at 0, red for the largest positive relevance, blue for the most negative
+    (scaled by the largest magnitude, so that the sign reads at a glance)."""
+    values = np.asarray(relevance, dtype=np.float64)
+    scale = np.abs(values).max() if values.size and np.abs(values).max() > 0 else 1.0
+    colors = []
+    for v in values / scale:
+        fade = int(round(255 * (1 - 0.7 * abs(v))))  # at most 70 % colour: black text stays legible
+        colors.append((255, fade, fade) if v >= 0 else (fade, fade, 255))
+    return colors
+
+
+def words_strip(words: Sequence[str], relevance: Sequence[float], width: int, label: str = "") -> np.ndarray:
+    """The prompt's words as coloured text (:func:`word_colors`), wrapped to ``width`` pixels after ``label``: an RGB
+    uint8 image ``(lines x WORDS_LINE_HEIGHT, width, 3)``."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=WORDS_FONT_SIZE)
+    items = ([(label, (255, 255, 255))] if label else []) + list(zip(words, word_colors(relevance)))
+    placed, x, line = [], 4, 0
+    for text, color in items:
+        box_width = int(font.getlength(text)) + 8
+        if x + box_width > width - 4 and x > 4:
+            x, line = 4, line + 1
+        placed.append((x, line, text, color))
+        x += box_width + 4
+    image = Image.new("RGB", (width, (line + 1) * WORDS_LINE_HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    for x, line, text, color in placed:
+        top = line * WORDS_LINE_HEIGHT + 2
+        draw.rectangle((x, top, x + int(font.getlength(text)) + 8, top + WORDS_LINE_HEIGHT - 4), fill=color)
+        draw.text((x + 4, top + 2), text, fill="black", font=font)
+    return np.asarray(image)
+
+
+def append_words(path: str, words: Sequence[str], relevance: Sequence[float], label: str = "") -> str:
+    """Put :func:`words_strip` under the figure saved at ``path`` (rewritten in place). Returns ``path``."""
+    with Image.open(path) as opened:
+        figure = np.asarray(opened.convert("RGB"))
+    strip = words_strip(words, relevance, figure.shape[1], label)
+    Image.fromarray(np.concatenate([figure, strip])).save(path)
+    return path

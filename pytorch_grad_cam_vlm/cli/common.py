@@ -15,10 +15,11 @@ from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import Layer
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
+from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, skip_last
-from pytorch_grad_cam_vlm.visualize import mode_layers, render
+from pytorch_grad_cam_vlm.visualize import append_words, mode_layers, render
 
 PROG = "pytorch-grad-cam-vlm"
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses more
@@ -133,12 +134,16 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
     files = render(out_dir, stem, mode, rgb, result.candidate_maps[0, m, positions], drawn, method_name, label,
                    notes=[check_note(c) for c in checks], title=chosen)
+    words = prompt_word_relevance(subject.wrapper, x, ClassifierOutputTarget(index)) \
+        if takes_prompt(subject.wrapper) else None
+    if words is not None:
+        append_words(files[0], words.words, words.relevance, words.label)
     return dict(image=source, predicted_token=label, probability=round(probability, 6), method=result.methods[0],
                 mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
                 peak_drop=[round(c.peak_drop, 6) for c in checks],
                 verdict=[c.verdict for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
                 f"{','.join(map(str, result.candidate_layers))}", warning=" ".join(warnings), note=image_note(image),
-                files=[os.path.basename(f) for f in files])
+                **(words.report() if words else {}), files=[os.path.basename(f) for f in files])
 
 
 def inner_progress_silenced(methods: Sequence[type]):

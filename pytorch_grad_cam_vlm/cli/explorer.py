@@ -22,6 +22,7 @@ from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules
 from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, is_smooth, uses_gradients
+from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, make_subject
@@ -239,8 +240,12 @@ def single_request(subject: Subject, view, x: torch.Tensor, request: Request, me
     progress(0.3, f"Maps of {len(methods)} method(s) x {len(layers)} layer(s) and their deletion checks")
     result = explain(view, x, targets, methods, layers, options=smooth)
     progress(0.75, "Every layer's map for the strip")
-    return page_result(view, x, result, targets, methods, smooth, request, predicted_token=label,
+    page = page_result(view, x, result, targets, methods, smooth, request, predicted_token=label,
                        probability=probability)
+    if takes_prompt(subject.wrapper):
+        progress(0.9, "The prompt's words")
+        page.update(prompt_word_relevance(subject.wrapper, x, targets[0]).report())
+    return page
 
 
 def per_token_request(subject: Subject, view, x: torch.Tensor, request: Request, methods, smooth: dict,

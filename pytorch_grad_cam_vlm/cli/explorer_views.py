@@ -34,7 +34,22 @@ def summary(result: dict) -> str:
     lines = [said, f"**Map** {method} · {layer_name(result['layer'], result['target'])} · deletion check **{check}**"]
     if result["warning"]:
         lines.append(f"⚠️ {result['warning']}")
+    if result.get("prompt_words"):
+        lines.append(prompt_words_html(result))
     return "\n\n".join(lines)
+
+
+def prompt_words_html(result: dict) -> str:
+    """The prompt's words coloured by the relevance that agrees better with deleting them, each with its value."""
+    import html
+
+    from pytorch_grad_cam_vlm.methods.prompt_words import AGREES_BETTER
+    from pytorch_grad_cam_vlm.visualize import word_colors
+
+    values = result[f"word_{AGREES_BETTER}"]
+    spans = [f'<span style="background-color:rgb{color}">{html.escape(word)} {value:+.2g}</span>'
+             for word, value, color in zip(result["prompt_words"], values, word_colors(values))]
+    return f"**Prompt words** ({AGREES_BETTER.replace('_', ' ')}) " + " ".join(spans)
 
 
 def details(result: dict) -> dict:
@@ -45,6 +60,7 @@ def details(result: dict) -> dict:
                 verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
+                **{k: result[k] for k in ("prompt_words", "word_occlusion", "word_gradient_x_input") if k in result},
                 files=[os.path.basename(f) for f in result.get("files", [])])
 
 

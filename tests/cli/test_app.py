@@ -133,6 +133,8 @@ def test_explain_equals_the_cli(client, sample_png, tmp_path, capsys, page, flag
     assert details["probability"] == pytest.approx(row["probability"], abs=1e-6)
     assert details["check"] == pytest.approx(row["check"][0], abs=1e-6) and details["verdict"] == row["verdict"][0]
     assert f"{details['check']:+.3g}" in result["summary"]
+    assert details["prompt_words"] == row["prompt_words"] == SAMPLE.prompt.split() and "Prompt words" in result["summary"]
+    np.testing.assert_allclose(details["word_occlusion"], row["word_occlusion"], atol=1e-5)
     # the strip: the chosen method at every usable decoder layer (0..2; the last one gets no gradient)
     assert details["strip_layers"] == [0, 1, 2] and len(result["strip"]) == 3
     assert details["strip_checks"][details["layer"]] == pytest.approx(details["check"])
