@@ -45,13 +45,30 @@ def to_8bit(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64) / 257.0
     elif image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        values = values * 255 if np.nanmax(values, initial=0) <= 1 else values
+        if not np.isfinite(values).all():
+            raise ValueError(f"The image holds {int((~np.isfinite(values)).sum())} NaN or infinite pixel values: "
+                             "replace them (e.g. numpy.nan_to_num) before explaining it.")
+        values = values * 255 if values.max(initial=0) <= 1 else values
     else:
         return image
-    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), mode="L")
 
 
 def frame_count(path: str) -> int:
     """How many frames the image file holds (1 for a still image)."""
     with Image.open(path) as opened:
         return int(getattr(opened, "n_frames", 1))
+
+
+MAX_UPSCALE = 8  # times per side (geometric mean) beyond which the model's input is mostly interpolation
+
+
+def upscale_warning(name: str, image_size, input_size) -> str:
+    """A warning when the model sees the image, of ``image_size`` ``(h, w)``, upscaled more than
+    :data:`MAX_UPSCALE` times per side to its input of ``input_size`` (a 5x5 icon made 112x112); ``""`` otherwise."""
+    (h, w), (height, width) = image_size, input_size
+    scale = (height * width / (h * w)) ** 0.5
+    if scale <= MAX_UPSCALE:
+        return ""
+    return (f"{name} is {w}x{h} pixels; the model sees it upscaled {scale:.0f} times to {width}x{height}, the "
+            "least its processor makes: the map shows where it looked on a blown-up copy.")

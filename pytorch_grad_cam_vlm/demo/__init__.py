@@ -118,8 +118,19 @@ def make_demo_samples(n: int, seed: int = 0, split: str = "test") -> List[DemoSa
 
 
 def embedded_model_path(name: str) -> str:
-    """The folder of an embedded model by its name (``"demo"``), or ``name`` itself (a folder or hub id)."""
-    return EMBEDDED_MODELS.get(name, name)
+    """The folder of an embedded model by its name (``"demo"``), or ``name`` itself (a folder or hub id); a name
+    that is neither but close to an embedded one (``"Demo"``) is refused with a hint."""
+    import difflib
+
+    from pytorch_grad_cam_vlm.errors import InputError
+
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name]
+    close = difflib.get_close_matches(name.lower(), EMBEDDED_MODELS, n=1, cutoff=0.7)
+    if close and "/" not in name and not os.path.exists(name):
+        raise InputError(f"No model {name!r}: did you mean {close[0]!r} (an embedded demo model; names are "
+                         "case-sensitive)?")
+    return name
 
 
 def load_demo_model(dtype: torch.dtype = torch.float32, path: str = DEMO_MODEL_DIR):

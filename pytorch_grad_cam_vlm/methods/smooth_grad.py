@@ -103,8 +103,9 @@ class SmoothGrad:
     def _check_options(self, n_samples, noise_level, batch_size, average, variant, noise) -> None:
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a whole number >= 1, got {n_samples!r}.")
-        if not noise_level >= 0:
-            raise ValueError(f"noise_level must be >= 0 (a fraction of each input's max - min), got {noise_level!r}.")
+        if not 0 <= noise_level <= 1:
+            raise ValueError(f"noise_level is the noise's standard deviation as a fraction of each input's max - min: "
+                             f"give a number in 0..1 (0.15 by default; 0.1-0.2 works best), got {noise_level!r}.")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a whole number >= 1 or None, got {batch_size!r}.")
         if average not in AVERAGES:

@@ -61,3 +61,32 @@ class ContrastiveTarget:
     def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
         logits = _next_token_logits(model_output, "ContrastiveTarget", self.token_a, self.token_b)
         return logits[..., self.token_a] - self.alpha * logits[..., self.token_b]
+
+
+class _InOutput:
+    """A grad-cam target whose ``category`` must be a column of the model's output: grad-cam swallows the IndexError
+    of one beyond it and fails later with "need at least one array to stack"."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        category = getattr(self.target, "category", None)
+        columns = model_output.shape[-1]
+        if isinstance(category, int) and not 0 <= category < columns:
+            raise ValueError(f"Target {type(self.target).__name__}({category}) lies outside the model's output of "
+                             f"{columns} column(s) (a VLM's vocabulary, or 1 with an answer set; CLIP's texts; a "
+                             "classifier's classes): take token ids from wrapper.token_id(word).")
+        return self.target(model_output)
+
+
+def checked_targets(targets, count: int):
+    """``targets`` for ``count`` images, as grad-cam takes them: one per image (``None``: each image's predicted
+    class), each refused with a clear error when its category lies outside the model's output."""
+    if targets is None:
+        return None
+    targets = list(targets)
+    if len(targets) != count:
+        raise ValueError(f"Got {len(targets)} target(s) for {count} image(s): pass one target per image, or "
+                         "targets=None to explain each image's predicted class.")
+    return [_InOutput(target) for target in targets]

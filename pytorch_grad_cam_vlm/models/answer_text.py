@@ -62,9 +62,10 @@ def check_answer(answer, processor):
     return ids
 
 
-def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: np.ndarray
+def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: np.ndarray, **options
                    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """The wrapper's text inputs with its answer's tokens at the end, and the answer's ids.
+    """The wrapper's text inputs with its answer's tokens at the end, and the answer's ids (``options``: processor
+    keywords the layout's placeholder was encoded with).
 
     A text answer was tokenised with the whole chat by the processor (so token boundaries are exactly those the
     model saw); its ids are what follows the prompt's own tokens. Token ids are appended as they are.
@@ -74,7 +75,7 @@ def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: n
     if isinstance(wrapper.answer, str):
         prompt_text = wrapper.chat_text()[:-len(wrapper.answer)]
         # the wrapper's own processor options (Gemma 3's pan-and-scan), which change the image's tokens
-        options = getattr(wrapper, "processor_kwargs", {})
+        options = {**getattr(wrapper, "processor_kwargs", {}), **options}
         prompt_ids = wrapper.processor(text=[prompt_text], images=[placeholder], return_tensors="pt",
                                        **options)["input_ids"][0]
         n = len(prompt_ids)

@@ -130,9 +130,11 @@ class ModelWrapper(torch.nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"Expected normalised float images, got dtype {x.dtype} (raw pixels?); use "
                              "wrapper.preprocess(image) to make them.")
-        if x.shape[2] % multiple or x.shape[3] % multiple:
-            raise ValueError(f"Image height and width must be multiples of {multiple} pixels, got "
-                             f"{x.shape[2]}x{x.shape[3]}; use wrapper.preprocess(image) to resize as the model does.")
+        check_size(x.shape[2], x.shape[3], multiple)
+        finite = torch.isfinite(x.detach())
+        if not bool(finite.all()):
+            raise ValueError(f"The images hold {int((~finite).sum())} NaN or infinite values: maps of them would be "
+                             "NaN. Make the image from finite pixels with wrapper.preprocess(image).")
         # Normalised pixels lie within a few units of 0 (SmoothGrad's noise included); 0..255 values do not.
         if bool(x.detach().abs().amax() > MAX_NORMALISED):
             raise ValueError(f"Image values reach {float(x.detach().abs().amax()):.4g}, far outside normalised "
@@ -211,6 +213,13 @@ class DecoderLayers:
         """Indices of the decoder layers with softmax attention, whose weights attention maps read: every layer of
         most models; Qwen3.5 puts linear-attention (Gated DeltaNet) layers between them."""
         return [i for i, layer in enumerate(self._decoder_layers) if hasattr(layer, "self_attn")]
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """Refuse an input size that is not made of whole token cells of ``multiple`` pixels."""
+    if height % multiple or width % multiple:
+        raise ValueError(f"Image height and width must be multiples of {multiple} pixels, got {height}x{width}; "
+                         "use wrapper.preprocess(image) to resize as the model does.")
 
 
 def find_module_list(model: torch.nn.Module, sibling: str) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:

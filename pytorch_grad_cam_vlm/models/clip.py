@@ -2,6 +2,7 @@
 fixed list of texts, so that every grad-cam method, target and metric runs on it unchanged."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -75,6 +76,10 @@ class CLIPWrapper(ModelWrapper):
         if len(set(texts)) != len(texts):
             raise ValueError(f"The texts must be distinct, got {list(texts)!r}.")
         super().__init__(model, processor, efficient_gradients)
+        if len(texts) == 1 and self.family == "clip":
+            warnings.warn("CLIP with one text: its softmax over the texts is 1.0 whatever the image, so the predicted "
+                          "probability says nothing; the maps explain the image-text similarity logit. Give two or "
+                          "more texts to compare.", stacklevel=2)
         self.texts = list(texts)
         self.text_kwargs = dict(DEFAULT_TEXT_KWARGS[self.family] if text_kwargs is None else text_kwargs)
         vision_config = model.config.vision_config

@@ -2,6 +2,7 @@
 every grad-cam method, target and metric runs on it unchanged."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -11,7 +12,7 @@ import torch
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
-from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
+from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, check_size, find_module_list
 
 
 AnswerInput = Union[str, Sequence[int]]
@@ -74,6 +75,18 @@ def check_prompt(prompt, image_tokens: Sequence[str]) -> None:
                          "processor's chat template.")
 
 
+def warn_control_tokens(prompt: str, tokenizer) -> None:
+    """Warn when the prompt holds the tokenizer's control tokens (``<|im_end|>``, ``<|im_start|>``, ...): the chat
+    template already wraps the question, and such tokens end or open turns inside it."""
+    special = set(tokenizer.all_special_tokens) | {
+        token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+    found = sorted(token for token in special if token and token in prompt)
+    if found:
+        warnings.warn(f"The prompt contains the chat template's control tokens {found}: the wrapper already puts the "
+                      "question inside the chat template, so these end or open turns inside it and change what is "
+                      "explained. Pass the question alone.", stacklevel=4)
+
+
 class QwenVLWrapper(DecoderLayers, ModelWrapper):
     """Qwen2.5-VL / Qwen2-VL as an image classifier over the vocabulary, for grad-cam.
 
@@ -96,6 +109,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
     """
 
     ablation_layer_type = TokenAblationLayer
+    canvas_kwargs = {"do_resize": False}  # processor options for a placeholder of an input already resized
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum",
@@ -165,6 +179,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
                           answer: Optional[AnswerInput], answer_reduction: str) -> None:
         """The prompt side's state: the prompt, the chat template's options, no layout cached yet (one per input
         size, and the latest forward pass's, read by ``reshape_transform``) and the teacher-forced answer."""
+        warn_control_tokens(prompt, self.processor.tokenizer)
         self.prompt = prompt
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self._layouts: Dict[tuple, object] = {}
@@ -204,25 +219,24 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
     def layout_for(self, height: int, width: int) -> Layout:
-        """Text inputs and vision grid for images of ``height x width`` pixels, built once per size by the
-        processor itself with a placeholder image, so that token counts and ``mm_token_type_ids`` are exact."""
+        """Text inputs and vision grid for images of ``height x width`` pixels (multiples of :attr:`token_cell`),
+        built once per size by the processor itself with a placeholder image, so that token counts and
+        ``mm_token_type_ids`` are exact. The placeholder is taken as it is (``do_resize=False``): the input was
+        resized once already, by :meth:`preprocess`, and ``smart_resize`` is not idempotent (with ``min_pixels ==
+        max_pixels`` it makes 84x112 of a 480x640 photo, then 112x140 of that)."""
         key = (height, width)
         if key not in self._layouts:
+            check_size(height, width, self.token_cell)
             placeholder = np.zeros((height, width, 3), dtype=np.uint8)
-            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt",
+                                     **self.canvas_kwargs)
             grid = encoded["image_grid_thw"]
-            expected = (height // self.patch_size, width // self.patch_size)
-            if (int(grid[0, 1]), int(grid[0, 2])) != expected:
-                raise ValueError(
-                    f"Images of {height}x{width} pixels lie outside the processor's min/max pixels (it would "
-                    f"resize them to {int(grid[0, 1]) * self.patch_size}x{int(grid[0, 2]) * self.patch_size}): "
-                    "prepare images with wrapper.preprocess(image).")
             image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
             positions = (encoded["input_ids"][0] == image_token_id).nonzero().flatten()
             text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
             answer_ids = None
             if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder, **self.canvas_kwargs)
             self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids)
         return self._layouts[key]
 

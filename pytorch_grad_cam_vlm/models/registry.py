@@ -51,10 +51,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
+    backends = {"cpu": ("", lambda: True), "cuda": ("CUDA is missing", torch.cuda.is_available),
+                "mps": ("MPS (Apple's GPU backend) is missing", torch.backends.mps.is_available)}
     except RuntimeError as error:
-        raise InputError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N.") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"Device {name} is not available here: CUDA is missing; use --device cpu.")
+        raise InputError(f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.") from error
+    if device.type not in backends:
+        raise InputError(f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.")
+    missing, available = backends[device.type]
+    if not available():
+        raise InputError(f"Device {name} is not available here: {missing}; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"Device {name} is not available here: there are {torch.cuda.device_count()} CUDA "
+                         "devices (cuda:0 ...); use one of them or --device cpu.")
     return device
 
 
@@ -80,6 +88,8 @@ def model_config(name: str):
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=offline)
+    if not offline and not os.path.exists(os.path.expanduser(name)):
+        check_hub_id(name)
     except OSError as error:
         if offline:  # no retries: say at once that the hub cannot be reached
             raise InputError(f"Model {name!r} is neither a local folder nor in the Hugging Face cache, and "
@@ -100,6 +110,30 @@ def model_config(name: str):
 
 def layer_count(config, family: str) -> int:
     """How many layers the CLI picks from: Qwen's decoder layers (Gemma 4's before those that share keys and
+def check_hub_id(name: str) -> None:
+    """A hub id that is not in the local cache is looked up once on the hub, so that one that does not exist, or a
+    hub that cannot be reached, fails at once with one line (a download would first retry for a minute or more)."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+        model_info(name, timeout=10)
+    except GatedRepoError:  # it exists: the download says how to get access
+        return
+    except HFValidationError as error:
+        raise InputError(f"Model {name!r} is neither a local folder nor a Hugging Face hub id (owner/name).") \
+            from error
+    except RepositoryNotFoundError as error:
+        raise InputError(f"Model {name!r} is not a local folder, and the Hugging Face hub has no model of that name "
+                         "(or it is private: log in with `hf auth login`); check the spelling.") from error
+    except Exception as error:  # noqa: BLE001 (the HTTP client's connection and timeout errors)
+        raise InputError(f"Model {name!r} is not a local folder nor in the Hugging Face cache, and the hub cannot "
+                         f"be reached ({str(error).splitlines()[0] or type(error).__name__}): check the network, or "
+                         "pass a local folder.") from error
+
+
     values, as its wrapper's ``layers``), CLIP's vision layers."""
     if family in QWEN_MODEL_CLASSES:
         text = getattr(config, "text_config", config)  # transformers 4.x: on the config itself

@@ -500,7 +500,7 @@ def test_memory_does_not_grow_over_50_calls(wrapper):
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("options, message", [
     (dict(n_samples=0), "n_samples must be a whole number >= 1"),
-    (dict(noise_level=-0.1), "noise_level must be >= 0"),
+    (dict(noise_level=-0.1), "give a number in 0..1"), (dict(noise_level=5), "give a number in 0..1"),
     (dict(batch_size=0), "batch_size must be a whole number >= 1"),
     (dict(average="activations"), "average must be one of"),
     (dict(variant="sq"), "variant must be one of"),

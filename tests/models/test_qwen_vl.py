@@ -303,9 +303,17 @@ def test_bad_tensor_input(wrapper, shape, message):
         wrapper(torch.zeros(shape))
 
 
-def test_size_outside_processor_bounds(wrapper):
-    with pytest.raises(ValueError, match="outside the processor's min/max pixels"):
-        wrapper(torch.zeros(1, 3, 28, 28))  # below min_pixels = 56*56
+def test_a_prepared_canvas_is_taken_as_it_is(wrapper, tiny_qwen):
+    """A canvas of whole token cells outside the processor's min/max pixels (28x28, below 56*56) is not resized
+    again: smart_resize is not idempotent, and preprocess has resized the photo once already. The logits are the
+    processor's on that canvas with its resize turned off."""
+    model, processor = tiny_qwen
+    canvas = random_image(28, 28)
+    x = torch.from_numpy(canvas).permute(2, 0, 1)[None] / 255.0
+    x = (x - wrapper.image_mean) / wrapper.image_std
+    inputs = processor(text=[wrapper.chat_text()], images=[canvas], return_tensors="pt", do_resize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x)[0], model(**inputs).logits[0, -1], atol=1e-5, rtol=0)
 
 
 def test_prompt_with_image_token_is_refused(tiny_qwen):
