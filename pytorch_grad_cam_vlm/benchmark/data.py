@@ -32,14 +32,16 @@ class Sample:
 
 
 def load_samples(path: str, limit: Optional[int] = None,
-                 coco_prompt: str = "Is there a {category} in this image?", needs_prompt: bool = True) -> List[Sample]:
+                 coco_prompt: str = "Is there a {category} in this image?", needs_prompt: bool = True,
+                 coco_answer: Optional[str] = None) -> List[Sample]:
     """The samples of a data file, each checked (image readable, boxes inside it) with an error naming its row.
 
     JSONL (``.jsonl``): one object per line with ``image`` (a path, relative to the data file's folder),
     ``prompt``, and optionally ``answer``, ``boxes`` (evidence, a list of ``[x0, y0, x1, y1]``),
     ``distractor_boxes`` and ``masks`` (evidence, paths to binary PNGs of the image's size, relative to the data
     file's folder). COCO (``.json`` with ``images``, ``annotations``, ``categories``): one sample per image and
-    category present, asked ``coco_prompt`` with ``{category}`` filled in; that category's boxes (and
+    category present, asked ``coco_prompt`` with ``{category}`` filled in (and answered ``coco_answer``, filled in
+    alike, where given: the first token of the category's name, as EAGLE explains a word); that category's boxes (and
     ``segmentation`` RLEs or polygons, as masks) are the evidence, the other categories' boxes the distractors.
     ``limit`` keeps the first samples. CLIP models (``needs_prompt=False``) take no prompt: a row's ``answer`` names
     the text to explain."""
@@ -56,7 +58,7 @@ def load_samples(path: str, limit: Optional[int] = None,
             document = json.loads(text)
         except json.JSONDecodeError as error:
             raise InputError(f"{name}: not valid JSON ({error}); use JSONL (.jsonl) or a COCO-style .json.") from error
-        rows = _coco_rows(document, name, coco_prompt)
+        rows = _coco_rows(document, name, coco_prompt, coco_answer)
     rows = rows[:limit] if limit else rows
     if not rows:
         raise InputError(f"{name} holds no samples.")
@@ -79,7 +81,7 @@ def _jsonl_rows(text: str, name: str) -> List[Tuple[str, dict]]:
     return rows
 
 
-def _coco_rows(document, name: str, prompt: str) -> List[Tuple[str, dict]]:
+def _coco_rows(document, name: str, prompt: str, answer: Optional[str] = None) -> List[Tuple[str, dict]]:
     if not isinstance(document, dict) or not {"images", "annotations", "categories"} <= set(document):
         raise InputError(f"{name}: a .json data file must be COCO-style, with images, annotations and categories "
                          "(or use JSONL, .jsonl).")
@@ -102,6 +104,7 @@ def _coco_rows(document, name: str, prompt: str) -> List[Tuple[str, dict]]:
             for category in sorted(by_category, key=str):
                 rows.append((f"{name} images[{k}] (id {image['id']}, category {categories[category]!r})",
                              dict(image=image["file_name"], prompt=prompt.format(category=categories[category]),
+                                  **({"answer": answer.format(category=categories[category])} if answer else {}),
                                   boxes=by_category[category],
                                   distractor_boxes=[b for c, bs in by_category.items() if c != category for b in bs],
                                   **({"masks": masks[image["id"], category]} if (image["id"], category) in masks

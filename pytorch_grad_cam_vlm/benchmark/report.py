@@ -78,24 +78,24 @@ def best_layers(summary: Sequence[dict]) -> Dict[str, dict]:
     return best
 
 
-def _cell(value: Optional[float], signed: bool = False) -> str:
+def mean_cell(value: Optional[float], signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "–"
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _ci(row: dict, metric: str) -> str:
+def with_interval(row: dict, metric: str) -> str:
     """The mean with its 95 % interval where the summary has one: ``0.705 [0.650, 0.760]``."""
     low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
     if low is None or high is None or math.isnan(low) or _number(row, metric) is None:
-        return _cell(row.get(metric))
-    return f"{_cell(row[metric])} [{low:.3f}, {high:.3f}]"
+        return mean_cell(row.get(metric))
+    return f"{mean_cell(row[metric])} [{low:.3f}, {high:.3f}]"
 
 
 def _versus(row: dict, baseline: Optional[dict], score: str) -> str:
     if baseline is None or row.get(score) is None or baseline.get(score) is None:
         return "–"
-    return _cell(row[score] - baseline[score], signed=True)
+    return mean_cell(row[score] - baseline[score], signed=True)
 
 
 # column -> (label, whether higher is better, unit)
@@ -144,7 +144,7 @@ def _next_best(rows: List[dict], metric: str) -> str:
     runner = rows[1]
     apart = separable(rows[0], runner, metric)
     verdict = "" if apart is None else " (separable)" if apart else " (not separable)"
-    return f"{runner['method']} {runner['layer']}: {_cell(runner[metric])}{verdict}"
+    return f"{runner['method']} {runner['layer']}: {mean_cell(runner[metric])}{verdict}"
 
 
 def flagged_line(summary: Sequence[dict]) -> Optional[str]:
@@ -221,7 +221,8 @@ def markdown_tables(summary: Sequence[dict], header: str) -> str:
         label, higher, unit = METRICS[metric]
         random_row = by_key.get((BASELINE, row["layer"]), {})
         lines.append(f"| {label} ({unit}) | {'higher' if higher else 'lower'} | {row['method']} | {row['layer']} | "
-                     f"{_ci(row, metric)} | {_ci(random_row, metric)} | {_next_best(rows, metric)} |")
+                     f"{with_interval(row, metric)} | {with_interval(random_row, metric)} | "
+                     f"{_next_best(rows, metric)} |")
     flagged = flagged_line(summary)
     lines += ["", reading(summary)] + (["", flagged] if flagged else []) + ["",
               "Each method at its best layer (highest ROAD combined); \"vs RandomCAM\" is the difference with "
@@ -242,18 +243,18 @@ def markdown_tables(summary: Sequence[dict], header: str) -> str:
               "|---|---|" + "---|" * (len(columns) + len(tail) + 4)]
     for method, row in best_layers(summary).items():
         baseline = by_key.get((BASELINE, row["layer"])) if method != BASELINE else None
-        lines.append(f"| {method} | {row['layer']} | {_ci(row, 'road_combined')} | "
+        lines.append(f"| {method} | {row['layer']} | {with_interval(row, 'road_combined')} | "
                      f"{_versus(row, baseline, 'road_combined')} | "
-                     + "".join(f"{_ci(row, c)} | " for c in columns)
-                     + f"{_ci(row, 'pointing')} | {_versus(row, baseline, 'pointing')} | "
-                     + " | ".join(_ci(row, c) for c in tail) + " |")
+                     + "".join(f"{with_interval(row, c)} | " for c in columns)
+                     + f"{with_interval(row, 'pointing')} | {_versus(row, baseline, 'pointing')} | "
+                     + " | ".join(with_interval(row, c) for c in tail) + " |")
     every = ["road_combined"] + columns + ["pointing"] + tail
     lines += ["", "Every method and layer:", "",
               "| method | layer | samples | " + " | ".join(METRICS[c][0] for c in every) + " |",
               "|---|---|---|" + "---|" * len(every)]
     for row in summary:
         lines.append(f"| {row['method']} | {row['layer']} | {row['n']} | "
-                     + " | ".join(_ci(row, c) for c in every) + " |")
+                     + " | ".join(with_interval(row, c) for c in every) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +289,7 @@ def plot_heat_table(summary: Sequence[dict], methods: Sequence[str], layers: Seq
     image = axes.imshow(values, cmap="viridis", aspect="auto")
     for i in range(len(methods)):
         for j in range(len(layers)):
-            axes.text(j, i, _cell(values[i, j]), ha="center", va="center", color="white", fontsize=8)
+            axes.text(j, i, mean_cell(values[i, j]), ha="center", va="center", color="white", fontsize=8)
     axes.set_xticks(range(len(layers)), [str(l) for l in layers])
     axes.set_yticks(range(len(methods)), list(methods))
     axes.set(xlabel="decoder layer (index)", ylabel="method", title="ROAD combined (higher is better)")
@@ -314,8 +315,10 @@ def write_outputs(out_dir: str, rows: Sequence[Dict[str, str]], methods: Sequenc
     return paths
 
 
-def read_summary(run: str) -> Dict[Tuple[str, int], Dict[str, Optional[float]]]:
-    """The ``summary.csv`` of a run folder: (method, layer) -> metric -> mean (None where it does not apply)."""
+def read_summary(run: str, columns: Sequence[str] = tuple(METRICS)
+                 ) -> Dict[Tuple[str, int], Dict[str, Optional[float]]]:
+    """The ``summary.csv`` of a run folder: (method, layer) -> column of ``columns`` (a metric, its ``_low`` /
+    ``_high``) -> value (None where it does not apply or the run has no such column)."""
     path = os.path.join(run, "summary.csv")
     if not os.path.isfile(path):
         raise InputError(f"{run}: not a benchmark run folder (no summary.csv there).")
@@ -323,7 +326,7 @@ def read_summary(run: str) -> Dict[Tuple[str, int], Dict[str, Optional[float]]]:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         return {(row["method"], int(row["layer"])): {m: float(row[m]) if row.get(m) not in (None, "") else None
-                                                     for m in METRICS} for row in rows}
+                                                     for m in columns} for row in rows}
     except (KeyError, ValueError, TypeError) as error:
         raise InputError(f"{path}: not a benchmark summary ({type(error).__name__}: {error}).") from error
 
@@ -339,7 +342,7 @@ def compare_runs(run_a: str, run_b: str) -> str:
              "| method | layer | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for method, layer in shared:
-        cells = [_cell(b[method, layer][m] - a[method, layer][m], signed=True)
+        cells = [mean_cell(b[method, layer][m] - a[method, layer][m], signed=True)
                  if a[method, layer][m] is not None and b[method, layer][m] is not None else "–" for m in metrics]
         lines.append(f"| {method} | {layer} | " + " | ".join(cells) + " |")
     alone = [f"Only in {name}: " + ", ".join(f"{m} layer {l}" for m, l in only) + "."
@@ -352,4 +355,4 @@ BASELINE = "RandomCAM"
 
 SCORES = ("road_combined", "road_morf", "road_lerf", "deletion_auc", "insertion_auc", "deletion_auc_norm",
           "insertion_auc_norm", "saturated", "answer_change", "top10_changed", "pointing", "distractor", "energy",
-          "mask_pointing", "mask_energy", "sanity", "sanity_cascade")
+          "mask_pointing", "mask_energy", "sanity", "sanity_cascade", "peak_memory_gib")

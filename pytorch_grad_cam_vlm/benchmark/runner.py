@@ -31,6 +31,10 @@ A row's perturbed images go through the model in batches of ``--batch-size``; it
 path (the imputer's noise is drawn afterwards, in order). The rows of a sample run one ahead: the next map's systems
 are solved while this row's images go through the model.
 
+Each row also holds the peak GPU memory while its map was made (``peak_memory_gib``; empty on the CPU). The rows of
+a sample are scored by :class:`~pytorch_grad_cam_vlm.benchmark.scorer.Scorer`. ``--table eagle`` also writes EAGLE's
+Table 2 of the run (:mod:`~pytorch_grad_cam_vlm.benchmark.eagle_table`; it needs ``--auc-protocol eagle``).
+
 Rows of ``per_sample.csv`` are appended as they finish; a run started again with the same ``--out`` skips the rows
 there (and refuses other settings). Each process of an ``accelerate launch`` takes the samples whose index modulo
 the process count is its rank and appends to its own part file; the main process merges them. Random numbers
@@ -41,209 +45,28 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
-import numpy as np
-import torch
-
-from pytorch_grad_cam_vlm.benchmark.data import Sample, load_samples, pixel_boxes
-from pytorch_grad_cam_vlm.benchmark.masks import pixel_mask
-from pytorch_grad_cam_vlm.benchmark.report import BASELINE, curve_column, write_outputs
+from pytorch_grad_cam_vlm.benchmark.data import load_samples
+from pytorch_grad_cam_vlm.benchmark.eagle_table import AS_PUBLISHED, check_eagle_run, write_eagle_table
+from pytorch_grad_cam_vlm.benchmark.report import BASELINE, write_outputs
 from pytorch_grad_cam_vlm.benchmark.rows import PER_SAMPLE, RowWriter, consolidate, read_rows, row_fields, row_key
+from pytorch_grad_cam_vlm.benchmark.scorer import Scorer, answer_token
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.output import check_out_dir
-from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
+from pytorch_grad_cam_vlm.methods.catalog import resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import ranked_map
-from pytorch_grad_cam_vlm.metrics.localization import energy_in_boxes, energy_in_mask, pointing_hit, pointing_in_mask
-from pytorch_grad_cam_vlm.metrics.auc_protocols import (CANVASES, DEFAULT_PROTOCOL, PROTOCOLS, TIES, protocol,
-                                                        removal_order)
-from pytorch_grad_cam_vlm.metrics.perturbation import AUC_SCORES, SOLVERS, PerturbationScorer, PerturbationScores, \
-    make_executor
+from pytorch_grad_cam_vlm.metrics.auc_protocols import CANVASES, DEFAULT_PROTOCOL, PROTOCOLS, TIES, protocol
+from pytorch_grad_cam_vlm.metrics.perturbation import AUC_SCORES, SOLVERS
 from pytorch_grad_cam_vlm.metrics.road import PERCENTILES
-from pytorch_grad_cam_vlm.metrics.sanity import cascade_modules, randomized_copy, spearman
+from pytorch_grad_cam_vlm.metrics.sanity import cascade_modules, randomized_copy
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, check_question, layer_count, load_model,
                                                   make_subject, model_config, resolve_device, resolve_dtype,
                                                   skip_last)
 
 SETTINGS = "settings.json"
-PHASES = {"map": 0, "road": 1}
-
-
-# ------------------------------------------------------------------------------------------------ scores
-
-
-def seed_everything(seed: int, sample: int, method: str, layer: int, phase: str) -> None:
-    """Seed torch, numpy and random from the run's seed and one (sample, method, layer, phase): the same numbers
-    whichever process computes the row and whatever ran before it."""
-    entropy = [seed, sample, zlib.crc32(method.encode()), layer, PHASES[phase]]
-    value = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-    torch.manual_seed(value)
-    np.random.seed(value)
-    random.seed(value)
-
-
-# ------------------------------------------------------------------------------------------------ scoring
-@dataclass
-class SampleInputs:
-    """What every row of one sample shares: the wrapped model, the image ``x``, the target, the boxes and mask
-    mapped onto ``x``, the pointing tolerance in pixels and the perturbation scorer."""
-
-    subject: object
-    x: torch.Tensor
-    targets: list
-    boxes: list
-    distractors: list
-    mask: Optional[np.ndarray]
-    tolerance: float
-    perturb: PerturbationScorer
-
-
-class Scorer:
-    """Scores the rows of one sample: builds the wrappers of its prompt (trained and randomized model), its image
-    and target once, then each (method, layer)."""
-
-    def __init__(self, family: str, model, processor, methods: Dict[str, type], percentiles: Sequence[float],
-                 seed: int, tolerance_px: Optional[float], randomized: Sequence[torch.nn.Module],
-                 road_ties: str = "random", texts: Optional[Sequence[str]] = None, imputation_threads: int = 1,
-                 **perturbation) -> None:
-        """``perturbation``: the options of :class:`PerturbationScorer` (``batch_size``, ``protocol``, ``score``,
-        ``solver``)."""
-        self.family, self.model, self.processor, self.methods = family, model, processor, methods
-        self.texts, self.imputation_threads, self.perturbation = texts, imputation_threads, perturbation
-        self.percentiles, self.seed, self.tolerance_px = list(percentiles), seed, tolerance_px
-        self.randomized, self.road_ties = randomized, road_ties
-        self._subjects: Dict[Tuple[str, bool], object] = {}
-
-    def subject(self, prompt: Optional[str], randomized: Optional[int] = None):
-        """The CLI's wrapped model (:class:`pytorch_grad_cam_vlm.cli.Subject`) of ``prompt`` (CLIP: of the texts),
-        one per prompt."""
-        key = (prompt, randomized)
-        if key not in self._subjects:
-            model = self.model if randomized is None else self.randomized[randomized]
-            self._subjects[key] = make_subject(self.family, model, self.processor, prompt, self.texts)
-        return self._subjects[key]
-
-    def target_token(self, sample: Sample, wrapper, x: torch.Tensor) -> int:
-        """The first token of the answer (CLIP: the answer's index among the texts), or the class the model predicts
-        on the clean image."""
-        if sample.answer is not None:
-            return answer_token(self.processor.tokenizer, sample, self.texts)
-        with torch.no_grad():
-            return int(wrapper(x)[0].argmax())
-
-    def rows(self, sample: Sample, units: Sequence[Tuple[str, int]]) -> Iterable[dict]:
-        """One row of scores per ``(method, layer)`` of ``units``, as each finishes."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        from pytorch_grad_cam_vlm.image import load_rgb
-
-        subject = self.subject(sample.prompt)
-        wrapper = subject.wrapper
-        image = load_rgb(sample.image)
-        x = wrapper.preprocess(image)
-        cropped = getattr(self.processor.image_processor, "do_center_crop", False) and image.size[0] != image.size[1]
-        cropped = cropped and not hasattr(wrapper, "input_boxes")  # LLaVA maps boxes itself (canvas, crop)
-        if cropped and (sample.boxes or sample.distractor_boxes or sample.masks):
-            raise InputError(f"{sample.where}: the processor center-crops this {image.size[0]}x{image.size[1]} image, "
-                             "so its boxes cannot be mapped onto the map; use square images for CLIP models.")
-        scale_x, scale_y = x.shape[3] / image.size[0], x.shape[2] / image.size[1]
-        boxes = pixel_boxes(sample.boxes, scale_x, scale_y)
-        distractors = pixel_boxes(sample.distractor_boxes, scale_x, scale_y)
-        if hasattr(wrapper, "input_boxes"):  # anyres: the picture lies letterboxed in the canvas
-            boxes, distractors = (wrapper.input_boxes(b, image.size[::-1]) for b in (sample.boxes,
-                                                                                       sample.distractor_boxes))
-        if sample.masks and hasattr(wrapper, "input_boxes"):
-            raise InputError(f"{sample.where}: masks cannot be mapped onto this model's anyres canvas; use boxes.")
-        mask = pixel_mask(sample.masks, image.size, tuple(x.shape[2:]), sample.where) if sample.masks else None
-        tolerance = self.tolerance_px if self.tolerance_px is not None else wrapper.token_cell / 2
-        token = self.target_token(sample, wrapper, x)
-        executor = make_executor(self.imputation_threads)
-        with executor or nullcontext():
-            inputs = SampleInputs(subject, x, [ClassifierOutputTarget(token)], boxes, distractors, mask, tolerance,
-                                  PerturbationScorer(wrapper, x, token, self.percentiles, executor=executor,
-                                                     **self.perturbation))
-            # One row ahead: the next map's imputation runs on the executor's threads while this row's images go
-            # through the model (benchmarks/benchmark_speed.md).
-            started = None
-            for method, layer in units:
-                try:
-                    following = self.start_row(sample, inputs, method, layer)
-                except Exception:
-                    if started is not None:  # the row before is whole: keep it
-                        yield self.finish_row(sample, inputs, *started)
-                    raise
-                if started is not None:
-                    yield self.finish_row(sample, inputs, *started)
-                started = following
-            if started is not None:
-                yield self.finish_row(sample, inputs, *started)
-
-    def start_row(self, sample: Sample, inputs: SampleInputs, method: str, layer: int
-                  ) -> Tuple[str, int, np.ndarray, Callable[[], PerturbationScores]]:
-        """The map of one (method, layer) and its perturbation scores started (:meth:`PerturbationScorer.start`)."""
-        cam = self.cam(inputs.subject, method, layer, inputs.x, inputs.targets, sample.index)
-        seed_everything(self.seed, sample.index, method, layer, "road")
-        ranks = ranked_map(cam, np.random.default_rng(np.random.randint(2 ** 31)))
-        order = removal_order(cam, inputs.perturb.protocol.tie_order, ranks)
-        return method, layer, cam, inputs.perturb.start(ranks if self.road_ties == "random" else cam, order)
-
-    def finish_row(self, sample: Sample, inputs: SampleInputs, method: str, layer: int, cam: np.ndarray,
-                   finish: Callable[[], PerturbationScores]) -> dict:
-        """The scores of one (method, layer) of a sample, from :meth:`start_row`'s map and scores started."""
-        seed_everything(self.seed, sample.index, method, layer, "road")  # the imputer's noise, as if drawn at once
-        scores = finish()
-        morf, lerf = scores.morf, scores.lerf
-        row = dict(sample=sample.index, method=method, layer=layer, target_token=int(inputs.targets[0].category),
-                   road_combined=(np.mean(lerf) - np.mean(morf)) / 2, road_morf=np.mean(morf), road_lerf=np.mean(lerf),
-                   deletion_auc=scores.deletion_auc, insertion_auc=scores.insertion_auc,
-                   deletion_auc_norm=scores.deletion_auc_norm, insertion_auc_norm=scores.insertion_auc_norm,
-                   saturated=scores.saturated, answer_change=scores.answer_change,
-                   top10_changed=scores.top_share_changed, pointing=None,
-                   distractor=None, energy=None, mask_pointing=None, mask_energy=None, sanity=None,
-                   sanity_cascade=None)
-        tolerance = inputs.tolerance
-        if inputs.boxes:
-            row.update(pointing=any(pointing_hit(cam, box, tolerance) for box in inputs.boxes),
-                       energy=energy_in_boxes(cam, inputs.boxes))
-        if inputs.distractors:
-            row["distractor"] = any(pointing_hit(cam, box, tolerance) for box in inputs.distractors)
-        if inputs.mask is not None:
-            row.update(mask_pointing=pointing_in_mask(cam, inputs.mask, tolerance),
-                       mask_energy=energy_in_mask(cam, inputs.mask))
-        for column, which in zip(("sanity", "sanity_cascade"), range(len(self.randomized))):
-            random_cam = self.cam(self.subject(sample.prompt, which), method, layer, inputs.x, inputs.targets,
-                                  sample.index)
-            row[column] = spearman(cam, random_cam)
-        row.update({curve_column("morf", p): v for p, v in zip(self.percentiles, morf)})
-        row.update({curve_column("lerf", p): v for p, v in zip(self.percentiles, lerf)})
-        return row
-
-    def cam(self, subject, method: str, layer: int, x: torch.Tensor, targets, sample: int) -> np.ndarray:
-        """The map of ``method`` at decoder layer ``layer`` for one image, ``(H, W)``. Seeded alike for the trained
-        and the randomized model, so that RandomCAM draws the same weights for both."""
-        method_cls = self.methods[method]
-        seed_everything(self.seed, sample, method, layer, "map")
-        with method_cls(model=subject.wrapper, target_layers=[subject.layers[layer]],
-                        **cam_options(method_cls, subject.wrapper, {})) as cam:
-            return cam(input_tensor=x, targets=targets)[0]
-
-
-def answer_token(tokenizer, sample: Sample, texts: Optional[Sequence[str]] = None) -> int:
-    """The first token of the sample's answer, checked to be known to the tokenizer; for CLIP models (``texts``
-    given) the answer's index among the texts."""
-    if texts is not None:
-        if sample.answer not in texts:
-            raise InputError(f"{sample.where}: the answer {sample.answer!r} is not one of --texts {list(texts)}.")
-        return list(texts).index(sample.answer)
-    ids = tokenizer.encode(sample.answer, add_special_tokens=False)
-    if not ids or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
-        raise InputError(f"{sample.where}: the tokenizer does not know the start of the answer {sample.answer!r}.")
-    return int(ids[0])
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -270,7 +93,8 @@ def _check_numbers(args: "BenchmarkOptions") -> None:
                                  ("--deletion-canvas", args.deletion_canvas, (None,) + CANVASES),
                                  ("--insertion-canvas", args.insertion_canvas, (None,) + CANVASES),
                                  ("--auc-ties", args.auc_ties, TIES),
-                                 ("--auc-score", args.auc_score, AUC_SCORES), ("--solver", args.solver, SOLVERS)):
+                                 ("--auc-score", args.auc_score, AUC_SCORES), ("--solver", args.solver, SOLVERS),
+                                 ("--table", args.table, (None, "eagle"))):
         if value not in choices:
             raise InputError(f"{name} {value}: expected one of {', '.join(c for c in choices if c)}.")
 
@@ -292,6 +116,7 @@ class BenchmarkOptions:
     sanity: bool = True  # the model-parameter randomization check
     road_ties: str = "random"  # "random" or "threshold" (grad-cam's)
     coco_prompt: str = "Is there a {category} in this image?"
+    coco_answer: Optional[str] = None  # COCO-style data: the answer to explain ({category} filled in)
     dtype: str = "auto"
     device: str = "auto"
     allow_pickle: bool = False  # load a pickle checkpoint (it can run code)
@@ -306,13 +131,15 @@ class BenchmarkOptions:
     bootstrap: int = 1000  # bootstrap resamples of the samples for the 95 % intervals (0: none)
     imputation_threads: Optional[int] = None  # ROAD's imputation threads (default: this process's share of cores)
     solver: str = "auto"  # ROAD's imputation: "direct" (CPU), "cg" (torch), "auto" (cg on CUDA)
+    table: Optional[str] = None  # "eagle": also write EAGLE's Table 2 (benchmark.eagle_table)
 
 
 def _settings(args: BenchmarkOptions, model: str, percentiles: Sequence[float]) -> dict:
     """What each per-sample row depends on beyond its key: a resumed run must match."""
     return dict(model=os.path.abspath(model) if os.path.exists(model) else model,
                 data=os.path.abspath(args.data), percentiles=list(percentiles), seed=args.seed,
-                tolerance=args.tolerance, sanity=args.sanity, coco_prompt=args.coco_prompt, dtype=args.dtype,
+                tolerance=args.tolerance, sanity=args.sanity, coco_prompt=args.coco_prompt,
+                coco_answer=args.coco_answer, dtype=args.dtype,
                 road_ties=args.road_ties, auc_protocol=args.auc_protocol, deletion_canvas=args.deletion_canvas,
                 insertion_canvas=args.insertion_canvas, auc_steps=args.auc_steps, auc_ties=args.auc_ties,
                 auc_score=args.auc_score)
@@ -339,6 +166,8 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
     state = PartialState()
     percentiles = _percentiles(args.percentiles)
     _check_numbers(args)
+    if args.table == "eagle":
+        check_eagle_run({key: getattr(args, key) for key in AS_PUBLISHED}, "--table eagle")
     chosen = protocol(args.auc_protocol, args.deletion_canvas, args.insertion_canvas, args.auc_steps, args.auc_ties)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = {cls.__name__: cls for cls in map(resolve_method, names + [BASELINE])}
@@ -349,7 +178,7 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
         raise InputError("--texts is for CLIP and SigLIP models; a Qwen model takes the prompts of the data.")
     if not qwen:
         check_question(family, None, args.texts)
-    samples = load_samples(args.data, args.limit, args.coco_prompt, needs_prompt=qwen)
+    samples = load_samples(args.data, args.limit, args.coco_prompt, needs_prompt=qwen, coco_answer=args.coco_answer)
     try:
         layers = select_layers(layer_count(config, family), args.layers, skip_last=skip_last(family, True))
     except ValueError as error:
@@ -413,6 +242,8 @@ def run(args: BenchmarkOptions, after_row: Optional[Callable[[dict], None]] = No
                   f"insertion from the {chosen.insertion_canvas} canvas, ties {chosen.tie_order}; AUC of the target's "
                   f"{args.auc_score}).")
         paths = write_outputs(args.out, rows, list(methods), layers, percentiles, header, args.bootstrap, args.seed)
+        if args.table == "eagle":
+            paths.append(write_eagle_table(args.out))
         with open(paths[1]) as f:
             print(f.read())
         print(f"Wrote {os.path.join(args.out, PER_SAMPLE)}, " + ", ".join(paths) + ".")

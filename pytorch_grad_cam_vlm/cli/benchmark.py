@@ -5,6 +5,7 @@ import argparse
 
 from dataclasses import fields
 
+from pytorch_grad_cam_vlm.benchmark.eagle_table import eagle_table
 from pytorch_grad_cam_vlm.benchmark.report import compare_runs
 from pytorch_grad_cam_vlm.benchmark.runner import BenchmarkOptions, run
 from pytorch_grad_cam_vlm.cli.common import add_loading_arguments
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "image loses every pixel at percentile p)")
     parser.add_argument("--coco-prompt", default="Is there a {category} in this image?",
                         help="question asked of COCO-style data, {category} filled in")
+    parser.add_argument("--coco-answer",
+                        help="COCO-style data: the answer to explain, {category} filled in (default: the model's "
+                             "next token); e.g. '{category}' explains the word, as EAGLE does")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="auto", help="auto (the process's device under accelerate), cpu, cuda:N")
@@ -77,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--solver", choices=SOLVERS, default="auto",
                         help="ROAD's imputation solver: direct (sparse LU, CPU), cg (conjugate gradients in torch, "
                              "on the model's device), auto (cg on CUDA, else direct)")
+    parser.add_argument("--table", choices=("eagle",),
+                        help="eagle: also write eagle_table.md, laid out as EAGLE's Table 2 (insertion, deletion, "
+                             "pointing by box and by mask, peak GPU memory); needs --auc-protocol eagle")
+    parser.add_argument("--eagle-table", nargs="+", metavar="RUN",
+                        help="print EAGLE's Table 2 of finished --table eagle runs (one per model) and exit")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="print the difference B - A of two finished runs' summaries and exit")
     add_loading_arguments(parser)
@@ -92,11 +101,16 @@ def options_from(args: argparse.Namespace) -> BenchmarkOptions:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Run :func:`pytorch_grad_cam_vlm.benchmark.runner.run` with the parsed options, or with ``--compare`` print
-    :func:`pytorch_grad_cam_vlm.benchmark.report.compare_runs`."""
+    :func:`pytorch_grad_cam_vlm.benchmark.report.compare_runs`, with ``--eagle-table``
+    :func:`pytorch_grad_cam_vlm.benchmark.eagle_table.eagle_table`."""
     if args.compare:
         print(compare_runs(*args.compare), end="")
         return 0
+    if args.eagle_table:
+        print(eagle_table(args.eagle_table), end="")
+        return 0
     missing = [f"--{name}" for name in ("model", "data", "out") if getattr(args, name) is None]
     if missing:
-        raise InputError(f"the following arguments are required: {', '.join(missing)} (or --compare RUN_A RUN_B).")
+        raise InputError(f"the following arguments are required: {', '.join(missing)} (or --compare RUN_A RUN_B, "
+                         "or --eagle-table RUN ...).")
     return run(options_from(args))

@@ -79,4 +79,5 @@ def test_bad_run_folders_give_one_error_line_and_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "summary.csv: not a benchmark summary (ValueError" in err
     assert cli.main(["benchmark", "--model", "demo"]) == 2
-    assert "the following arguments are required: --data, --out (or --compare RUN_A RUN_B)" in capsys.readouterr().err
+    assert ("the following arguments are required: --data, --out (or --compare RUN_A RUN_B, or --eagle-table RUN "
+            "...).") in capsys.readouterr().err
