@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from pytorch_grad_cam_vlm.visualize import (LABEL_HEIGHT, PANEL_WIDTH, TITLE_HEIGHT, comparative_positions,
-                                            figure_size, figure_title, heatmap, mode_layers, panel_layout, render,
-                                            save_figure)
+from pytorch_grad_cam_vlm.visualize import (COLORBAR_HEIGHT, LABEL_HEIGHT, LABEL_POINTS, PANEL_WIDTH, TITLE_HEIGHT,
+                                            comparative_positions, figure_size, figure_title, fit_text, heatmap,
+                                            mode_layers, overlay, panel_layout, render, save_figure)
 
 HEIGHT, WIDTH = 60, 120  # image 2:1, so panels are 256 x 128 pixels
 
@@ -52,7 +52,7 @@ def test_figure_has_the_pixel_size_of_its_layout(tmp_path, rgb, mode, n_layers, 
     path = save_figure(str(tmp_path / "f.png"), mode, rgb, maps, list(range(n_layers)), "GradCAM", "red")
     rows, columns = layout
     assert Image.open(path).size == figure_size(rows, columns, HEIGHT, WIDTH) == (
-        columns * PANEL_WIDTH, TITLE_HEIGHT + rows * (LABEL_HEIGHT + 128))
+        columns * PANEL_WIDTH, TITLE_HEIGHT + rows * (LABEL_HEIGHT + 128) + COLORBAR_HEIGHT)
 
 
 def test_grid_panels_show_each_layer_in_order(tmp_path, rgb):
@@ -98,13 +98,46 @@ def test_titles_name_method_layers_and_target():
 
 
 def test_render_writes_figure_maps_and_overlay(tmp_path, rgb):
+    """The overlay is drawn on the image at its own size, titled with method, layer, target and check."""
     maps, _ = spot_maps(1)
-    files = render(str(tmp_path), "cat", "single", rgb, maps, [5], "GradCAM", "red")
+    files = render(str(tmp_path), "cat", "single", rgb, maps, [5], "GradCAM", "red", notes=["top 20% off: -34.0%"])
     assert [p.rsplit("/", 1)[1] for p in files] == ["cat_GradCAM_single.png", "cat_GradCAM_maps.npy",
                                                      "cat_GradCAM_layer5_overlay.png"]
     np.testing.assert_array_equal(np.load(files[1]), maps)
-    overlay = np.asarray(Image.open(files[2]))
-    np.testing.assert_array_equal(overlay, show_cam_on_image(rgb, maps[0], use_rgb=True))
+    with Image.open(files[2]) as drawn:
+        np.testing.assert_array_equal(np.asarray(drawn), show_cam_on_image(rgb, maps[0], use_rgb=True))
+        assert drawn.text["Title"] == "GradCAM · layer 5 · target 'red' · top 20% off: -34.0%"
+
+
+def test_grid_and_comparative_draw_the_chosen_layer(tmp_path, rgb):
+    """Every mode draws the layer auto chose (here the projector, left out by the comparative thirds), marked."""
+    assert mode_layers("grid", ["projector", 0, 3], chosen="projector") == ["projector", 0, 3]
+    assert mode_layers("comparative", ["projector", 0, 1, 2, 3, 4], chosen="projector") == ["projector", 0, 2, 4]
+    drawn = mode_layers("comparative", [0, 1, 2, 3, 4, 5], chosen=2)
+    assert drawn == [1, 2, 3, 5] and panel_layout("comparative", len(drawn)) == (2, 4)
+    maps, _ = spot_maps(4)
+    path = save_figure(str(tmp_path / "c.png"), "comparative", rgb, maps, drawn, "GradCAM", "red", chosen=2)
+    assert Image.open(path).size == figure_size(2, 4, HEIGHT, WIDTH)
+
+
+def test_unseen_pixels_are_hatched_grey_and_labels_fit():
+    """NaN (not seen by the model) shows the image greyed under hatching in both draw functions, never a map
+    colour; labels wrap to two lines that fit a panel."""
+    image = np.zeros((40, 40, 3), np.float32)
+    image[..., 0] = 1  # pure red: its greyed version has no colour
+    cam = np.full((40, 40), 0.9, np.float32)
+    cam[:, :10] = np.nan
+    for draw in (overlay, heatmap):
+        drawn = draw(image, cam).astype(int)
+        unseen_part = drawn[:, :10]
+        assert (np.ptp(unseen_part, axis=-1) == 0).all()  # grey: equal channels
+        assert len(np.unique(unseen_part[..., 0])) == 2  # two shades: the hatching
+        assert np.ptp(drawn[:, 10:], axis=-1).max() > 50  # the map's colours where seen
+    label = "middle: layer 12 (chosen) · heatmap · top 20% off: -34% · bottom: -2%"
+    lines = fit_text(label, PANEL_WIDTH - 6, LABEL_POINTS).split("\n")
+    assert len(lines) == 2 and " ".join(lines) == label
+    assert all(len(line) * 0.56 * LABEL_POINTS * 100 / 72 <= PANEL_WIDTH - 6 for line in lines)
+    assert fit_text("word " * 200, 100, 8).endswith("…")
 
 
 def test_figure_refuses_maps_that_do_not_fit(tmp_path, rgb):

@@ -17,7 +17,8 @@ The anyres layout, as the processor and the model build it (transformers 5.x):
 The maps lie on the canvas's grid of tile tokens, the view's tokens placed there (:func:`place_views`):
 
 - ``"tiles"`` (fine): the tile tokens, newline tokens dropped, put back where the unpadding took them from; the
-  letterbox cells are 0; OneVision's downsampled grid is resized (bilinear) back to the unpadded grid first;
+  letterbox cells are 0; OneVision's downsampled grid is first spread back over the unpadded grid by the weights
+  the model mixed the cells with (:func:`unmix`, the transpose of its bilinear downsampling), not upsampled;
 - ``"base"`` (coarse): the base image's tokens, resized (bilinear) onto the same unpadded region, the picture;
 - ``"combined"``: both, stacked as channels ``(B, 2C, h, w)``. grad-cam sums a map over channels, so the combined
   map is the sum of the tile map and the resized base map before grad-cam's ReLU and scaling: for GradCAM,
@@ -167,13 +168,26 @@ def vision_grids(hidden: torch.Tensor, layout: LlavaLayout):
     return base, tiles
 
 
-def on_canvas(grid: torch.Tensor, layout: LlavaLayout) -> torch.Tensor:
-    """A grid over the picture, resized (bilinear) to the unpadded region where needed and put in its place on the
-    canvas's token grid, zero elsewhere."""
+def unmix(grid: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A grid ``(B, C, h', w')`` that the model made from one of ``size`` ``(h, w)`` by bilinear downsampling
+    (OneVision's ``anyres_max``: ``F.interpolate(..., mode="bilinear")``, no antialiasing) spread back over that
+    grid: cell ``k`` gets ``sum_t W[t, k] grid[t]``, the interpolation's transpose, so each token's relevance goes
+    to the cells it was mixed from, by the weights it was mixed with (cells it skipped get none). Separable: the
+    bilinear weights are the product of the 1-D linear weights along each axis."""
+    weights = [F.interpolate(torch.eye(n, dtype=grid.dtype, device=grid.device)[None], size=m, mode="linear",
+                             align_corners=False)[0] for n, m in zip(size, grid.shape[2:])]  # (n, m): W transposed
+    return torch.einsum("ht,bcts,ws->bchw", weights[0], grid, weights[1])
+
+
+def on_canvas(grid: torch.Tensor, layout: LlavaLayout, mixed: bool = False) -> torch.Tensor:
+    """A grid over the picture put in its place on the canvas's token grid, zero elsewhere: brought to the unpadded
+    region's size where needed, by :func:`unmix` when the model ``mixed`` it down from there (OneVision's tiles),
+    else resized (bilinear: the base image, a coarser picture of the same region)."""
     top, left, h, w = layout.unpadded
     grid_h, grid_w = layout.token_grid
     if tuple(grid.shape[2:]) != (h, w):
-        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        grid = unmix(grid, (h, w)) if mixed else F.interpolate(grid, size=(h, w), mode="bilinear",
+                                                               align_corners=False)
     return F.pad(grid, (left, grid_w - left - w, top, grid_h - top - h))
 
 
@@ -182,5 +196,5 @@ def place_views(base: torch.Tensor, tiles: Optional[torch.Tensor], layout: Llava
     channels."""
     if not layout.anyres:
         return base
-    grids = {"tiles": [tiles], "base": [base], "combined": [tiles, base]}[view]
-    return torch.cat([on_canvas(grid, layout) for grid in grids], dim=1)
+    grids = {"tiles": [(tiles, True)], "base": [(base, False)], "combined": [(tiles, True), (base, False)]}[view]
+    return torch.cat([on_canvas(grid, layout, mixed) for grid, mixed in grids], dim=1)

@@ -22,6 +22,7 @@ shorter side, center crop, ImageNet mean and std; e.g. 256 -> 224 bilinear, Effi
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -31,6 +32,7 @@ from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.base import ModelWrapper
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, center_crop_frame
 from pytorch_grad_cam_vlm.models.state import explaining
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,13 +42,16 @@ SOURCES = ("torchvision", "timm")
 
 class ClassifierProcessor:
     """Stands where a VLM's processor does (``processor.image_processor.image_mean``): the preprocessing
-    ``transform`` (PIL image -> normalised ``(3, H, W)``), its mean, std and crop size."""
+    ``transform`` (PIL image -> normalised ``(3, H, W)``), its mean, std and crop size, and ``resize_size``, the
+    shorter side the transform resizes to before its center crop (torchvision's rounding), which places maps on the
+    user's image (``None``: the transform is something else, and maps stay on its output)."""
 
     def __init__(self, transform: Callable, image_mean: Sequence[float], image_std: Sequence[float],
-                 crop_size: int) -> None:
+                 crop_size: int, resize_size: Optional[int] = None) -> None:
         self.transform = transform
         self.image_mean, self.image_std = [float(v) for v in image_mean], [float(v) for v in image_std]
         self.crop_size = int(crop_size)
+        self.resize_size = None if resize_size is None else int(resize_size)
 
     @property
     def image_processor(self) -> "ClassifierProcessor":
@@ -70,7 +75,11 @@ def default_processor(model: torch.nn.Module, name: Optional[str] = None,
                                                                                                image_size)},
                                                model=model)
         transform = timm.data.create_transform(**config)
-        return ClassifierProcessor(transform, config["mean"], config["std"], config["input_size"][-1])
+        crop = config["input_size"][-1]
+        # timm's "center" mode (its default) resizes the shorter side to floor(crop / crop_pct), then center-crops.
+        resize = (math.floor(crop / config["crop_pct"]) if config.get("crop_mode", "center") in (None, "center")
+                  and config["input_size"][-1] == config["input_size"][-2] else None)
+        return ClassifierProcessor(transform, config["mean"], config["std"], crop, resize)
     from torchvision.models import get_model_weights
     from torchvision.transforms import InterpolationMode
 
@@ -81,7 +90,8 @@ def default_processor(model: torch.nn.Module, name: Optional[str] = None,
     resize = resize or round(crop * 256 / 224)
     if image_size is not None:
         crop, resize = int(image_size), round(image_size * resize / crop)
-    return ClassifierProcessor(_torchvision_transform(crop, resize, interpolation), IMAGENET_MEAN, IMAGENET_STD, crop)
+    return ClassifierProcessor(_torchvision_transform(crop, resize, interpolation), IMAGENET_MEAN, IMAGENET_STD, crop,
+                               resize)
 
 
 def _torchvision_transform(crop: int, resize: int, interpolation) -> Callable:
@@ -235,6 +245,17 @@ class ClassifierWrapper(ModelWrapper):
     @property
     def token_cell(self) -> int:
         return self.patch_size
+
+    def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
+        """Where the input lies on the image (see :meth:`ModelWrapper.image_frame`): the default preprocessing
+        resizes the shorter side to ``processor.resize_size`` and center-crops (torchvision's rounding); the rest of
+        the image is not seen. A processor without ``resize_size`` has no known frame: explain its tensor."""
+        if self.processor.resize_size is None:
+            raise ValueError("This classifier's preprocessing is not a resize of the shorter side and a center crop, "
+                             "so its maps cannot be placed on the image: pass the preprocessed tensor to explain, or "
+                             "a ClassifierProcessor with resize_size.")
+        crop = self.processor.crop_size
+        return center_crop_frame(image_size, self.processor.resize_size, (crop, crop), round)
 
     def class_name(self, index: int) -> str:
         """The name of class ``index``: from ``class_names``, else the index itself."""

@@ -13,6 +13,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.state import explaining
 from pytorch_grad_cam_vlm.models.base import ModelWrapper
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, processor_frame
 
 # Tokens before the patch tokens in the vision tower's sequence: CLIP's class token; SigLIP has none.
 PREFIX_TOKENS = {"clip": 1, "siglip": 0, "siglip2": 0}
@@ -127,6 +128,13 @@ class CLIPWrapper(ModelWrapper):
         p = self.patch_size
         patches = pixel_values[0, :h * w].reshape(h, w, p, p, 3)
         return patches.permute(4, 0, 2, 1, 3).reshape(1, 3, h * p, w * p)
+
+    def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
+        """Where the input lies on the image (see :meth:`ModelWrapper.image_frame`): CLIP's processor resizes the
+        shorter side and center-crops (the rest of the image is not seen); SigLIP's and SigLIP 2's resize the whole
+        image (SigLIP 2 keeping its aspect ratio on whole patches). An input made with other ``images_kwargs``
+        than the processor's (``do_center_crop=False``, another ``size``) is taken as a plain resize."""
+        return processor_frame(self.processor.image_processor, image_size, input_size)
 
     # ----------------------------------------------------------------------------------------- texts
     def text_index(self, text: str) -> int:

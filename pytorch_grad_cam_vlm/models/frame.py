@@ -114,6 +114,35 @@ class ImageFrame:
         return self == ImageFrame.resized(self.input_size, self.input_size)
 
 
+def center_crop_frame(image_size: Size, shortest_edge: int, crop_size: Size, rounding=math.floor) -> ImageFrame:
+    """The frame of a resize of the image's shorter side to ``shortest_edge`` (the longer one to ``int(shortest_edge *
+    long / short)``, as transformers' and torchvision's resizes compute it) and a center crop of ``crop_size``,
+    its offsets ``rounding((resized - crop) / 2)``: ``math.floor`` in transformers' image processors, ``round`` in
+    torchvision's ``CenterCrop``."""
+    (h0, w0), (ch, cw) = _size(image_size), _size(crop_size)
+    long = int(shortest_edge * max(h0, w0) / min(h0, w0))
+    resized = (shortest_edge, long) if h0 <= w0 else (long, shortest_edge)
+    top, left = int(rounding((resized[0] - ch) / 2)), int(rounding((resized[1] - cw) / 2))
+    return ImageFrame.cropped((h0, w0), resized, (top, left, ch, cw))
+
+
+def processor_frame(image_processor, image_size: Size, input_size: Size) -> ImageFrame:
+    """The frame of a transformers image processor that resizes the image to a fixed size or to a multiple of its
+    cells (a plain resize), or its shorter side to ``size["shortest_edge"]`` and then center-crops ``crop_size``
+    (CLIP, LLaVA 1.5): the crop when the input has the crop's size, else a plain resize (the caller resized
+    otherwise, e.g. ``do_center_crop=False``)."""
+    def get(size, key):
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+    shortest = get(size, "shortest_edge") if size is not None else None
+    if getattr(image_processor, "do_center_crop", False) and crop is not None and shortest:
+        crop_hw = (int(get(crop, "height")), int(get(crop, "width")))
+        if crop_hw == tuple(input_size):
+            return center_crop_frame(image_size, int(shortest), crop_hw)
+    return ImageFrame.resized(image_size, input_size)
+
+
 def prepare_images(wrapper: torch.nn.Module, images, image_size: Optional[Union[Size, Sequence[Size]]] = None
                    ) -> Tuple[torch.Tensor, List[ImageFrame]]:
     """The model's input ``(B, 3, H, W)`` and each input's :class:`ImageFrame` from what a user passes to
@@ -123,9 +152,9 @@ def prepare_images(wrapper: torch.nn.Module, images, image_size: Optional[Union[
     are the images)."""
     if isinstance(images, torch.Tensor):
         input_size = tuple(images.shape[-2:])
-        if image_size is None:
-            sizes = [input_size] * len(images)
-        elif len(image_size) == 2 and all(isinstance(v, (int, np.integer)) for v in image_size):
+        if image_size is None:  # the inputs are the images
+            return images, [ImageFrame.resized(input_size, input_size)] * len(images)
+        if len(image_size) == 2 and all(isinstance(v, (int, np.integer)) for v in image_size):
             sizes = [tuple(image_size)] * len(images)
         else:
             sizes = [tuple(size) for size in image_size]

@@ -43,7 +43,8 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, image_grids
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
+from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, crops_frame, image_grids
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 
@@ -150,6 +151,12 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         """The processor's own whole image of ``image`` ``(1, 3, S, S)``, resized from the picture, which
         ``model_inputs(x, whole_images=...)`` takes to reproduce the processor path exactly."""
         return self._encode(load_rgb(image))["pixel_values"][:1].float()
+
+    def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
+        """Where the input lies on the picture (see :meth:`ModelWrapper.image_frame`): the one square image squashes
+        it; a pan-and-scan canvas shows each crop on its square (:func:`~pytorch_grad_cam_vlm.models.pan_and_scan.
+        crops_frame`)."""
+        return crops_frame(tuple(image_size), tuple(input_size), self.image_size)
 
     def canvas_size(self, source_size: Tuple[int, int]) -> Tuple[int, int]:
         """The input ``(H, W)`` :meth:`preprocess` makes of a picture of ``source_size`` ``(h, w)``: the square image,

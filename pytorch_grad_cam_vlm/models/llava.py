@@ -49,6 +49,7 @@ from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box,
                                                 place_views, set_anyres_geometry, vision_grids)
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, processor_frame
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
@@ -194,6 +195,14 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return [(max(math.floor(x + x0 * sx), max(x, 0)), max(math.floor(y + y0 * sy), max(y, 0)),
                  min(math.ceil(x + x1 * sx), limit_x), min(math.ceil(y + y1 * sy), limit_y))
                 for x0, y0, x1, y1 in boxes]
+
+    def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
+        """Where the input lies on the picture (see :meth:`ModelWrapper.image_frame`): an anyres canvas shows the
+        picture resized into its content box, letterboxed; LLaVA 1.5's input is the processor's center crop (the
+        rest of the picture is not seen)."""
+        if self.anyres:
+            return ImageFrame.letterboxed(image_size, input_size, content_box(image_size, input_size))
+        return processor_frame(self.processor.image_processor, image_size, input_size)
 
     def canvas_size(self, source_size: Tuple[int, int]) -> Tuple[int, int]:
         """The best resolution ``(H, W)`` among the grid pinpoints for a picture of ``source_size``."""

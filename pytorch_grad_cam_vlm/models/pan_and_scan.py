@@ -27,6 +27,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, Piece
 from pytorch_grad_cam_vlm.models.tiles import tile_grids
 
 VIEWS = ("crops", "whole", "combined")
@@ -76,6 +77,26 @@ def canvas_crops(canvas: Tuple[int, int], image_size: int) -> Tuple[int, int]:
                          f"pan-and-scan {s}x{s} crops in one row or column ({s}x{2 * s}, {2 * s}x{s}, ...). "
                          "Prepare images with wrapper.preprocess(image).")
     return rows, cols
+
+
+def crops_frame(image_size: Tuple[int, int], canvas: Tuple[int, int], tile: int) -> ImageFrame:
+    """Where a canvas lies on the picture of ``image_size``: each crop's square of the canvas shows its crop of the
+    picture, ``ceil(side / n)`` pixels along the long side, the last one shorter (the processor's
+    ``pan_and_scan``); without crops, the picture squashed onto the one square image."""
+    rows, cols = canvas_crops(canvas, tile)
+    if rows * cols == 1:
+        return ImageFrame.resized(image_size, canvas)
+    (h0, w0), n = image_size, rows * cols
+    along_width = cols > 1
+    step = math.ceil((w0 if along_width else h0) / n)
+    pieces = []
+    for i in range(n):
+        length = min(step, (w0 if along_width else h0) - i * step)
+        if along_width:
+            pieces.append(Piece((0, i * tile, tile, tile), (0, i * step, h0, length)))
+        else:
+            pieces.append(Piece((i * tile, 0, tile, tile), (i * step, 0, length, w0)))
+    return ImageFrame(tuple(image_size), tuple(canvas), tuple(pieces))
 
 
 def image_grids(tokens: torch.Tensor, layout: Gemma3Layout) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
