@@ -24,6 +24,7 @@ from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, can
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, is_smooth, uses_gradients
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
+from pytorch_grad_cam_vlm.metrics.answer_change import answer_change
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, make_subject
 from pytorch_grad_cam_vlm.visualize import overlay, save_maps, save_overlay
@@ -242,6 +243,9 @@ def single_request(subject: Subject, view, x: torch.Tensor, request: Request, me
     progress(0.75, "Every layer's map for the strip")
     page = page_result(view, x, result, targets, methods, smooth, request, predicted_token=label,
                        probability=probability)
+    if not request.answer.strip():  # an asked answer's output is its one score: there is no top answer to change
+        progress(0.85, "The smallest region that changes the answer")
+        page["answer_change"] = answer_change(view, x, page["map"]).share
     if takes_prompt(subject.wrapper):
         progress(0.9, "The prompt's words")
         page.update(prompt_word_relevance(subject.wrapper, x, targets[0]).report())
@@ -288,7 +292,8 @@ def page_result(view, x: torch.Tensor, result: Explanation, targets: list, metho
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
-                verdict=check.verdict, warning=result.layer_warning(request.name, layer) or "",
+                verdict=check.verdict, null_margin=check.null_margin,
+                warning=result.layer_warning(request.name, layer) or "",
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from pytorch_grad_cam_vlm.cli.common import json_safe
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.visualize import heatmap, overlay
@@ -30,13 +31,24 @@ def summary(result: dict) -> str:
         said += f" · probability **{result['probability']:.3f}**"
     method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
               else result["method"])
-    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
+    margin = result.get("null_margin")
+    chance = "" if margin is None or np.isnan(margin) else f", {margin:.2g} spreads above chance"
+    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']}{chance})"
     lines = [said, f"**Map** {method} · {layer_name(result['layer'], result['target'])} · deletion check **{check}**"]
+    if "answer_change" in result:
+        lines.append(answer_change_line(result["answer_change"]))
     if result["warning"]:
         lines.append(f"⚠️ {result['warning']}")
     if result.get("prompt_words"):
         lines.append(prompt_words_html(result))
     return "\n\n".join(lines)
+
+
+def answer_change_line(share: Optional[float]) -> str:
+    """The smallest region that changes the answer (:mod:`~pytorch_grad_cam_vlm.metrics.answer_change`), in words."""
+    if share is None:
+        return "**Answer change** none: the top answer holds with every pixel removed in the map's order"
+    return f"**Answer change** the top answer changes once the map's top **{share:.0%}** of the pixels are removed"
 
 
 def prompt_words_html(result: dict) -> str:
@@ -57,10 +69,12 @@ def details(result: dict) -> dict:
     return dict(predicted_token=result["predicted_token"], probability=result["probability"],
                 method=result["method"], layer=result["layer"], target=result["target"],
                 check=None if np.isnan(result["check"]) else float(result["check"]),
-                verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
+                verdict=result["verdict"], null_margin=json_safe(result.get("null_margin")),
+                warning=result["warning"], candidates=result["candidates"],
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
-                **{k: result[k] for k in ("prompt_words", "word_occlusion", "word_gradient_x_input") if k in result},
+                **{k: result[k] for k in ("prompt_words", "word_occlusion", "word_gradient_x_input", "answer_change")
+                   if k in result},
                 files=[os.path.basename(f) for f in result.get("files", [])])
 
 
