@@ -292,8 +292,7 @@ def page_result(view, x: torch.Tensor, result: Explanation, targets: list, metho
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
-                verdict=check.verdict, null_margin=check.null_margin,
-                warning=result.layer_warning(request.name, layer) or "",
+                verdict=check.verdict, warning=result.layer_warning(request.name, layer) or "",
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,

@@ -8,7 +8,6 @@ from typing import List, Optional
 
 import numpy as np
 
-from pytorch_grad_cam_vlm.cli.common import json_safe
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.visualize import heatmap, overlay
@@ -31,9 +30,7 @@ def summary(result: dict) -> str:
         said += f" · probability **{result['probability']:.3f}**"
     method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
               else result["method"])
-    margin = result.get("null_margin")
-    chance = "" if margin is None or np.isnan(margin) else f", {margin:.2g} spreads above chance"
-    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']}{chance})"
+    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
     lines = [said, f"**Map** {method} · {layer_name(result['layer'], result['target'])} · deletion check **{check}**"]
     if "answer_change" in result:
         lines.append(answer_change_line(result["answer_change"]))
@@ -69,8 +66,7 @@ def details(result: dict) -> dict:
     return dict(predicted_token=result["predicted_token"], probability=result["probability"],
                 method=result["method"], layer=result["layer"], target=result["target"],
                 check=None if np.isnan(result["check"]) else float(result["check"]),
-                verdict=result["verdict"], null_margin=json_safe(result.get("null_margin")),
-                warning=result["warning"], candidates=result["candidates"],
+                verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
                 **{k: result[k] for k in ("prompt_words", "word_occlusion", "word_gradient_x_input", "answer_change")
