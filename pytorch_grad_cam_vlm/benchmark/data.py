@@ -85,6 +85,11 @@ def _coco_rows(document, name: str, prompt: str, answer: Optional[str] = None) -
     if not isinstance(document, dict) or not {"images", "annotations", "categories"} <= set(document):
         raise InputError(f"{name}: a .json data file must be COCO-style, with images, annotations and categories "
                          "(or use JSONL, .jsonl).")
+    for option, text in (("--coco-prompt", prompt), ("--coco-answer", answer)):
+        try:
+            (text or "").format(category="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise InputError(f"{option} {text!r}: the one placeholder it takes is {{category}} ({error!r}).") from error
     try:
         categories = {c["id"]: c["name"] for c in document["categories"]}
         boxes: Dict[object, Dict[object, List[Box]]] = {}

@@ -116,6 +116,11 @@ def test_eagle_table_is_refused_for_another_protocol_and_nothing_is_written(tmp_
     assert code != 0 and not out.exists()
     assert ("--table eagle: EAGLE's table reports EAGLE's protocol; this run has auc_protocol 'black'. Run with "
             "--auc-protocol eagle") in capsys.readouterr().err
+    code = cli.main(["benchmark", "--model", tiny_path, "--data", data, "--out", str(out), "--layers", "1",
+                     "--coco-answer", "{name}"] + FAST)
+    assert code != 0 and not out.exists()
+    assert "--coco-answer '{name}': the one placeholder it takes is {category} (KeyError('name'))." in \
+        capsys.readouterr().err
 
 
 def test_eagle_tables_of_two_models_demo_data(tmp_path, tiny_path, capsys):
