@@ -5,7 +5,6 @@ non-blank maps (a blank map is a hit for Quantus and a miss here), the energy in
 
 import numpy as np
 import pytest
-import torch
 
 from pytorch_grad_cam_vlm.metrics.auc_protocols import protocol, removal_order
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, energy_in_mask, pointing_hit, pointing_in_mask
