@@ -24,18 +24,22 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
 from pytorch_grad_cam_vlm.models.clip import CLIPWrapper
 from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
+from pytorch_grad_cam_vlm.models.glm4v import Glm4vWrapper
 from pytorch_grad_cam_vlm.models.gemma4 import Gemma4Wrapper
 from pytorch_grad_cam_vlm.models.idefics3 import Idefics3Wrapper
 from pytorch_grad_cam_vlm.models.internvl import InternVLWrapper
 from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
+from pytorch_grad_cam_vlm.models.mistral3 import Mistral3Wrapper
 from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
 from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
 from pytorch_grad_cam_vlm.models.tiny.gemma3 import build_tiny_gemma3
+from pytorch_grad_cam_vlm.models.tiny.glm4v import build_tiny_glm4v
 from pytorch_grad_cam_vlm.models.tiny.gemma4 import build_tiny_gemma4
 from pytorch_grad_cam_vlm.models.tiny.idefics3 import build_tiny_idefics3
 from pytorch_grad_cam_vlm.models.tiny.internvl import build_tiny_internvl
 from pytorch_grad_cam_vlm.models.tiny.llava import build_tiny_llava
+from pytorch_grad_cam_vlm.models.tiny.mistral3 import build_tiny_mistral3
 from pytorch_grad_cam_vlm.models.tiny.qwen3_vl import build_tiny_qwen3_vl
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_tiny_model
 
@@ -53,6 +57,8 @@ __all__ = [
     "Gemma4Wrapper", "build_tiny_gemma4",
     "Idefics3Wrapper", "build_tiny_idefics3",
     "InternVLWrapper", "build_tiny_internvl",
+    "Mistral3Wrapper", "build_tiny_mistral3",
+    "Glm4vWrapper", "build_tiny_glm4v",
     "ClassifierWrapper", "classify_and_explain",
 ]
 __version__ = "0.2.0"

@@ -1,6 +1,7 @@
 """ShapleyCAM for models whose target layers need a reshape_transform (token sequences)."""
 import numpy as np
 import pytorch_grad_cam
+import torch
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 from pytorch_grad_cam_vlm.models.state import eager_attention
@@ -17,10 +18,16 @@ class ShapleyCAM(pytorch_grad_cam.ShapleyCAM):
 
     def forward(self, input_tensor, targets, eigen_smooth=False):
         model = getattr(self.model, "model", None)
-        if model is None or not hasattr(model, "set_attn_implementation"):
-            return super().forward(input_tensor, targets, eigen_smooth)
-        with eager_attention(model):
-            return super().forward(input_tensor, targets, eigen_smooth)
+        try:
+            if model is None or not hasattr(model, "set_attn_implementation"):
+                return super().forward(input_tensor, targets, eigen_smooth)
+            with eager_attention(model):
+                return super().forward(input_tensor, targets, eigen_smooth)
+        finally:
+            # grad-cam's release() detaches the kept gradients in place, which autograd refuses for views: the
+            # gradient of an output that only a view consumes (Mistral 3's last vision block, squeezed) is one.
+            grads = self.activations_and_grads.gradients
+            grads[:] = [g.clone() if isinstance(g, torch.Tensor) and g._is_view() else g for g in grads]
 
     def get_cam_image(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False):
         weights = self.get_cam_weights(input_tensor, target_layer, targets, activations, grads)

@@ -31,7 +31,9 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
                  "<start_of_image>", "<end_of_image>", "<image_soft_token>",  # Gemma 3's
                  "<|image>", "<image|>", "<|image|>", "<|video|>",  # Gemma 4's
                  "<img>", "</img>", "<IMG_CONTEXT>",  # InternVL's
-                 "<fake_token_around_image>", "<global-img>")  # Idefics3's, and its tiles' markers:
+                 "<fake_token_around_image>", "<global-img>",  # Idefics3's (its tiles' markers below)
+                 "[IMG]", "[IMG_BREAK]", "[IMG_END]",  # Mistral 3's
+                 "<|begin_of_image|>", "<|end_of_image|>")  # GLM-4V's (and Gemma 4's <|image|>, <|video|>)
 VISION_TOKENS += tuple(f"<row_{i}_col_{j}>" for i in range(1, 11) for j in range(1, 11))
 
 

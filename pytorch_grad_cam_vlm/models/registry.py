@@ -38,6 +38,8 @@ PROMPT_FAMILIES = {
     "internvl": PromptFamily("InternVLForConditionalGeneration", "internvl:InternVLWrapper", "InternVL"),
     "idefics3": PromptFamily("Idefics3ForConditionalGeneration", "idefics3:Idefics3Wrapper", "Idefics3 / SmolVLM"),
     "smolvlm": PromptFamily("SmolVLMForConditionalGeneration", "idefics3:Idefics3Wrapper", "SmolVLM2"),
+    "mistral3": PromptFamily("Mistral3ForConditionalGeneration", "mistral3:Mistral3Wrapper", "Mistral 3"),
+    "glm4v": PromptFamily("Glm4vForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V"),
     "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).
