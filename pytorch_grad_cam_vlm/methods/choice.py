@@ -19,8 +19,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, MapCheck, check_maps, peak_drops,
-                                                         target_scores)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, MapCheck, check_maps, null_maps,
+                                                         peak_drops, target_scores, token_cell, with_null_margins)
 
 CHOICES = ("staged", "full", "peak")
 # How many maps the staged choice checks at the remaining fractions (benchmarks/auto_cheap.md).
@@ -29,17 +29,20 @@ STAGED_KEPT = 2
 
 def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable, choice: str = "staged",
                fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
-               seed: int = 0, clean: Optional[float] = None) -> Tuple[int, List[MapCheck]]:
+               seed: int = 0, clean: Optional[float] = None, null: int = 0,
+               cell: Optional[int] = None) -> Tuple[int, List[MapCheck]]:
     """``(index, checks)``: which of ``maps`` ``(N, H, W)`` of one image ``x`` ``(1, 3, H, W)`` to keep by ``choice``
     (see the module's docstring), and one :class:`MapCheck` per map: complete for the kept map (and, ``"full"``,
     every map), ``partial`` for maps scored at the first fraction only, ``None`` where ``"peak"`` measured only the
-    peak window. ``clean``: the target on ``x`` when already known (it saves one image)."""
+    peak window. ``clean``: the target on ``x`` when already known (it saves one image). ``null`` > 0: that many
+    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps` (token cells of ``cell`` pixels) are checked in
+    full with the maps, once, and every complete check gets its ``null_margin``."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}.")
     maps = np.asarray(maps, dtype=np.float32)
     options = dict(fill=fill, batch_size=batch_size, seed=seed, clean=clean)
     if choice == "full" or choice == "staged" and len(fractions) == 1:
-        checks = check_maps(model, x, maps, target, fractions, **options)
+        checks = check_maps(model, x, maps, target, fractions, null=null, cell=cell, **options)
         return best_index(checks), checks
     windows = {}  # peak pixel -> target with its window removed, shared by the stages
     if clean is None:
@@ -48,11 +51,14 @@ def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         order = ranked(peak_drops(model, x, maps, target, options["clean"], fill, batch_size,
                                   window_scores=windows))[:1]
         checks: List[Optional[MapCheck]] = [None] * len(maps)
-        checks[order[0]] = check_maps(model, x, maps[order], target, fractions, window_scores=windows,
-                                      **options)[0]
+        checks[order[0]] = check_maps(model, x, maps[order], target, fractions, window_scores=windows, null=null,
+                                      cell=cell, **options)[0]
         return order[0], checks
+    nulls = list(range(len(maps), len(maps) + null))  # the null's maps ride along both stages, checked in full
+    if null:
+        maps = np.concatenate([maps, null_maps(maps.shape[1:], token_cell(model, cell), null, seed)])
     first = check_maps(model, x, maps, target, fractions[:1], window_scores=windows, **options)
-    order = ranked(np.array([c.total for c in first]))[:STAGED_KEPT]
+    order = ranked(np.array([c.total for c in first[:len(first) - null]]))[:STAGED_KEPT] + nulls
     rest = check_maps(model, x, maps[order], target, fractions[1:], window_scores=windows, **options)
     checks = [MapCheck(c.score, c.top_removed, c.bottom_removed, c.blank, c.peak_drop, partial=not c.blank)
               for c in first]
@@ -61,6 +67,8 @@ def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
             continue
         top, bottom = first[i].top_removed + later.top_removed, first[i].bottom_removed + later.bottom_removed
         checks[i] = MapCheck(float(np.mean(np.subtract(bottom, top))), top, bottom, False, first[i].peak_drop)
+    if null:
+        checks = with_null_margins(checks[:-null], checks[-null:], options["clean"])
     return best_index([c if not c.partial else None for c in checks]), checks
 
 

@@ -1,0 +1,140 @@
+"""Does the check's verdict tell a map from chance? How often maps of no information, and the default's own maps, get
+``"ok"`` on held-out samples of the trained demo models, before (blank or inverted fails) and after the null
+(:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`: a map's total must lie ``CHANCE_MARGIN`` of the
+null's spreads above its mean), and how that depends on the null's size K and the threshold (issue 26, item 4).
+
+    python benchmarks/verdict_null.py demo 40         # model, held-out samples[, seed]; writes verdict_null_demo.csv
+    python benchmarks/verdict_null.py crosses 40      # then summarises every verdict_null_<model>.csv present into
+                                                      # verdict_null.csv and verdict_null.md
+
+Per sample, with the answer's logit as the target: ``explain``'s default map (staged choice), ``explain(...,
+method="RandomCAM")`` (its best candidate layer by the check, as ``--method RandomCAM`` gives; grad-cam's random
+weights seeded per sample) and, each apart, RandomCAM's map at every candidate layer (``RandomCAM, one layer``: a random
+map with no choice among layers), the default's map inverted (``1 - map``), a blank map, and the default map of an
+all-black image of the same size for the answer the model predicts there. ``default, image-reliant``: the default's
+maps of images whose answer depends on the image (:mod:`~pytorch_grad_cam_vlm.metrics.reliance` gives no warning); a map of
+an answer that comes from the prompt is rightly not "ok". Each map's check score and total are
+stored with the null's :data:`MAX_NULL` totals on its image (the first K of them are the null of size K).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from auto_layer import held_out, markdown, sample_case
+from pytorch_grad_cam_vlm.methods.auto import explain
+from pytorch_grad_cam_vlm.metrics.deletion_check import CHANCE_MARGIN, NULL_MAPS, check_maps, null_maps, null_margin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_NULL = 16
+KINDS = ("default", "default, image-reliant", "RandomCAM", "RandomCAM, one layer", "inverted", "blank", "black image")
+# Flagged share each kind must reach (at least) or stay under (the default's maps), issue 26's goals.
+GOALS = {"default, image-reliant": ("<=", 0.05), "RandomCAM, one layer": (">=", 0.90), "inverted": (">=", 0.90),
+         "blank": (">=", 1.0)}
+NULL_SIZES = (4, 6, 8, 12, 16)
+MARGINS = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
+
+
+def null_totals(wrapper, x, target, clean) -> list:
+    """The totals of :data:`MAX_NULL` null maps of ``x`` (seed 0, as ``explain``)."""
+    maps = null_maps(x.shape[2:], wrapper.token_cell, MAX_NULL, 0)
+    return [c.total for c in check_maps(wrapper, x, maps, target, clean=clean)]
+
+
+def measure(name: str, n: int, seed: int) -> list:
+    model, processor, samples = held_out(name, n, seed)
+    rows = []
+    for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
+        wrapper, x, target = sample_case(model, processor, sample)
+        default = explain(wrapper, x, [target], null=0)
+        clean = default.reliance[0].clean
+        np.random.seed(i)  # grad-cam's RandomCAM draws its weights from numpy's global generator
+        random = explain(wrapper, x, [target], method="RandomCAM", null=0)
+        good = default.model_maps[0]
+        inverted, blank = check_maps(wrapper, x, np.stack([1 - good, np.full_like(good, 0.3)]), target, clean=clean)
+        nulls = null_totals(wrapper, x, target, clean)
+        black_x = wrapper.preprocess(np.zeros((*x.shape[2:], 3), np.uint8))
+        black = explain(wrapper, black_x, None, null=0)
+        black_nulls = null_totals(wrapper, black_x, black.targets[0], black.reliance[0].clean)
+        one_layer = check_maps(wrapper, x, random.candidate_maps[0, 0], target, clean=clean)
+        cases = [("default", default.checks[0], nulls, clean), ("RandomCAM", random.checks[0], nulls, clean),
+                 ("inverted", inverted, nulls, clean), ("blank", blank, nulls, clean),
+                 ("black image", black.checks[0], black_nulls, black.reliance[0].clean)]
+        cases += [("RandomCAM, one layer", check, nulls, clean) for check in one_layer]
+        if not default.reliance[0].prompt_only:
+            cases.append(("default, image-reliant", default.checks[0], nulls, clean))
+        for kind, check, null, image_clean in cases:
+            rows.append(dict(model=name, sample=i, kind=kind, score=check.score, total=check.total, clean=image_clean,
+                             failed_before=int(check.blank or check.inverted),
+                             null=";".join(f"{v:.6g}" for v in null)))
+    return rows
+
+
+def flagged(rows: list, k: int, threshold: float) -> float:
+    """Share of ``rows`` that fail: blank, inverted, or a margin below ``threshold`` against the first ``k`` nulls."""
+    return float(np.mean([r["failed_before"] or not null_margin(r["total"], r["null"][:k], r["clean"]) >= threshold
+                          for r in rows])) if rows else float("nan")
+
+
+def summarise() -> None:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(HERE, "verdict_null_*.csv"))):
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                rows.append(dict(r, total=float(r["total"]), clean=float(r["clean"]),
+                                 failed_before=int(r["failed_before"]), null=np.array([float(v) for v in r["null"].split(";")])))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    groups = {(m, kind): [r for r in rows if r["model"] == m and r["kind"] == kind] for m in models for kind in KINDS}
+    table = []  # the chosen K and threshold, before and after
+    for (m, kind), group in groups.items():
+        table.append(dict(model=m, maps=kind, n=len(group), flagged_before=float(np.mean([r["failed_before"]
+                                                                                        for r in group])),
+                          flagged_after=flagged(group, NULL_MAPS, CHANCE_MARGIN),
+                          goal=" ".join(map(str, GOALS[kind])) if kind in GOALS else ""))
+    sweep = []  # every K and threshold: the worst case over the models of each goal
+    for k in NULL_SIZES:
+        for t in MARGINS:
+            row = dict(null_maps=k, chance_margin=float(t))
+            for kind, (side, goal) in GOALS.items():
+                rates = [flagged(groups[(m, kind)], k, t) for m in models]
+                row[kind] = max(rates) if side == "<=" else min(rates)
+            row["meets_goals"] = all(row[kind] <= goal if side == "<=" else row[kind] >= goal
+                                     for kind, (side, goal) in GOALS.items())
+            sweep.append(row)
+    with open(os.path.join(HERE, "verdict_null.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(sweep[0]))
+        writer.writeheader()
+        writer.writerows(sweep)
+    counts = ", ".join(f"{m} {len(groups[(m, 'default')])}" for m in models)
+    text = markdown(table, f"# Does the verdict beat chance?\n\nHeld-out samples: {counts}. Flagged: the verdict is "
+                           "not \"ok\". Before: blank or inverted fails; after: also a total below "
+                           f"{CHANCE_MARGIN} null spreads above the mean of {NULL_MAPS} null maps (the defaults). "
+                           "Written by `python benchmarks/verdict_null.py MODEL N` (CPU).")
+    text += "\n" + markdown([dict(r, meets_goals="yes" if r["meets_goals"] else "") for r in sweep],
+                            "## Every null size and threshold\n\nWorst case over the models: the highest flagged "
+                            "share of the default's maps, the lowest of the others (verdict_null.csv).")
+    with open(os.path.join(HERE, "verdict_null.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main() -> None:
+    if len(sys.argv) > 2:
+        name, n = sys.argv[1], int(sys.argv[2])
+        torch.set_num_threads(1)
+        rows = measure(name, n, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+        with open(os.path.join(HERE, f"verdict_null_{name}.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summarise()
+
+
+if __name__ == "__main__":
+    main()
