@@ -11,6 +11,8 @@ from pytorch_grad_cam_vlm.methods.answers import GeneratedExplanation, explain_g
 from pytorch_grad_cam_vlm.methods.attention import AttentionMap, AttentionRollout
 from pytorch_grad_cam_vlm.methods.auto import Explanation, explain
 from pytorch_grad_cam_vlm.methods.classify import classify_and_explain
+from pytorch_grad_cam_vlm.methods.prompt_words import PromptWords, prompt_word_relevance
+from pytorch_grad_cam_vlm.methods.rank import Ranking, rank_captions, rank_images
 from pytorch_grad_cam_vlm.methods.shapley_cam import ShapleyCAM
 from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEigenGradCAM, SmoothFullGrad,
                                                       SmoothGrad, SmoothGradCAM, SmoothGradCAMElementWise,
@@ -60,5 +62,6 @@ __all__ = [
     "Mistral3Wrapper", "build_tiny_mistral3",
     "Glm4vWrapper", "build_tiny_glm4v",
     "ClassifierWrapper", "classify_and_explain",
+    "PromptWords", "prompt_word_relevance", "Ranking", "rank_captions", "rank_images",
 ]
 __version__ = "0.2.0"
