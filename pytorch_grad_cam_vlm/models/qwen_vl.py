@@ -13,6 +13,7 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, check_size, find_module_list
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, canvas, qwen_pixel_values, qwen_reshape, side_by_side
 
 
 AnswerInput = Union[str, Sequence[int]]
@@ -26,6 +27,7 @@ class Layout:
     grid_thw: torch.Tensor  # (1, 3): t, h, w in patches
     vision_positions: torch.Tensor  # sequence positions of the image tokens, in raster order of the merged grid
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several images on one canvas (grid_thw has a row per image)
 
     @property
     def patch_grid(self) -> Tuple[int, int]:
@@ -158,9 +160,18 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         return self._text_model.embed_tokens.weight.dtype
 
     # ----------------------------------------------------------------------------------------- images
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
+    def preprocess(self, image: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """The processor's own resize (``smart_resize`` within its min/max pixels) and normalisation, as
-        ``(1, 3, H, W)`` float32 on the CPU. Accepts a path, a PIL image or a uint8 array; any mode is made RGB."""
+        ``(1, 3, H, W)`` float32 on the CPU. Accepts a path, a PIL image or a uint8 array; any mode is made RGB.
+        A list of images asks them all in one prompt: each is resized on its own and they lie side by side on one
+        canvas (:mod:`~pytorch_grad_cam_vlm.models.multi_image`), which :attr:`image_boxes` remembers until the
+        next call."""
+        if isinstance(image, (list, tuple)):
+            images = [self.preprocess(one) for one in image]
+            boxes = side_by_side([tuple(one.shape[2:]) for one in images])
+            self.image_boxes = boxes
+            return canvas(images, boxes)
+        self.image_boxes = None
         encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")
         grid = encoded["image_grid_thw"][0]
         return unpatchify(encoded["pixel_values"].float(), (int(grid[1]), int(grid[2])), self.patch_size,
@@ -170,7 +181,8 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
     def chat_text(self) -> str:
         """The prompt as the model sees it: the chat template around one image and the question, followed by the
         answer when one is set as text."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        images = [{"type": "image"}] * len(getattr(self, "image_boxes", None) or [None])
+        messages = [{"role": "user", "content": images + [{"type": "text", "text": self.prompt}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **self.chat_template_kwargs)
         return prompt + self.answer if isinstance(self.answer, str) else prompt
 
@@ -184,6 +196,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self._layouts: Dict[tuple, object] = {}
         self.layout = None
+        self.image_boxes: Optional[ImageBoxes] = None  # several images on one canvas, set by preprocess
         self.set_answer(answer, answer_reduction)
 
     def set_answer(self, answer: Optional[AnswerInput], reduction: str = "sum") -> None:
@@ -224,10 +237,15 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         ``mm_token_type_ids`` are exact. The placeholder is taken as it is (``do_resize=False``): the input was
         resized once already, by :meth:`preprocess`, and ``smart_resize`` is not idempotent (with ``min_pixels ==
         max_pixels`` it makes 84x112 of a 480x640 photo, then 112x140 of that)."""
-        key = (height, width)
+        boxes = self.image_boxes
+        if boxes is not None and boxes.canvas_size != (height, width):
+            raise ValueError(f"The images were prepared as a canvas of {boxes.canvas_size[0]}x{boxes.canvas_size[1]} "
+                             f"pixels (several images in one prompt), got {height}x{width}: preprocess them again.")
+        key = (height, width, boxes)
         if key not in self._layouts:
             check_size(height, width, self.token_cell)
-            placeholder = np.zeros((height, width, 3), dtype=np.uint8)
+            placeholder = [np.zeros((h, w, 3), dtype=np.uint8) for _, _, h, w in boxes.boxes] if boxes \
+                else np.zeros((height, width, 3), dtype=np.uint8)
             encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt",
                                      **self.canvas_kwargs)
             grid = encoded["image_grid_thw"]
@@ -237,7 +255,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
             answer_ids = None
             if self.answer is not None:
                 text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder, **self.canvas_kwargs)
-            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids)
+            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids, boxes)
         return self._layouts[key]
 
     # ----------------------------------------------------------------------------------------- forward
@@ -262,7 +280,8 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         layout = self.layout_for(height, width)
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
-        pixel_values = patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
+        pixel_values = qwen_pixel_values(self, x.to(device), layout.boxes) if layout.boxes else \
+            patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
         inputs["pixel_values"] = pixel_values.to(next(self.visual.parameters()).dtype)
         inputs["image_grid_thw"] = layout.grid_thw.repeat(b, 1).to(device)
         return inputs
@@ -296,6 +315,8 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         hidden = output[0] if isinstance(output, tuple) else output
         if self.layout is None:
             raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
+        if self.layout.boxes is not None:
+            return qwen_reshape(self, hidden)
         b, (gh, gw), m = self.batch_size, self.layout.patch_grid, self.merge_size
         if hidden.dim() == 3:
             tokens = hidden[:, self.layout.vision_positions.to(hidden.device)]

@@ -1,0 +1,123 @@
+"""Several images in one prompt, as one input that grad-cam runs on: the images side by side on one canvas.
+
+grad-cam needs one ``(B, 3, H, W)`` tensor: ``get_target_width_height`` reads the map size from it, the ROAD
+metrics impute pixels of a ``(3, H, W)`` image, the deletion check removes pixels of it. So the images of a prompt
+(each resized as the processor resizes it, whole token cells) are laid left to right, top-aligned, on one canvas;
+pixels outside every image hold 0 (the mean colour) and reach nothing. The wrapper's ``forward`` cuts each image back
+out of the canvas and patchifies it on its own grid, exactly as the processor would (one ``image_grid_thw`` row per
+image); ``reshape_transform`` places each image's token (or patch) grid at its box on the canvas's grid, zeros in
+between. Every grad-cam method, the deletion check and ROAD therefore run on the canvas unchanged, and a map of the
+canvas holds one map per image, each in its image's frame (:func:`image_maps`); :func:`mass_shares` says how the
+relevance splits between them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
+
+
+@dataclass(frozen=True)
+class ImageBoxes:
+    """Where each image of a prompt lies on the canvas: ``boxes[i] = (top, left, height, width)`` in pixels."""
+
+    boxes: Tuple[Box, ...]
+
+    @property
+    def canvas_size(self) -> Tuple[int, int]:
+        return (max(t + h for t, _, h, _ in self.boxes), max(l + w for _, l, _, w in self.boxes))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def side_by_side(sizes: Sequence[Tuple[int, int]]) -> ImageBoxes:
+    """Boxes for images of ``sizes`` ``(height, width)``, left to right and top-aligned."""
+    if len(sizes) < 2:
+        raise ValueError(f"Several images means at least two, got {len(sizes)}.")
+    lefts = np.cumsum([0] + [w for _, w in sizes[:-1]])
+    return ImageBoxes(tuple((0, int(left), int(h), int(w)) for left, (h, w) in zip(lefts, sizes)))
+
+
+def canvas(images: Sequence[torch.Tensor], boxes: ImageBoxes) -> torch.Tensor:
+    """The images ``(1, 3, h_i, w_i)`` on one ``(1, 3, H, W)`` canvas at their boxes, 0 elsewhere."""
+    out = images[0].new_zeros((1, 3) + boxes.canvas_size)
+    for image, (top, left, height, width) in zip(images, boxes.boxes):
+        out[:, :, top:top + height, left:left + width] = image
+    return out
+
+
+def crops(x: torch.Tensor, boxes: ImageBoxes) -> List[torch.Tensor]:
+    """Each image ``(B, 3, h_i, w_i)`` cut out of canvases ``x`` ``(B, 3, H, W)``."""
+    return [x[:, :, top:top + height, left:left + width] for top, left, height, width in boxes.boxes]
+
+
+def place(grids: Sequence[torch.Tensor], boxes: ImageBoxes, cell: int) -> torch.Tensor:
+    """Per-image grids ``(B, C, h_i / cell, w_i / cell)`` at their boxes on the canvas's grid of ``cell`` pixels,
+    ``(B, C, H / cell, W / cell)``, zeros outside every image."""
+    height, width = boxes.canvas_size
+    out = grids[0].new_zeros(grids[0].shape[:2] + (height // cell, width // cell))
+    for grid, (top, left, h, w) in zip(grids, boxes.boxes):
+        out[:, :, top // cell:(top + h) // cell, left // cell:(left + w) // cell] = grid
+    return out
+
+
+def image_maps(maps: np.ndarray, boxes: ImageBoxes) -> List[np.ndarray]:
+    """One map per image, in its own frame: ``maps`` ``(B, H, W)`` of canvases cut at the boxes, ``(B, h_i, w_i)``
+    each."""
+    return [maps[:, top:top + h, left:left + w] for top, left, h, w in boxes.boxes]
+
+
+def mass_shares(maps: np.ndarray, boxes: ImageBoxes) -> np.ndarray:
+    """``(B, N)``: the share of each canvas map's mass (its sum over the images' pixels) that lies in each image;
+    NaN for a map without mass."""
+    sums = np.stack([m.reshape(len(m), -1).sum(-1) for m in image_maps(np.asarray(maps, dtype=np.float64), boxes)],
+                    axis=1)
+    total = sums.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, sums / total, np.nan)
+
+
+# ----------------------------------------------------------------------------------------- Qwen's flat vision rows
+def qwen_pixel_values(wrapper, x: torch.Tensor, boxes: ImageBoxes) -> torch.Tensor:
+    """Qwen's ``pixel_values`` for canvases ``x`` ``(B, 3, H, W)``: each image patchified on its own grid, in the
+    processor's order (sample by sample, image by image)."""
+    from pytorch_grad_cam_vlm.models.qwen_vl import patchify
+
+    b = x.shape[0]
+    per_image = [patchify(image, wrapper.patch_size, wrapper.merge_size, wrapper.temporal_patch_size).reshape(
+        b, -1, wrapper.patch_size ** 2 * 3 * wrapper.temporal_patch_size) for image in crops(x, boxes)]
+    return torch.cat(per_image, dim=1).reshape(-1, per_image[0].shape[-1])
+
+
+def qwen_reshape(wrapper, hidden: torch.Tensor) -> torch.Tensor:
+    """:meth:`QwenVLWrapper.reshape_transform` for a canvas of several images: each image's tokens (decoder
+    layers, mergers) or patches (vision blocks) on its own grid, placed at its box on the canvas's grid."""
+    from pytorch_grad_cam_vlm.models.qwen_vl import vision_window_index
+
+    layout, b, m = wrapper.layout, wrapper.batch_size, wrapper.merge_size
+    grids = [(int(h), int(w)) for _, h, w in layout.grid_thw.tolist()]
+    tokens = [gh * gw // (m * m) for gh, gw in grids]
+    if hidden.dim() == 3:
+        rows = hidden[:, layout.vision_positions.to(hidden.device)].split(tokens, dim=1)
+        return place([r.reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+                      for r, (gh, gw) in zip(rows, grids)], layout.boxes, wrapper.token_cell)
+    order = torch.argsort(vision_window_index(wrapper.visual, layout.grid_thw.repeat(b, 1))).to(hidden.device)
+    patches = sum(gh * gw for gh, gw in grids)
+    if hidden.dim() == 2 and hidden.shape[0] == b * patches:  # vision block: merge blocks in window order
+        per_image = hidden.reshape(-1, m * m, hidden.shape[-1])[order].reshape(b, -1, m * m, hidden.shape[-1])
+        out = []
+        for chunk, (gh, gw) in zip(per_image.split(tokens, dim=1), grids):
+            grid = chunk.reshape(b, gh // m, gw // m, m, m, -1).permute(0, 5, 1, 3, 2, 4)
+            out.append(grid.reshape(b, -1, gh, gw).float())
+        return place(out, layout.boxes, wrapper.patch_size)
+    if hidden.dim() == 2 and hidden.shape[0] == b * sum(tokens):  # merger: one row per merge block
+        per_image = hidden[order].reshape(b, sum(tokens), -1).split(tokens, dim=1)
+        return place([r.reshape(b, gh // m, gw // m, -1).permute(0, 3, 1, 2).float()
+                      for r, (gh, gw) in zip(per_image, grids)], layout.boxes, wrapper.token_cell)
+    raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the {len(grids)} images of the "
+                     "latest forward pass.")
