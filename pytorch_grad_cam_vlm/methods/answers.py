@@ -11,7 +11,9 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from pytorch_grad_cam_vlm.image import ImageInput
 from pytorch_grad_cam_vlm.models.answer_text import vision_token_ids
+from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
 from pytorch_grad_cam_vlm.models.state import explaining
 
 class AnswerTokenScores(torch.nn.Module):
@@ -47,8 +49,10 @@ class AnswerSumTarget:
 @dataclass
 class GeneratedExplanation:
     """What :func:`explain_generated` found: the generated ``tokens`` (ids and text), each token's probability under
-    teacher forcing, one map per token ``maps`` ``(T, H, W)`` (token ``t`` explained with the tokens before it as
-    prefix) and ``combined`` ``(H, W)``, the map of the sum of the tokens' scores."""
+    teacher forcing, one map per token ``maps`` ``(T, H0, W0)`` (token ``t`` explained with the tokens before it as
+    prefix) and ``combined`` ``(H0, W0)``, the map of the sum of the tokens' scores, on the user's image (NaN where
+    the model saw no part of it; ``docs/frames.md``); ``model_maps`` ``(T, H, W)`` and ``model_combined`` the same
+    maps on the model's input, and ``frame`` where that input lies on the image."""
 
     token_ids: List[int]
     tokens: List[str]
@@ -57,6 +61,9 @@ class GeneratedExplanation:
     combined: np.ndarray
     text: str
     score: str
+    model_maps: Optional[np.ndarray] = None
+    model_combined: Optional[np.ndarray] = None
+    frame: Optional[ImageFrame] = None
 
 
 def generate_answer(wrapper, x: torch.Tensor, max_new_tokens: int = 16, **generate_kwargs) -> List[int]:
@@ -82,11 +89,16 @@ def generate_answer(wrapper, x: torch.Tensor, max_new_tokens: int = 16, **genera
     return new[:end]
 
 
-def explain_generated(wrapper, x: torch.Tensor, target_layers: Sequence[torch.nn.Module],
+def explain_generated(wrapper, x: Union[torch.Tensor, ImageInput], target_layers: Sequence[torch.nn.Module],
                       method: Callable = GradCAM, max_new_tokens: int = 16, score: str = "logit",
                       batch_size: int = 8, answer: Union[str, Sequence[int], None] = None,
-                      generate_kwargs: Optional[dict] = None, **cam_kwargs) -> GeneratedExplanation:
-    """Generate the answer to the wrapper's prompt for one image ``x`` ``(1, 3, H, W)`` and explain each token.
+                      generate_kwargs: Optional[dict] = None, image_size: Optional[Size] = None,
+                      **cam_kwargs) -> GeneratedExplanation:
+    """Generate the answer to the wrapper's prompt for one image and explain each token, the maps on that image.
+
+    ``x``: the image (a path, PIL image or uint8 array, preprocessed by ``wrapper.preprocess``), or its input
+    ``(1, 3, H, W)`` as ``wrapper.preprocess`` makes it, with ``image_size`` ``(height, width)`` of the image it was
+    made from (without it, the input is taken as the image), as :func:`~pytorch_grad_cam_vlm.explain` takes them.
 
     Token ``t``'s map explains its ``score`` (``"logit"``, as the one-token wrapper does, or ``"log_prob"``) with the
     tokens before it teacher-forced; the combined map explains the sum of all tokens' scores (with ``"log_prob"``,
@@ -101,6 +113,9 @@ def explain_generated(wrapper, x: torch.Tensor, target_layers: Sequence[torch.nn
         raise ValueError(f"score must be 'logit' or 'log_prob', got {score!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    x, (frame, *more) = prepare_images(wrapper, x, image_size)
+    if more:
+        raise ValueError(f"Explain one image's answer at a time, got a batch of {len(more) + 1}.")
     previous = (wrapper.answer, wrapper.answer_reduction)
     try:
         if answer is None:
@@ -122,27 +137,31 @@ def explain_generated(wrapper, x: torch.Tensor, target_layers: Sequence[torch.nn
     finally:
         wrapper.set_answer(*previous)
     tokenizer = wrapper.processor.tokenizer
+    on_image = frame.to_image(maps)
     return GeneratedExplanation(token_ids=token_ids, tokens=[tokenizer.decode([t]) for t in token_ids],
-                                probabilities=probabilities, maps=maps[:-1], combined=maps[-1],
-                                text=tokenizer.decode(token_ids, skip_special_tokens=True), score=score)
+                                probabilities=probabilities, maps=on_image[:-1], combined=on_image[-1],
+                                text=tokenizer.decode(token_ids, skip_special_tokens=True), score=score,
+                                model_maps=maps[:-1], model_combined=maps[-1], frame=frame)
 
 
 def plot_per_token(explanation: GeneratedExplanation, rgb: np.ndarray, path: Optional[str] = None,
                    columns: int = 4, title: Optional[str] = None):
     """The per-token figure: the combined map under the whole answer, then each token with its probability over its
-    map, as overlays on ``rgb`` ``(H, W, 3)`` in [0, 1]. Saved as a PNG at ``path`` when given; returns the
-    matplotlib ``Figure`` (drawn with the Agg canvas, no window)."""
+    map, as overlays on ``rgb`` ``(H, W, 3)`` in [0, 1] (the image the maps lie on). Saved as a PNG at ``path``
+    when given; returns the matplotlib ``Figure`` (drawn with the Agg canvas, no window)."""
     from pytorch_grad_cam_vlm.visualize import DPI, overlay, panel_figure
 
     if explanation.maps.shape[1:] != rgb.shape[:2]:
         raise ValueError(f"The maps are {explanation.maps.shape[1:]} and the image {rgb.shape[:2]}: pass the image "
-                         "that was explained, e.g. wrapper.to_rgb(x)[0].")
+                         "that was explained, on which the maps lie (np.asarray(picture) / 255, or wrapper.to_rgb(x)[0] "
+                         "for a tensor explained without image_size).")
     panels = [(explanation.combined, f"all {len(explanation.tokens)} tokens")]
     panels += [(m, f"{t.strip() or repr(t)} · p={p:.2f}")
                for t, p, m in zip(explanation.tokens, explanation.probabilities, explanation.maps)]
     columns = min(columns, len(panels))
     figure = panel_figure([(overlay(rgb, cam), label) for cam, label in panels], math.ceil(len(panels) / columns),
-                          columns, rgb.shape[:2], title or f"answer: {explanation.text!r} · {explanation.score}")
+                          columns, rgb.shape[:2], title or f"answer: {explanation.text!r} · {explanation.score}",
+                          unseen_shown=bool(np.isnan(explanation.maps).any()))
     if path is not None:
         figure.savefig(path, dpi=DPI)
     return figure

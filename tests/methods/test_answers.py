@@ -14,6 +14,8 @@ from pytorch_grad_cam_vlm import QwenVLWrapper
 from pytorch_grad_cam_vlm.methods.answers import explain_generated, plot_per_token
 from pytorch_grad_cam_vlm.methods.smooth_grad import SmoothGradCAM
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget, WordTarget
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
+from pytorch_grad_cam_vlm.visualize import figure_size
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 
 ANSWER = "a red circle"
@@ -267,13 +269,36 @@ def test_per_token_log_probs_in_chunks_combine_to_the_answer_map(wrapper, tiny_q
 
     figure = plot_per_token(result, wrapper.to_rgb(x)[0])
     panels = len(tokens) + 1
-    assert len(figure.axes) == panels
+    assert len(figure.axes) == panels + 1  # and the colour bar
     assert [text.get_text() for text in figure.texts][1:] == ["all 3 tokens"] + [
         f"{t} · p={p:.2f}" for t, p in zip(ANSWER.split(), result.probabilities)]
     width, height = figure.get_size_inches() * figure.dpi
-    assert (round(width), round(height)) == (4 * 256, 40 + math.ceil(panels / 4) * (22 + 256))
+    assert (round(width), round(height)) == figure_size(math.ceil(panels / 4), 4, SIZE, SIZE)  # test_visualize's
     with pytest.raises(ValueError, match="pass the image that was explained"):
         plot_per_token(result, np.zeros((28, 28, 3)))
+
+
+def test_per_token_maps_lie_on_the_users_image(wrapper):
+    """Given the picture, or its input with ``image_size``, the token maps lie on the picture: the input's maps
+    carried by the Qwen layout's plain resize (docs/frames.md), as ``explain`` gives them."""
+    picture = random_image(90, 150, seed=4)
+    x = wrapper.preprocess(picture)
+    layer = wrapper.decoder_layers[1]
+    on_input = explain_generated(wrapper, x, [layer], answer=ANSWER)  # no image_size: the input is the image
+    assert tuple(x.shape[2:]) != (90, 150) and on_input.frame.identity and on_input.maps.shape[1:] == x.shape[2:]
+    frame = ImageFrame.resized((90, 150), tuple(x.shape[2:]))
+    for result in (explain_generated(wrapper, picture, [layer], answer=ANSWER),
+                   explain_generated(wrapper, x, [layer], answer=ANSWER, image_size=(90, 150))):
+        assert result.maps.shape == (3, 90, 150) and result.combined.shape == (90, 150) and result.frame == frame
+        np.testing.assert_allclose(result.model_maps, on_input.maps, atol=1e-6)
+        np.testing.assert_allclose(result.model_combined, on_input.combined, atol=1e-6)
+        np.testing.assert_allclose(result.maps, frame.to_image(on_input.maps), atol=1e-6)
+        np.testing.assert_allclose(result.combined, frame.to_image(on_input.combined), atol=1e-6)
+    assert len(plot_per_token(result, picture / 255.0).axes) == 4 + 1  # on the picture itself; the colour bar
+    with pytest.raises(ValueError, match="image_size goes with preprocessed inputs"):
+        explain_generated(wrapper, picture, [layer], answer=ANSWER, image_size=(90, 150))
+    with pytest.raises(ValueError, match="one image's answer at a time"):
+        explain_generated(wrapper, torch.cat([x, x]), [layer], answer=ANSWER)
 
 
 def test_smooth_grad_twin_explains_answers(tiny_qwen, image):
