@@ -40,6 +40,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             yes_no_prompt(args.caption[0], args.template)
         except ValueError as error:
             raise InputError(f"--template: {error}") from error
+    if len(items) > 1 and args.query_image:
+        raise InputError("--query-image goes beside each image ranked for one caption or answer, not with several.")
+    if args.query_image and not os.path.isfile(args.query_image):
+        raise InputError(f"--query-image must be one image file, got {args.query_image}.")
     if len(items) > 1 and not os.path.isfile(args.image):
         raise InputError(f"Several {'captions' if args.caption else 'answers'} rank the captions for one image: "
                          f"--image must be one file, got {args.image}.")
@@ -71,7 +75,8 @@ def run_rank(args: argparse.Namespace) -> int:
         else:
             ranking = rank_images(wrapper, images, caption=args.caption and args.caption[0], question=args.prompt,
                                   answer=args.answer and args.answer[0], template=args.template, yes_no=args.yes_no,
-                                  names=[os.path.basename(i) for i in images], batch_size=args.batch_size, **options)
+                                  names=[os.path.basename(i) for i in images], batch_size=args.batch_size,
+                                  query_image=args.query_image and find_images(args.query_image)[0], **options)
     except ValueError as error:
         raise InputError(str(error)) from error
     rows = ranking.rows()
@@ -98,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="answer scoring: the question that --answer answers")
     parser.add_argument("--answer", nargs="+", help="answer scoring: the answer whose probability scores each image; "
                                                     "several answers rank the answers for one --image")
+    parser.add_argument("--query-image", help="an image asked beside each ranked image, first in the prompt (Qwen "
+                                              "families, which take several images)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help=f"the yes/no question around {{caption}} (default {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--yes-no", nargs=2, default=list(YES_NO), metavar=("YES", "NO"),

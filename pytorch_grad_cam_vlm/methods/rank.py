@@ -34,7 +34,7 @@ from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, auto_batch_size
 from pytorch_grad_cam_vlm.models.answer_text import VISION_TOKENS
-from pytorch_grad_cam_vlm.models.qwen_vl import check_prompt
+from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, check_prompt
 
 # The question of retrieval code built on Qwen-VL, and the words its instruction-tuned models answer with (the first
 # word of an answer has no leading space: Qwen's tokenizer gives "Yes" and " Yes" their own ids). A convention, not a
@@ -167,17 +167,24 @@ def _target(yes_no: Optional[Tuple[int, int]]):
     return AnswerTarget() if yes_no is None else ContrastiveTarget(*yes_no)
 
 
-def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: Sequence[str]) -> List[torch.Tensor]:
-    """Every image through the wrapper's own preprocessing before any model work, a failure naming its image."""
+def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: Sequence[str],
+                query_image: Optional[ImageInput] = None) -> Tuple[List[torch.Tensor], list]:
+    """Every image through the wrapper's own preprocessing before any model work, a failure naming its image; with
+    a ``query_image``, each image beside it on one canvas. Returns the inputs and their canvas boxes (``None``
+    without a query image)."""
     if len(images) == 0:
         raise ValueError("Nothing to rank: pass at least one image.")
-    xs = []
+    if query_image is not None and not isinstance(wrapper, QwenVLWrapper):
+        raise ValueError(f"A query image goes beside each image in one prompt, and {type(wrapper).__name__} takes one "
+                         "image per prompt: use a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 model.")
+    xs, boxes = [], []
     for image, name in zip(images, names):
         try:
-            xs.append(wrapper.preprocess(image))
+            xs.append(wrapper.preprocess(image if query_image is None else [query_image, image]))
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{name}: {error}") from error
-    return xs
+        boxes.append(getattr(wrapper, "image_boxes", None))
+    return xs, boxes
 
 
 def _yes_no_ids(wrapper: torch.nn.Module, yes_no: Sequence[str]) -> Tuple[int, int]:
@@ -191,16 +198,21 @@ def _yes_no_ids(wrapper: torch.nn.Module, yes_no: Sequence[str]) -> Tuple[int, i
 
 
 def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequence[Query], names: Sequence[str],
-          yes_no: Optional[Tuple[int, int]], batch_size: Optional[int], explain_options: dict) -> Ranking:
+          yes_no: Optional[Tuple[int, int]], batch_size: Optional[int], explain_options: dict,
+          boxes: Optional[list] = None) -> Ranking:
     """Score and explain item ``i`` (image ``xs[i]`` asked ``queries[i]``); items that share a query and an image
     size go through the model together, ``batch_size`` (default: the deletion check's
-    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.auto_batch_size`) images at a time."""
+    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.auto_batch_size`) images at a time. Items on a canvas
+    beside a query image (``boxes[i]``) keep the map of their own box, the second."""
+    boxes = boxes or [None] * len(xs)
     groups: Dict[tuple, List[int]] = {}
     for i, (x, query) in enumerate(zip(xs, queries)):
-        groups.setdefault((query, tuple(x.shape[2:])), []).append(i)
+        groups.setdefault((query, tuple(x.shape[2:]), boxes[i]), []).append(i)
     n = len(xs)
     scores, maps, methods, layers, checks = np.zeros(n), [None] * n, [""] * n, [None] * n, [None] * n
-    for (query, _), members in groups.items():
+    for (query, _, canvas_boxes), members in groups.items():
+        if canvas_boxes is not None:
+            wrapper.image_boxes = canvas_boxes
         with asking(wrapper, query):
             step = batch_size or auto_batch_size(xs[members[0]])
             for start in range(0, len(members), step):
@@ -211,9 +223,14 @@ def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequenc
                 for b, i in enumerate(chunk):
                     maps[i], methods[i] = result.maps[b], result.methods[b]
                     layers[i], checks[i] = result.layers[b], result.checks[b]
+    rgb = [wrapper.to_rgb(x)[0] for x in xs]
+    for i, canvas_boxes in enumerate(boxes):
+        if canvas_boxes is not None:  # the ranked image's own frame: the second box, beside the query image
+            top, left, height, width = canvas_boxes.boxes[1]
+            maps[i], rgb[i] = (a[top:top + height, left:left + width] for a in (maps[i], rgb[i]))
     return Ranking(names=list(names), queries=list(queries), scoring="answer" if yes_no is None else "yes/no",
                    scores=scores, entropies=binary_entropy(scores), maps=maps, methods=methods, layers=layers,
-                   checks=checks, rgb=[wrapper.to_rgb(x)[0] for x in xs])
+                   checks=checks, rgb=rgb)
 
 
 def _queries(wrapper: torch.nn.Module, captions: Optional[Sequence[str]], question: Optional[str],
@@ -235,19 +252,27 @@ def _queries(wrapper: torch.nn.Module, captions: Optional[Sequence[str]], questi
 def rank_images(wrapper: torch.nn.Module, images: Sequence[ImageInput], caption: Optional[str] = None,
                 question: Optional[str] = None, answer: Optional[str] = None, template: str = DEFAULT_TEMPLATE,
                 yes_no: Sequence[str] = YES_NO, names: Optional[Sequence[str]] = None,
-                batch_size: Optional[int] = None, **explain_options) -> Ranking:
+                batch_size: Optional[int] = None, query_image: Optional[ImageInput] = None,
+                **explain_options) -> Ranking:
     """Rank ``images`` (paths, PIL images or uint8 arrays) by how well each matches ``caption`` (yes/no scoring,
     asked through ``template``), or by the probability of ``answer`` to ``question``; each image's map explains its
     score through :func:`~pytorch_grad_cam_vlm.methods.auto.explain` (``explain_options``: ``method``, ``layers``,
     ``fractions``, ``fill``, ``seed``, ``options``). ``names`` label the images (default ``image 0``, ...). Every
-    input is checked before the model runs; the wrapper's own prompt and answer are kept."""
+    input is checked before the model runs; the wrapper's own prompt and answer are kept. A ``query_image`` (Qwen
+    families) goes first in every prompt, each image second on one canvas; each map is the image's part of the
+    canvas's map, its check the canvas map's."""
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images.")
     queries, ids = _queries(wrapper, None if caption is None else [caption], question,
                             None if question is None else [answer], template, yes_no)
-    xs = _preprocess(wrapper, images, names)
-    return _rank(wrapper, xs, queries * len(xs), names, ids, batch_size, explain_options)
+    saved = getattr(wrapper, "image_boxes", None)  # preprocess sets it: the caller's canvas comes back after
+    try:
+        xs, boxes = _preprocess(wrapper, images, names, query_image)
+        return _rank(wrapper, xs, queries * len(xs), names, ids, batch_size, explain_options, boxes)
+    finally:
+        if hasattr(wrapper, "image_boxes"):
+            wrapper.image_boxes = saved
 
 
 def rank_captions(wrapper: torch.nn.Module, image: ImageInput, captions: Optional[Sequence[str]] = None,
@@ -260,5 +285,5 @@ def rank_captions(wrapper: torch.nn.Module, image: ImageInput, captions: Optiona
     if items is not None and len(items) == 0:
         raise ValueError("Nothing to rank: pass at least one caption or answer.")
     queries, ids = _queries(wrapper, captions, question, answers, template, yes_no)
-    x = _preprocess(wrapper, [image], ["the image"])[0]
+    x = _preprocess(wrapper, [image], ["the image"])[0][0]
     return _rank(wrapper, [x] * len(queries), queries, list(items), ids, None, explain_options)

@@ -76,3 +76,18 @@ def test_an_empty_folder_is_refused(tmp_path, capsys):
     assert main(["rank", "--model", "demo", "--image", str(tmp_path / "empty"), "--prompt", QUESTION, "--answer",
                  "circle", "--out", str(tmp_path / "out")] + CHEAP) == 2
     assert "No image files in folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_query_image_goes_beside_each_ranked_image(folder, tmp_path, capsys):
+    names = sorted(os.listdir(folder))
+    out = tmp_path / "out"
+    assert main(["rank", "--model", "demo", "--image", str(folder), "--query-image", str(folder / names[0]),
+                 "--prompt", QUESTION, "--answer", "circle", "--out", str(out)] + CHEAP) == 0, capsys.readouterr().err
+    rows = json.loads((out / "ranking.json").read_text())
+    model, processor = load_demo_model()
+    ranking = rank_images(QwenVLWrapper(model, processor, prompt=QUESTION), [str(folder / n) for n in names],
+                          question=QUESTION, answer="circle", query_image=str(folder / names[0]), method="GradCAM",
+                          layers="projector,1")
+    for row in rows:
+        assert row["score"] == pytest.approx(ranking.scores[row["index"]], abs=1e-6)
+    assert np.load(out / "ranking_maps.npz")[rows[0]["map"]].shape == (112, 112)

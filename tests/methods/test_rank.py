@@ -172,3 +172,32 @@ def test_every_prompt_taking_family_ranks_as_a_wrapper_asked_directly(family, tm
     with torch.no_grad():
         np.testing.assert_allclose(answers.scores[1], float(blue(blue.preprocess(images[0]))[0, 0].exp()), atol=1e-6)
 
+
+
+def test_a_query_image_beside_each_image_scores_as_the_processor_with_both(demo):
+    wrapper, samples = demo
+    query, images = samples[0].image, [s.image for s in samples[1:4]]
+    ranking = rank_images(wrapper, images, question=QUESTION, answer="circle", query_image=query, **CHEAP)
+    assert wrapper.image_boxes is None and wrapper.prompt == PROMPT
+    answer_id = wrapper.token_id("circle")
+    for i, image in enumerate(images):
+        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+        text = wrapper.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                     add_generation_prompt=True) + "circle"
+        inputs = wrapper.processor(text=[text], images=[query, image], return_tensors="pt")
+        with torch.no_grad():
+            logits = wrapper.model(**inputs).logits[0, -2].double()
+        np.testing.assert_allclose(ranking.scores[i], float(torch.softmax(logits, -1)[answer_id]), atol=1e-6)
+    asked = QwenVLWrapper(wrapper.model, wrapper.processor, prompt=QUESTION, answer="circle")
+    x = asked.preprocess([query, images[1]])
+    alone = explain(asked, x, [AnswerTarget()], **CHEAP)
+    top, left, height, width = asked.image_boxes.boxes[1]
+    np.testing.assert_allclose(ranking.maps[1], alone.maps[0][top:top + height, left:left + width], atol=1e-5)
+    assert ranking.rgb[1].shape[:2] == (height, width) == samples[2].image.shape[:2]
+
+
+def test_a_query_image_needs_a_family_that_takes_several(tmp_path):
+    model, processor = build_tiny_llava(tmp_path / "llava", seed=0)
+    wrapper = LlavaWrapper(model, processor, prompt=PROMPT)
+    with pytest.raises(ValueError, match="LlavaWrapper takes one image per prompt: use a Qwen2-VL"):
+        rank_images(wrapper, [random_image(32, 32)], question=QUESTION, answer="red", query_image=random_image(32, 32))
