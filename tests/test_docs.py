@@ -3,7 +3,8 @@ namespace per file, and README's tables of numbers equal what benchmarks/readme_
 
 The one substitution: hub model names become local models, nothing downloaded. Qwen names become the embedded demo
 model; CLIP, SigLIP and SigLIP 2 names become tiny random models of the same family (build_tiny_clip). The images
-the blocks name (``image``, ``"dog.jpg"``, ...) are a demo sample, written where the blocks run.
+the blocks name (``image``, ``"dog.jpg"``, ...) are a demo sample, written where the blocks run; every block runs
+again on a non-square photo on which ``explain`` chooses the projector (a layer that is no index).
 """
 import glob
 import os
@@ -11,6 +12,7 @@ import re
 import sys
 
 import matplotlib
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,21 +39,43 @@ def substitutions(tmp_path_factory):
     return names
 
 
+def wide_photo():
+    """A held-out demo sample widened by half with background noise (112x168, the model sees 84x112): explain's
+    default chooses the projector on it for README's question (test_explain_chooses_the_projector_on_the_wide_photo)."""
+    sample = make_demo_samples(2, seed=0)[1]
+    rng = np.random.default_rng(1)
+    h, w, _ = sample.image.shape
+    extra = np.clip(rng.normal(sample.image[:, :8].mean((0, 1)), 8, (h, w // 2, 3)), 0, 255).astype(np.uint8)
+    return np.concatenate([sample.image, extra], 1)
+
+
+PHOTOS = {"square": lambda: make_demo_samples(1, seed=0)[0].image, "wide_projector": wide_photo}
+
+
+def test_explain_chooses_the_projector_on_the_wide_photo():
+    from pytorch_grad_cam_vlm import QwenVLWrapper, explain, load_demo_model
+
+    wrapper = QwenVLWrapper(*load_demo_model(), prompt="What color is the circle?")  # README's quick start
+    x = wrapper.preprocess(wide_photo())
+    assert x.shape[2] != x.shape[3] and explain(wrapper, x).layers[0] == "projector"
+
+
 def python_blocks(path):
     with open(os.path.join(ROOT, path)) as f:
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
+@pytest.mark.parametrize("photo", sorted(PHOTOS))
 @pytest.mark.parametrize("path", DOCS)
-def test_every_python_block_runs(path, substitutions, tmp_path, monkeypatch):
+def test_every_python_block_runs(path, photo, substitutions, tmp_path, monkeypatch):
     blocks = python_blocks(path)
     assert blocks, f"{path} has no Python block"
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
-    sample = make_demo_samples(1, seed=0)[0]
+    image = PHOTOS[photo]()
     for name in IMAGE_FILES:
-        Image.fromarray(sample.image).save(name)
-    namespace = {"image": sample.image, "__name__": "__docs__"}
+        Image.fromarray(image).save(name)
+    namespace = {"image": image, "__name__": "__docs__"}
     for index, block in enumerate(blocks):
         for name, local in substitutions.items():
             block = block.replace(f'"{name}"', repr(local))

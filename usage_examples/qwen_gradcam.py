@@ -4,6 +4,7 @@ measurement: every candidate method and decoder layer, each map scored by the de
     python usage_examples/qwen_gradcam.py --model Qwen/Qwen2.5-VL-3B-Instruct --image cat.jpg \
         --prompt "What animal is this?"
     python usage_examples/qwen_gradcam.py        # the embedded demo model on one of its held-out images, no download
+    python usage_examples/qwen_gradcam.py --model demo --image photo.jpg --prompt "What shape is the red object?"
 
 Writes ``auto_overlay.png`` (the best-checked map) and ``auto_layers.png`` (every candidate layer of the chosen
 method, from one pass, each panel with its check).
@@ -13,30 +14,31 @@ import argparse
 import torch
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, explain
+from pytorch_grad_cam_vlm.demo import embedded_model_path, make_demo_samples
 from pytorch_grad_cam_vlm.visualize import save_figure
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", help="Qwen2.5-VL folder or hub id (default: the embedded demo model)")
-parser.add_argument("--image")
+parser.add_argument("--model", default="demo", help="Qwen2.5-VL folder or hub id, or demo / crosses (the embedded "
+                                                    "models, no download; default demo)")
+parser.add_argument("--image", help="image file (default: a held-out image of the demo task, with its question)")
 parser.add_argument("--prompt")
 args = parser.parse_args()
+if (args.image is None) != (args.prompt is None) or (args.image is None and args.model != "demo"):
+    parser.error("give --image and --prompt together (only the demo model has a default image and question)")
 
-if args.model:
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16 if
-                                                                torch.cuda.is_available() else torch.float32)
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    processor = AutoProcessor.from_pretrained(args.model)
-    image, prompt = args.image, args.prompt
-else:
-    from pytorch_grad_cam_vlm.demo import load_demo_model, make_demo_samples
-
-    model, processor = load_demo_model()
+path = embedded_model_path(args.model)  # "demo" and "crosses" are folders inside the package
+model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16 if torch.cuda.is_available()
+                                                           else torch.float32)
+model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+processor = AutoProcessor.from_pretrained(path)
+if args.image is None:
     sample = make_demo_samples(1)[0]
     image, prompt = sample.image, sample.prompt
+else:
+    image, prompt = args.image, args.prompt
 
 wrapper = QwenVLWrapper(model, processor, prompt=prompt)  # images (B, 3, H, W) -> next-token logits (B, vocab)
 x = wrapper.preprocess(image)  # the processor's resize and normalisation, as one (1, 3, H, W) tensor

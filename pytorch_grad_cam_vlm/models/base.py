@@ -9,6 +9,7 @@ from typing import Iterator, List, Sequence, Tuple, Type
 import numpy as np
 import torch
 
+from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.state import (Stage, eager_attention, explaining, graph_starts_at,
                                               has_forward_hooks, hookable_tuple_outputs, shallowest_hooked,
@@ -48,6 +49,18 @@ class ModelWrapper(torch.nn.Module):
     def layers(self) -> List[torch.nn.Module]:
         """The layers that layer choices index: a VLM's decoder layers, a CLIP model's vision layers."""
         raise NotImplementedError
+
+    def layer(self, choice: Layer) -> torch.nn.Module:
+        """The module of a layer choice as :func:`~pytorch_grad_cam_vlm.explain` names it in ``result.layers``: an
+        index into :attr:`layers`, or ``"projector"`` on a vision-language model; e.g.
+        ``SmoothGradCAM(model=wrapper, target_layers=[wrapper.layer(result.layers[0])], ...)``."""
+        count, projector = len(self.layers), has_projector(self)
+        index = isinstance(choice, (int, np.integer)) and not isinstance(choice, bool)
+        if not (index and -count <= choice < count) and not (projector and choice == PROJECTOR):
+            raise ValueError(f"Unknown layer choice {choice!r}: use an index into wrapper.layers (0..{count - 1}, or "
+                             f"negative from the end){' or ' + repr(PROJECTOR) if projector else ''}, as "
+                             "explain's result.layers names them.")
+        return layer_modules(self, [choice])[0]
 
     @property
     def last_layer_blank(self) -> bool:

@@ -1,5 +1,6 @@
-"""GLM-4V adapter (GLM-4.1V-Thinking; GLM-4.5V shares its vision side): :class:`QwenVLWrapper`'s contract on GLM's
-vision encoder, read from transformers' ``models/glm4v``.
+"""GLM-4V adapter (GLM-4.1V, ``glm4v``; GLM-4.5V, ``glm4v_moe``, whose vision encoder and processor are the same and
+whose decoder mixes experts): :class:`QwenVLWrapper`'s contract on GLM's vision encoder, read from transformers'
+``models/glm4v`` and ``models/glm4v_moe``.
 
 What is Qwen's, and handled by :class:`QwenVLWrapper` unchanged:
 
@@ -25,10 +26,11 @@ import torch
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, check_prompt
 
 IMAGE_TOKENS = ("<|image|>", "<|begin_of_image|>", "<|end_of_image|>")
+FAMILIES = ("glm4v", "glm4v_moe")
 
 
 class Glm4vWrapper(QwenVLWrapper):
-    """GLM-4V as an image classifier over the vocabulary, for grad-cam.
+    """GLM-4V (GLM-4.1V) and GLM-4V-MoE (GLM-4.5V) as an image classifier over the vocabulary, for grad-cam.
 
     The contract of :class:`QwenVLWrapper`: ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (multiples of 28
     pixels, as :meth:`preprocess` makes them with the processor's own ``smart_resize``) and returns the next-token
@@ -39,7 +41,7 @@ class Glm4vWrapper(QwenVLWrapper):
     """
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, **kwargs) -> None:
-        if getattr(model.config, "model_type", None) != "glm4v":
-            raise ValueError(f"Glm4vWrapper supports model type 'glm4v', got {model.config.model_type!r}.")
+        if getattr(model.config, "model_type", None) not in FAMILIES:
+            raise ValueError(f"Glm4vWrapper supports model types {FAMILIES}, got {model.config.model_type!r}.")
         check_prompt(prompt, IMAGE_TOKENS)
         super().__init__(model, processor, prompt, **kwargs)

@@ -40,6 +40,9 @@ PROMPT_FAMILIES = {
     "smolvlm": PromptFamily("SmolVLMForConditionalGeneration", "idefics3:Idefics3Wrapper", "SmolVLM2"),
     "mistral3": PromptFamily("Mistral3ForConditionalGeneration", "mistral3:Mistral3Wrapper", "Mistral 3"),
     "glm4v": PromptFamily("Glm4vForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V"),
+    "glm4v_moe": PromptFamily("Glm4vMoeForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V-MoE"),
+    "mistral3": PromptFamily("Mistral3ForConditionalGeneration", "mistral3:Mistral3Wrapper", "Mistral 3"),
+    "glm4v": PromptFamily("Glm4vForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V"),
     "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).

@@ -1,6 +1,6 @@
-"""Glm4vWrapper on a tiny GLM-4V: QwenVLWrapper's contract on GLM's encoder (merge-block patches, a strided 2x2
-convolution and a gated merger, 3-D rotary positions), checked against the processor path, exact token geometry and
-Grad-CAM by hand."""
+"""Glm4vWrapper on tiny GLM-4V and GLM-4V-MoE models: QwenVLWrapper's contract on GLM's encoder (merge-block
+patches, a strided 2x2 convolution and a gated merger, 3-D rotary positions), checked against the processor path,
+exact token geometry and Grad-CAM by hand."""
 import copy
 
 import numpy as np
@@ -24,11 +24,12 @@ CELL = 28  # one image token: 2x2 patches of 14 px
 SIZES = [(56, 56), (70, 100), (130, 250), (300, 90)]  # square, landscape, shrunk to the pixel budget, portrait
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, processor, folder) of a tiny random GLM-4V saved and loaded back (see models/tiny/glm4v.py)."""
-    folder = tmp_path_factory.mktemp("tiny_glm4v")
-    model, processor = build_tiny_glm4v(folder, seed=0)
+@pytest.fixture(scope="module", params=["glm4v", "glm4v_moe"])
+def tiny(request, tmp_path_factory):
+    """(model, processor, folder) of a tiny random GLM-4V (GLM-4.1V) or GLM-4V-MoE (GLM-4.5V: experts from decoder
+    layer 1 on) saved and loaded back (see models/tiny/glm4v.py)."""
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    model, processor = build_tiny_glm4v(folder, family=request.param, seed=0)
     return model, processor, str(folder)
 
 
@@ -285,7 +286,7 @@ def test_explain_returns_a_map_of_the_input_size(tiny):
 def test_cli_explain_writes_maps_and_report(tiny, tmp_path, capsys):
     _, _, folder = tiny
     Image.fromarray(random_image(70, 100, seed=14)).save(tmp_path / "image.png")
-    x = check_cli_explain(folder, "glm4v", Glm4vWrapper, tmp_path / "image.png", tmp_path, capsys)
+    x = check_cli_explain(folder, tiny[0].config.model_type, Glm4vWrapper, tmp_path / "image.png", tmp_path, capsys)
     assert x.shape[2:] == (56, 112)
 
 
@@ -295,4 +296,4 @@ def test_per_token_maps_follow_the_processor_path(tiny):
 
 def test_benchmark_and_explorer_run_on_a_saved_checkpoint(tiny, tmp_path):
     model, processor, folder = tiny
-    check_benchmark_and_explorer(model, processor, "glm4v", folder, wrap(tiny), tmp_path)
+    check_benchmark_and_explorer(model, processor, model.config.model_type, folder, tmp_path)

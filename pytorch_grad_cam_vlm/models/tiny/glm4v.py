@@ -1,4 +1,4 @@
-"""Offline builder for a tiny GLM-4V model (GLM-4.1V-Thinking, GLM-4.5V's vision side) with its real processor.
+"""Offline builders for tiny GLM-4V (GLM-4.1V) and GLM-4V-MoE (GLM-4.5V) models with their real processor.
 
 As :mod:`pytorch_grad_cam_vlm.models.tiny.qwen_vl` does for Qwen2.5-VL: a small config, GLM-4V's real processor
 (``Glm4vProcessor``), image processor (``Glm4vImageProcessor``: GLM's ``smart_resize`` to multiples of 28 within its
@@ -63,10 +63,14 @@ def build_glm4v_processor(words: Iterable[str] = DEFAULT_WORDS, min_pixels: int 
                                        video_processor=video_processor, chat_template=GLM4V_CHAT_TEMPLATE)
 
 
-def tiny_glm4v_config(tokenizer, text_layers: int = 4, text_width: int = 64, vision_blocks: int = 2,
-                      vision_width: int = 32, heads: int = 4, vision_heads: int = 2):
-    """A small GLM-4V config: a vision encoder of ``vision_blocks`` blocks (14-px patches, a 4x4 learned position
-    table, 2x2 merge) and a GLM-4 decoder of ``text_layers`` layers with partial 3-D rotary positions."""
+GLM4V_FAMILIES = ("glm4v", "glm4v_moe")
+
+
+def tiny_glm4v_config(tokenizer, family: str = "glm4v", text_layers: int = 4, text_width: int = 64,
+                      vision_blocks: int = 2, vision_width: int = 32, heads: int = 4, vision_heads: int = 2):
+    """A small config of ``family``: a vision encoder of ``vision_blocks`` blocks (14-px patches, a 4x4 learned
+    position table, 2x2 merge) and a GLM-4 decoder of ``text_layers`` layers with partial 3-D rotary positions;
+    ``"glm4v_moe"`` (GLM-4.5V) makes every layer after the first a mixture of 4 experts (2 per token, one shared)."""
     import transformers
 
     ids = tokenizer.convert_tokens_to_ids
@@ -80,22 +84,30 @@ def tiny_glm4v_config(tokenizer, text_layers: int = 4, text_width: int = 64, vis
                   num_heads=vision_heads, patch_size=PATCH, image_size=4 * PATCH, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=text_width,
                   rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
-    return transformers.Glm4vConfig(
+    if family == "glm4v_moe":
+        text.update(moe_intermediate_size=text_width, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1)
+    config_cls = {"glm4v": transformers.Glm4vConfig, "glm4v_moe": transformers.Glm4vMoeConfig}[_check(family)]
+    return config_cls(
         text_config=text, vision_config=vision, image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
         image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
         video_start_token_id=ids("<|begin_of_video|>"), video_end_token_id=ids("<|end_of_video|>"))
 
 
-def build_tiny_glm4v(path: Optional[str | os.PathLike] = None, seed: int = 0, words: Iterable[str] = DEFAULT_WORDS,
-                     dtype: torch.dtype = torch.float32, **config_kwargs) -> Tuple[torch.nn.Module, object]:
-    """Build a tiny random GLM-4V (``Glm4vForConditionalGeneration``) and its processor, save both to ``path`` with
-    ``save_pretrained`` and load them back with ``from_pretrained``. Returns ``(model, processor)``."""
+def build_tiny_glm4v(path: Optional[str | os.PathLike] = None, family: str = "glm4v", seed: int = 0,
+                     words: Iterable[str] = DEFAULT_WORDS, dtype: torch.dtype = torch.float32, **config_kwargs
+                     ) -> Tuple[torch.nn.Module, object]:
+    """Build a tiny random GLM-4V (``family="glm4v"``, ``Glm4vForConditionalGeneration``) or GLM-4.5V
+    (``"glm4v_moe"``, ``Glm4vMoeForConditionalGeneration``) and its processor (``Glm4vProcessor`` for both, as
+    released), save both to ``path`` with ``save_pretrained`` and load them back with ``from_pretrained``. Returns
+    ``(model, processor)``."""
     import transformers
 
     processor = build_glm4v_processor(words)
-    config = tiny_glm4v_config(processor.tokenizer, **config_kwargs)
+    config = tiny_glm4v_config(processor.tokenizer, family=family, **config_kwargs)
     torch.manual_seed(seed)
-    model_cls = transformers.Glm4vForConditionalGeneration
+    model_cls = {"glm4v": transformers.Glm4vForConditionalGeneration,
+                 "glm4v_moe": transformers.Glm4vMoeForConditionalGeneration}[family]
     model = model_cls(config)
     # transformers' std of 0.02 makes the merger's image embeddings ~20x smaller than the text embeddings (norms
     # 0.007 and 0.16), so decoder maps of a random model follow the text; a trained merger's are not so small
@@ -103,4 +115,10 @@ def build_tiny_glm4v(path: Optional[str | os.PathLike] = None, seed: int = 0, wo
         for linear in (model.model.visual.merger.gate_proj, model.model.visual.merger.up_proj,
                        model.model.visual.merger.down_proj):
             linear.weight.normal_(std=linear.weight.shape[1] ** -0.5)
-    return save_and_reload(model, processor, path, model_cls, dtype, prefix="tiny_glm4v_")
+    return save_and_reload(model, processor, path, model_cls, dtype, prefix=f"tiny_{family}_")
+
+
+def _check(family: str) -> str:
+    if family not in GLM4V_FAMILIES:
+        raise ValueError(f"Unknown family {family!r}: use one of {', '.join(GLM4V_FAMILIES)}.")
+    return family
