@@ -1,6 +1,7 @@
 """GLM-4V adapter (GLM-4.1V, ``glm4v``; GLM-4.5V, ``glm4v_moe``, whose vision encoder and processor are the same and
-whose decoder mixes experts): :class:`QwenVLWrapper`'s contract on GLM's vision encoder, read from transformers'
-``models/glm4v`` and ``models/glm4v_moe``.
+whose decoder mixes experts; GLM-4.6V, ``glm46v``, the same encoder and processor under their own class names):
+:class:`QwenVLWrapper`'s contract on GLM's vision encoder, read from transformers' ``models/glm4v``,
+``models/glm4v_moe`` and ``models/glm46v``.
 
 What is Qwen's, and handled by :class:`QwenVLWrapper` unchanged:
 
@@ -26,11 +27,12 @@ import torch
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, check_prompt
 
 IMAGE_TOKENS = ("<|image|>", "<|begin_of_image|>", "<|end_of_image|>")
-FAMILIES = ("glm4v", "glm4v_moe")
+FAMILIES = ("glm4v", "glm4v_moe", "glm46v")
 
 
 class Glm4vWrapper(QwenVLWrapper):
-    """GLM-4V (GLM-4.1V) and GLM-4V-MoE (GLM-4.5V) as an image classifier over the vocabulary, for grad-cam.
+    """GLM-4V (GLM-4.1V), GLM-4V-MoE (GLM-4.5V) and GLM-4.6V as an image classifier over the vocabulary, for
+    grad-cam.
 
     The contract of :class:`QwenVLWrapper`: ``forward(x)`` takes normalised images ``(B, 3, H, W)`` (multiples of 28
     pixels, as :meth:`preprocess` makes them with the processor's own ``smart_resize``) and returns the next-token

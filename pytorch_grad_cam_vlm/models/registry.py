@@ -41,6 +41,7 @@ PROMPT_FAMILIES = {
     "mistral3": PromptFamily("Mistral3ForConditionalGeneration", "mistral3:Mistral3Wrapper", "Mistral 3"),
     "glm4v": PromptFamily("Glm4vForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V"),
     "glm4v_moe": PromptFamily("Glm4vMoeForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V-MoE"),
+    "glm46v": PromptFamily("Glm46VForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4.6V"),
     "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).

@@ -1,4 +1,4 @@
-"""Glm4vWrapper on tiny GLM-4V and GLM-4V-MoE models: QwenVLWrapper's contract on GLM's encoder (merge-block
+"""Glm4vWrapper on tiny GLM-4V, GLM-4V-MoE and GLM-4.6V models: QwenVLWrapper's contract on GLM's encoder (merge-block
 patches, a strided 2x2 convolution and a gated merger, 3-D rotary positions), checked against the processor path,
 exact token geometry and Grad-CAM by hand."""
 import copy
@@ -24,10 +24,10 @@ CELL = 28  # one image token: 2x2 patches of 14 px
 SIZES = [(56, 56), (70, 100), (130, 250), (300, 90)]  # square, landscape, shrunk to the pixel budget, portrait
 
 
-@pytest.fixture(scope="module", params=["glm4v", "glm4v_moe"])
+@pytest.fixture(scope="module", params=["glm4v", "glm4v_moe", "glm46v"])
 def tiny(request, tmp_path_factory):
-    """(model, processor, folder) of a tiny random GLM-4V (GLM-4.1V) or GLM-4V-MoE (GLM-4.5V: experts from decoder
-    layer 1 on) saved and loaded back (see models/tiny/glm4v.py)."""
+    """(model, processor, folder) of a tiny random GLM-4V (GLM-4.1V), GLM-4V-MoE (GLM-4.5V: experts from decoder
+    layer 1 on) or GLM-4.6V (its own processor classes) saved and loaded back (see models/tiny/glm4v.py)."""
     folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
     model, processor = build_tiny_glm4v(folder, family=request.param, seed=0)
     return model, processor, str(folder)
