@@ -19,7 +19,7 @@ from pytorch_grad_cam_vlm.cli import common, main
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
 from pytorch_grad_cam_vlm.models.registry import load_model
-from pytorch_grad_cam_vlm.visualize import figure_size
+from pytorch_grad_cam_vlm.visualize import figure_size, words_strip
 
 PROMPT = "What color is the circle?"
 ERROR = "pytorch-grad-cam-vlm: error: "
@@ -99,7 +99,9 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         assert row["peak_drop"] == pytest.approx([c.peak_drop for c in checks], abs=1e-5)
         assert row["verdict"] == [c.verdict for c in checks]
         height, width = maps.shape[1:]
-        assert Image.open(out / row["files"][0]).size == figure_size(2, 3, height, width)
+        strip = words_strip(row["prompt_words"], row["word_occlusion"], figure_size(2, 3, height, width)[0])
+        assert Image.open(out / row["files"][0]).size == tuple(np.add(figure_size(2, 3, height, width),
+                                                                      (0, len(strip))))  # the prompt's words under it
         assert line == {k: ";".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in row.items()}
     assert sorted(os.listdir(out)) == sorted(["report.json", "report.csv"] + sum((r["files"] for r in report), []))
     assert staging_left(tmp_path) == []
