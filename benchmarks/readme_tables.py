@@ -1,23 +1,30 @@
-"""README's tables of numbers, generated from the CSV files the benchmarks wrote, so that the README cannot drift
-from the measurements.
+"""The tables of numbers in README.md and the docs/ pages, generated from the CSV files the benchmarks wrote, so that
+the documentation cannot drift from the measurements.
 
-    python benchmarks/readme_tables.py            # rewrites the generated blocks of README.md
-    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from what the CSVs give
+    python benchmarks/readme_tables.py            # rewrites the generated blocks of README.md and docs/**/*.md
+    python benchmarks/readme_tables.py --check    # exit 1 if a page differs from what the CSVs give
 
 A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; NAME is a key of
-:data:`TABLES`. tests/test_docs.py checks that README.md equals what this script makes of it.
+:data:`TABLES`. tests/test_docs.py checks that every page equals what this script makes of it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import os
 import re
 import sys
 from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, os.pardir, "README.md")
+ROOT = os.path.join(HERE, os.pardir)
+
+
+def pages() -> List[str]:
+    """README.md and every page of the documentation site: the files that may hold generated blocks."""
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                                recursive=True))
 
 
 def read_csv(name: str) -> List[dict]:
@@ -81,25 +88,29 @@ def render(text: str) -> str:
     def fill(match: re.Match) -> str:
         name = match.group(1)
         if name not in TABLES:
-            raise KeyError(f"README.md has a generated block {name!r} that readme_tables.py does not know.")
+            raise KeyError(f"A page has a generated block {name!r} that readme_tables.py does not know.")
         return f"<!-- generated: {name} -->\n{TABLES[name]()}\n<!-- end: {name} -->"
     return re.sub(r"<!-- generated: (\w+) -->\n(?:.*?\n)?<!-- end: \1 -->", fill, text, flags=re.S)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a page differs")
     args = parser.parse_args()
-    with open(README) as f:
-        text = f.read()
-    rendered = render(text)
-    if args.check:
-        if rendered != text:
-            print("README.md differs from the tables the CSVs give: run python benchmarks/readme_tables.py")
-            return 1
-        return 0
-    with open(README, "w") as f:
-        f.write(rendered)
+    stale = []
+    for path in pages():
+        with open(path) as f:
+            text = f.read()
+        rendered = render(text)
+        if rendered == text:
+            continue
+        stale.append(os.path.relpath(path, ROOT))
+        if not args.check:
+            with open(path, "w") as f:
+                f.write(rendered)
+    if args.check and stale:
+        print(f"{', '.join(stale)} differ from the tables the CSVs give: run python benchmarks/readme_tables.py")
+        return 1
     return 0
 
 

@@ -265,6 +265,7 @@ def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from pytorch_grad_cam_vlm.cli import main
+    from pytorch_grad_cam_vlm.image import load_rgb
     from pytorch_grad_cam_vlm.models.registry import layer_count, load_model, make_subject, model_config
 
     config, detected = model_config(folder)
@@ -288,7 +289,11 @@ def check_cli_explain(folder, family, wrapper_cls, image, tmp_path, capsys):
     with GradCAM(model=wrapper, target_layers=[wrapper.decoder_layers[1]],
                  reshape_transform=wrapper.reshape_transform) as cam:
         expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(token)])
-    np.testing.assert_allclose(saved.reshape(expected.shape), expected, atol=1e-5)
+    # Saved on the user's image: its height and width, the model-frame map carried by the family's frame.
+    height, width = np.asarray(load_rgb(str(image))).shape[:2]
+    assert saved.shape == (1, height, width)
+    carried = wrapper.image_frame((height, width), tuple(x.shape[2:])).to_image(expected)
+    np.testing.assert_allclose(saved, carried, atol=1e-5)
     assert sorted(os.listdir(out)) == sorted(["report.json", "report.csv"] + row["files"])
     plain = tmp_path / "plain"
     assert main(["explain", "--model", folder, "--image", str(image), "--prompt", PROMPT, "--out", str(plain)]) == 0

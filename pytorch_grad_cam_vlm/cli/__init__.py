@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from pytorch_grad_cam_vlm.cli import app, benchmark, demo, explain, rank
-from pytorch_grad_cam_vlm.cli.common import EXIT_BAD_INPUT, PROG
+from pytorch_grad_cam_vlm.cli.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, PROG
 from pytorch_grad_cam_vlm.errors import InputError
 
 
@@ -53,9 +54,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return args.run(args)
     except SystemExit as exit_:  # argparse: --help, or a usage error it has already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C before any result was complete (a batch keeps what finished itself)
+        print(f"{PROG}: interrupted; unfinished output was not kept.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (InputError, ValueError, FileNotFoundError, NotImplementedError) as error:
         print(f"{PROG}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as the command's other warnings: one ``warning:`` line on stderr, without file and line."""
+    print(f"{PROG}: warning: {str(message).splitlines()[0]}", file=sys.stderr)

@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from pytorch_grad_cam_vlm.cli.common import (PROG, choose_layers, find_images, output_stems, smooth_options,
-                                             write_report)
+from pytorch_grad_cam_vlm.cli.common import PROG, choose_layers, explain_batch, find_images, smooth_options
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.auto import candidate_methods
 from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
@@ -15,7 +14,7 @@ from pytorch_grad_cam_vlm.methods.classify import classify_and_explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import failure_warning
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper, build_classifier, read_class_names
 from pytorch_grad_cam_vlm.models.registry import resolve_device
-from pytorch_grad_cam_vlm.output import check_out_dir, staged_output
+from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run
 from pytorch_grad_cam_vlm.visualize import save_maps, save_overlay
 
 VLM_OPTIONS = ("prompt", "texts", "answer")
@@ -41,26 +40,26 @@ def run_classify(args: argparse.Namespace) -> int:
     gradients = all(uses_gradients(cls, smooth) for cls in methods)
     layers = choose_layers(methods, "classifier", len(wrapper.layers), args.layers, "single", gradients)
     check_out_dir(args.out)
-    rows = []
-    with staged_output(args.out) as staging:
-        for image, stem in zip(images, output_stems(images)):
-            result = classify_and_explain(wrapper, image, method=methods, layers=layers, options=smooth)
-            check = result["check"]
-            warning = failure_warning(image, f"{result['method']} at layer {result['layer']}", check) or ""
-            if warning:
-                print(f"{PROG}: warning: {warning}", file=sys.stderr)
-            prefix = f"{stem}_{result['method']}_layer{result['layer']}"
-            overlay_path = save_overlay(os.path.join(staging, f"{prefix}_overlay.png"),
-                                        wrapper.to_rgb(result["input"])[0], result["map"])
-            map_path = save_maps(os.path.join(staging, f"{prefix}_map.npy"), result["map"])
-            rows.append(dict(image=image, class_index=result["class_index"], class_name=result["class_name"],
-                             confidence=round(result["confidence"], 6), method=result["method"],
-                             layer=result["layer"], map=os.path.basename(map_path),
-                             overlay=os.path.basename(overlay_path),
-                             check=None if check.blank else round(check.score, 6),
-                             peak_drop=None if check.blank else round(check.peak_drop, 6), verdict=check.verdict,
-                             warning=warning))
-        write_report(rows, staging)
+    kept, stale = earlier_run(args.out, args.overwrite, args.resume)
+
+    def explain_one(image: str, stem: str, staging: str, progress) -> dict:
+        result = classify_and_explain(wrapper, image, method=methods, layers=layers, options=smooth)
+        check = result["check"]
+        warning = failure_warning(image, f"{result['method']} at layer {result['layer']}", check) or ""
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        prefix = f"{stem}_{result['method']}_layer{result['layer']}"
+        overlay_path = save_overlay(os.path.join(staging, f"{prefix}_overlay.png"),
+                                    result["image"], result["map"])
+        map_path = save_maps(os.path.join(staging, f"{prefix}_map.npy"), result["map"])
+        return dict(image=image, class_index=result["class_index"], class_name=result["class_name"],
+                    confidence=round(result["confidence"], 6), method=result["method"], layer=result["layer"],
+                    map=os.path.basename(map_path), overlay=os.path.basename(overlay_path),
+                    check=None if check.blank else round(check.score, 6),
+                    peak_drop=None if check.blank else round(check.peak_drop, 6), verdict=check.verdict,
+                    warning=warning)
+
+    rows = explain_batch(args.out, images, explain_one, kept, stale)
     print(f"Explained {len(rows)} image(s) of {args.model}; wrote {2 * len(rows) + 2} files to {args.out}, listed in "
           f"{os.path.join(args.out, 'report.csv')} and report.json.")
     return 0

@@ -7,31 +7,35 @@ import contextlib
 import io
 import csv
 import json
+import math
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
 
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.image import load_rgb, upscale_warning
 from pytorch_grad_cam_vlm.layers import Layer
 from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, skip_last
+from pytorch_grad_cam_vlm.output import row_files, staged_output
 from pytorch_grad_cam_vlm.visualize import append_words, mode_layers, render
 
 PROG = "pytorch-grad-cam-vlm"
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses more
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def find_images(path: str) -> List[str]:
     """The image files of ``path``: the file itself, or a folder's files with an image extension (sorted, not
     recursive). Each one is decoded once here, so that an unreadable image fails before anything is written."""
     from PIL import Image
-
-    from pytorch_grad_cam_vlm.image import load_rgb
 
     if os.path.isdir(path):
         extensions = {ext.lower() for ext in Image.registered_extensions()}
@@ -101,8 +105,9 @@ def write_report(rows: Sequence[dict], out_dir: str, name: str = "report") -> Li
     the columns of the first row (those of :func:`explain_image` and, for the demo, the prompt and answer); ``name``
     replaces ``report`` in the file names."""
     json_path, csv_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.csv")
+    rows = [{k: json_safe(v) for k, v in row.items()} for row in rows]
     with open(json_path, "w") as f:
-        json.dump(list(rows), f, indent=2)
+        json.dump(rows, f, indent=2, allow_nan=False)
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -111,39 +116,99 @@ def write_report(rows: Sequence[dict], out_dir: str, name: str = "report") -> Li
     return [json_path, csv_path]
 
 
+def json_safe(value):
+    """NaN and infinities (in lists too) as ``None``: JSON has no NaN (``JSON.parse`` refuses it), null it reads."""
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def explain_batch(out_dir: str, images: Sequence[str], explain_one: Callable[..., dict],
+                  kept: Sequence[dict] = (), stale: Sequence[str] = ()) -> List[dict]:
+    """``explain_one(image, stem, staging, progress)`` (a report row; ``progress``: the tqdm bar, for a postfix) for
+    each of ``images`` that the ``kept`` rows of an
+    earlier run (``--resume``) do not list, into a staging folder that moves into ``out_dir`` with the report of
+    the kept and the new rows (``stale``: an earlier run's files, which ``--overwrite`` replaces). Returns the new
+    rows. Ctrl-C keeps what finished: the images done so far and their report, one line saying how to resume, exit
+    code 130 (nothing is written when no image had finished)."""
+    from tqdm import tqdm
+
+    done = {row["image"] for row in kept}
+    todo = [(image, stem) for image, stem in zip(images, output_stems(images)) if image not in done]
+    rows: List[dict] = []
+    interrupted = False
+    with staged_output(out_dir, stale) as staging:
+        try:
+            progress = tqdm(todo, desc=PROG, unit="image", disable=len(todo) < 2)
+            for image, stem in progress:
+                rows.append(explain_one(image, stem, staging, progress))
+        except KeyboardInterrupt:
+            if not rows:
+                raise
+            interrupted = True
+            listed = {name for row in rows for name in row_files(row)}
+            for name in set(os.listdir(staging)) - listed:  # the unfinished image's files
+                os.remove(os.path.join(staging, name))
+        write_report(list(kept) + rows, staging)
+    if interrupted:
+        print(f"{PROG}: interrupted after {len(rows)} of {len(todo)} images: their maps and report are in "
+              f"{out_dir}; to explain the other {len(todo) - len(rows)}, rerun the same command with --resume.",
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+    return rows
+
+
 def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequence[type], method_name: str,
-                  layers: Sequence[Layer], options: dict, out_dir: str, source: str) -> dict:
+                  layers: Sequence[Layer], options: dict, out_dir: str, source: str, choice: str = "staged",
+                  stage: Optional[Callable[[str], None]] = None) -> dict:
     """Maps of the candidate ``methods`` x ``layers`` for the predicted token of one image, each scored by the
     deletion check (:func:`~pytorch_grad_cam_vlm.methods.auto.explain`); the best map (single mode) or the best
     method's layers (other modes) drawn as ``mode`` into ``out_dir``, one warning line on stderr for each drawn map
-    that fails the check. Returns the report row."""
+    that fails the check. ``choice`` and ``stage`` go to ``explain`` (modes that draw several layers check every
+    candidate in full). Returns the report row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    x = subject.wrapper.preprocess(image)
+    from pytorch_grad_cam_vlm.metrics.answer_change import answer_change
+
+    picture = load_rgb(image)
+    x = subject.wrapper.preprocess(picture)
     index, label, probability = subject.predict(x)
     with inner_progress_silenced(methods):
-        result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options)
+        result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options,
+                         choice=choice if mode == "single" else "full", stage=stage, image_size=picture.size[::-1])
     m = result.candidate_methods.index(result.methods[0])
-    drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers)
+    drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers, result.layers[0])
     positions = [result.candidate_layers.index(k) for k in drawn]
     checks = [result.candidate_checks[0][m][p] for p in positions]
-    warnings = [w for w in (result.layer_warning(source, k) for k in drawn) if w]
+    reliance = result.reliance[0]
+    warnings = [w for w in [result.layer_warning(source, k) for k in drawn] + [reliance.warning(source)]
+                + [upscale_warning(source, picture.size[::-1], x.shape[2:])] if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
-    rgb = subject.wrapper.to_rgb(x)[0]
+    rgb = np.asarray(picture, dtype=np.float32) / 255  # drawn on the user's image, the maps carried onto it
     chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
-    files = render(out_dir, stem, mode, rgb, result.candidate_maps[0, m, positions], drawn, method_name, label,
-                   notes=[check_note(c) for c in checks], title=chosen)
+    files = render(out_dir, stem, mode, rgb, result.frames[0].to_image(result.candidate_maps[0, m, positions]), drawn,
+                   method_name, label, notes=[check_note(c, reliance.clean) for c in checks], chosen=result.layers[0],
+                   legend=CHECK_LEGEND, title=chosen + (" · answer from the prompt: no map to trust" if reliance.prompt_only else ""))
     words = prompt_word_relevance(subject.wrapper, x, ClassifierOutputTarget(index)) \
         if takes_prompt(subject.wrapper) else None
     if words is not None:
         append_words(files[0], words.words, words.relevance, words.label)
-    return dict(image=source, predicted_token=label, probability=round(probability, 6), method=result.methods[0],
+    answered = getattr(subject.wrapper, "answer", None) is not None  # the given answer and its probability
+    return dict(image=source, **{"answer" if answered else "predicted_token": label},
+                **{"answer_probability" if answered else "probability": round(probability, 6)},
+                method=result.methods[0],
                 mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
-                peak_drop=[round(c.peak_drop, 6) for c in checks],
-                verdict=[c.verdict for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
-                f"{','.join(map(str, result.candidate_layers))}", warning=" ".join(warnings), note=image_note(image),
-                **(words.report() if words else {}), files=[os.path.basename(f) for f in files])
+                peak_drop=[round(c.peak_drop, 6) for c in checks], clean_score=round(reliance.clean, 6),
+                top_change=[round(check_change(c, reliance.clean)[0], 4) for c in checks],
+                bottom_change=[round(check_change(c, reliance.clean)[1], 4) for c in checks],
+                answer_change=[answer_change(subject.wrapper, x, cam).share
+                               for cam in result.candidate_maps[0, m, positions]],
+                verdict=[c.verdict for c in checks], null_margin=[margin_cell(c) for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
+                f"{','.join(map(str, result.candidate_layers))}", visual_reliance=round(reliance.share, 6),
+                blur_reliance=round(reliance.blur_share, 6), image_drop=round(reliance.drop, 6),
+                warning=" ".join(warnings), note=image_note(image), **(words.report() if words else {}),
+                files=[os.path.basename(f) for f in files])
 
 
 def inner_progress_silenced(methods: Sequence[type]):
@@ -170,11 +235,35 @@ def method_name(spec: str, methods: Sequence[type]) -> str:
     return "auto" if spec.strip().lower() == "auto" else methods[0].__name__
 
 
-def check_note(check: MapCheck) -> str:
-    """The deletion check as a panel label says it: ``check +0.31``, ``check -0.2 · inverted``, ``blank``."""
+CHECK_LEGEND = ("top (bottom) 20% off: the target's change, as a share of its clean score, when the map's top "
+                "(bottom) 20 % of pixels are removed; trust a map whose top costs more. Colours: each map scaled to "
+                "[0, 1].")
+
+
+def check_change(check: MapCheck, clean: float) -> tuple:
+    """``(top, bottom)``: the target's change when the map's top (bottom) share of pixels at the check's largest
+    fraction is removed, as a share of the clean score's size (as ``VisualReliance.share``; NaN when it is 0)."""
+    if check.blank or not clean:
+        return float("nan"), float("nan")
+    return (check.top_removed[-1] - clean) / abs(clean), (check.bottom_removed[-1] - clean) / abs(clean)
+
+
+def check_note(check: MapCheck, clean: float) -> str:
+    """The deletion check as a panel label says it, on the clean score's scale with fixed precision: ``top 20% off:
+    -34.2% · bottom: -2.0%``, then ``· inverted`` when the bottom costs more, ``· chance`` when the map does
+    not beat the null (:attr:`MapCheck.beats_chance`); ``blank``."""
     if check.blank:
         return "blank"
-    return f"check {check.score:+.3g}" + (" · inverted" if check.inverted else "")
+    fraction = DEFAULT_FRACTIONS[len(check.top_removed) - 1]
+    top, bottom = (round(100 * v, 1) + 0 for v in check_change(check, clean))  # + 0: no "-0.0"
+    return f"top {fraction:.0%} off: {top:+.1f}% · bottom: {bottom:+.1f}%" + (
+        " · inverted" if check.inverted else " · chance" if check.failed else "")
+
+
+def margin_cell(check: MapCheck) -> Optional[float]:
+    """A report's ``null_margin``: how many of the null's spreads the map's check total lies above chance (NaN when
+    blank, None when no null was measured)."""
+    return None if check.null_margin is None else round(check.null_margin, 3)
 
 
 def _positive_int(text: str) -> int:
@@ -184,11 +273,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _noise_level(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected the noise's standard deviation as a fraction of the image's "
+                                         f"range, 0..1 (0.15 by default; 0.1-0.2 works best), got {text}")
     return value
+
+
+def add_rerun_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite`` and ``--resume``: what a run does when ``--out`` holds the results of an earlier one (without
+    either it refuses; see :func:`~pytorch_grad_cam_vlm.output.earlier_run`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results --out already holds (their report and the files it lists)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results --out already holds and explain only the images its report does not "
+                             "list (after an interrupted run)")
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Sequence
 
 from pytorch_grad_cam_vlm.cli import classify
-from pytorch_grad_cam_vlm.cli.common import (PROG, add_loading_arguments, _non_negative_float, _positive_int, choose_layers, explain_image,
-                                             find_images, method_name, output_stems, smooth_options, write_report)
-from pytorch_grad_cam_vlm.demo import embedded_model_path
+from pytorch_grad_cam_vlm.cli.common import (add_loading_arguments, add_rerun_arguments, _noise_level, _positive_int,
+                                             check_note, choose_layers, explain_batch, explain_image, find_images,
+                                             margin_cell, method_name, smooth_options)
+from pytorch_grad_cam_vlm.demo import EMBEDDED_MODELS, embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
+from pytorch_grad_cam_vlm.image import load_rgb
 from pytorch_grad_cam_vlm.layers import PROJECTOR, layer_depth, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, uses_gradients
@@ -18,14 +21,16 @@ from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
 from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
 from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, Subject, check_question, layer_count, load_model, make_subject,
                                                   model_config, resolve_device, resolve_dtype)
-from pytorch_grad_cam_vlm.output import check_out_dir, staged_output
+from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run
 from pytorch_grad_cam_vlm.visualize import MODES
 
 
 def run_explain(args: argparse.Namespace) -> int:
     """Check every input (the model by its config alone), then load the model and explain each image."""
-    from tqdm import tqdm
-
+    if args.per_token and args.mode is not None:
+        warnings.warn(f"--mode {args.mode} is left out with --per-token, which draws one figure of every answer "
+                      "token's map.")
+    args.mode = args.mode or "single"
     if is_classifier_spec(args.model):
         return classify.run_classify(args)
     methods = candidate_methods(args.method)
@@ -41,25 +46,26 @@ def run_explain(args: argparse.Namespace) -> int:
     gradients = all(uses_gradients(cls, smooth) for cls in methods)
     layers = choose_layers(methods, family, layer_count(config, family), args.layers, args.mode, gradients)
     check_out_dir(args.out)
+    kept, stale = earlier_run(args.out, args.overwrite, args.resume)
 
     model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
                                   args.trust_remote_code)
     subject = make_subject(family, model, processor, args.prompt, args.texts)
     if args.per_token:
-        return run_per_token(args, subject, methods, smooth, images, layers)
+        return run_per_token(args, subject, methods, smooth, images, layers, kept, stale)
     if args.answer is not None:
         try:
             subject.wrapper.set_answer(args.answer)
         except ValueError as error:
             raise InputError(f"--answer {args.answer!r}: {error}") from error
-    rows = []
     name = method_name(args.method, methods)
-    with staged_output(args.out) as staging:
-        progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
-        for image, stem in zip(progress, output_stems(images)):
-            rows.append(explain_image(subject, image, stem, args.mode, methods, name, layers, smooth, staging,
-                                      image))
-        write_report(rows, staging)
+
+    def explain_one(image: str, stem: str, staging: str, progress) -> dict:
+        return explain_image(subject, image, stem, args.mode, methods, name, layers, smooth, staging, image,
+                             "peak" if args.fast else "staged",
+                             lambda stage: progress.set_postfix_str(f"{os.path.basename(image)}: {stage}"))
+
+    rows = explain_batch(args.out, images, explain_one, kept, stale)
     kind = "decoder" if family in QWEN_MODEL_CLASSES else "vision"
     chosen = sorted({(row["method"], layer) for row in rows for layer in row["layers"]},
                     key=lambda pair: (pair[0], layer_depth(pair[1])))
@@ -73,7 +79,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[type], smooth: dict,
-                  images: Sequence[str], layers: Sequence[int]) -> int:
+                  images: Sequence[str], layers: Sequence[int], kept: Sequence[dict] = (),
+                  stale: Sequence[str] = ()) -> int:
     """``--per-token``: generate the answer (or take ``--answer``) and explain each of its tokens at one layer, with
     the tokens before it teacher-forced; a figure of every token's map and the maps as ``.npy`` per image. With
     several candidate methods or layers (``auto``), the one whose map of the whole answer ranks best on the
@@ -81,46 +88,48 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
     from functools import partial
 
     import numpy as np
-    from tqdm import tqdm
 
     from pytorch_grad_cam_vlm.methods.answers import explain_generated, generate_answer, plot_per_token
 
     if args.layers.strip().lower() != "auto" and len(layers) > 1:
         raise InputError(f"--per-token draws one layer, got --layers {args.layers}: pass one layer, or auto to "
                          "take the layer whose answer map ranks best on the deletion check.")
-    wrapper, rows = subject.wrapper, []
-    with staged_output(args.out) as staging:
-        progress = tqdm(images, desc=PROG, unit="image", disable=len(images) < 2)
-        for image, stem in zip(progress, output_stems(images)):
-            x = wrapper.preprocess(image)
-            try:
-                if args.answer is None:
-                    answer = generate_answer(wrapper, x, args.max_new_tokens)
-                else:
-                    wrapper.set_answer(args.answer)
-                    answer = wrapper.layout_for(x.shape[2], x.shape[3]).answer_ids.tolist()
-                wrapper.set_answer(answer)
-                whole = explain(wrapper, x, None, methods, layers, options=smooth)
-                wrapper.set_answer(None)
-                method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
-                layer = whole.layers[0]
-                result = explain_generated(wrapper, x, layer_modules(wrapper, [layer]), answer=answer,
-                                           method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)))
-            except ValueError as error:
-                raise InputError(str(error)) from error
-            figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
-            plot_per_token(result, wrapper.to_rgb(x)[0], figure,
-                           title=f"{method_cls.__name__} · {layer_name(layer)} · answer {result.text!r} · check "
-                                 f"{whole.checks[0].score:+.3g}")
-            maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
-            np.save(maps, result.maps)
-            rows.append(dict(image=image, answer=result.text, tokens=list(result.tokens),
-                             probabilities=[round(float(p), 6) for p in result.probabilities],
-                             method=method_cls.__name__, mode="per-token", layers=[layer],
-                             check=[round(whole.checks[0].score, 6)],
-                             peak_drop=[round(whole.checks[0].peak_drop, 6)], verdict=[whole.checks[0].verdict],
-                             files=[os.path.basename(figure), os.path.basename(maps)]))
-        write_report(rows, staging)
+    wrapper = subject.wrapper
+
+    def explain_one(image: str, stem: str, staging: str, progress) -> dict:
+        picture = load_rgb(image)
+        x = wrapper.preprocess(picture)
+        try:
+            if args.answer is None:
+                answer = generate_answer(wrapper, x, args.max_new_tokens)
+            else:
+                wrapper.set_answer(args.answer)
+                answer = wrapper.layout_for(x.shape[2], x.shape[3]).answer_ids.tolist()
+            wrapper.set_answer(answer)
+            whole = explain(wrapper, x, None, methods, layers, options=smooth)
+            wrapper.set_answer(None)
+            method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
+            layer = whole.layers[0]
+            result = explain_generated(wrapper, x, layer_modules(wrapper, [layer]), answer=answer,
+                                       method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)),
+                                       image_size=picture.size[::-1])  # drawn and saved on the user's image
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
+        plot_per_token(result, np.asarray(picture, dtype=np.float32) / 255, figure,
+                       title=f"{method_cls.__name__} · {layer_name(layer)} · answer {result.text!r} · "
+                             f"{check_note(whole.checks[0], whole.reliance[0].clean)}")
+        maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
+        np.save(maps, result.maps)
+        return dict(image=image, answer=result.text, tokens=list(result.tokens),
+                    probabilities=[round(float(p), 6) for p in result.probabilities],
+                    method=method_cls.__name__, mode="per-token", layers=[layer],
+                    check=[round(whole.checks[0].score, 6)],
+                    peak_drop=[round(whole.checks[0].peak_drop, 6)], verdict=[whole.checks[0].verdict],
+                    null_margin=[margin_cell(whole.checks[0])],
+                    files=[os.path.basename(figure), os.path.basename(maps)])
+
+    rows = explain_batch(args.out, images, explain_one, kept, stale)
     chosen = sorted({(row["method"], row["layers"][0]) for row in rows},
                     key=lambda pair: (pair[0], layer_depth(pair[1])))
     print(f"Explained the answers of {len(rows)} image(s) token by token with "
@@ -131,8 +140,10 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``explain`` options, and :func:`run_explain` as the parser's ``run`` default."""
-    parser.add_argument("--model", required=True, help="model folder or Hugging Face hub id; or an image classifier: "
-                                                       "torchvision:NAME or timm:NAME (with --weights)")
+    parser.add_argument("--model", required=True,
+                        help=f"{', '.join(list(EMBEDDED_MODELS)[:-1])} or {list(EMBEDDED_MODELS)[-1]} (the embedded "
+                             "demo models, no download), a model folder or a Hugging Face hub id; or an image "
+                             "classifier: torchvision:NAME or timm:NAME (with --weights)")
     parser.add_argument("--image", required=True, help="image file, or a folder of images (run as a batch)")
     parser.add_argument("--prompt", help="question for Qwen-VL (Qwen2-VL to Qwen3.5) and LLaVA models")
     parser.add_argument("--texts", nargs="+", help="captions for CLIP / SigLIP models")
@@ -145,14 +156,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                               "encoder's output as the decoder receives it); default auto: the projector and every "
                               "usable decoder layer (a spread of 8 for deeper models), the single mode drawing the "
                               "one whose map ranks best on the deletion check")
-    parser.add_argument("--mode", choices=MODES, default="single", help="figure (default single)")
+    parser.add_argument("--fast", action="store_true",
+                        help="choose among the candidates by the drop when each map's peak window is removed alone "
+                             "and check only the chosen map: about a fifth of the check's forward images, at a few "
+                             "points of pointing accuracy (docs/auto.md); single mode")
+    parser.add_argument("--mode", choices=MODES, help="figure (default single; --per-token draws its own)")
     parser.add_argument("--out", required=True, help="output folder")
+    add_rerun_arguments(parser)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                          help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--n-samples", type=_positive_int, help="noisy copies of a Smooth method (default 50)")
-    parser.add_argument("--noise-level", type=_non_negative_float,
-                         help="noise std of a Smooth method as a fraction of the input range (default 0.15)")
+    parser.add_argument("--noise-level", type=_noise_level,
+                         help="noise std of a Smooth method as a fraction of the input range, 0..1 (default 0.15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a Smooth method's noise")
     parser.add_argument("--answer", help="Qwen: explain this answer (teacher-forced after the prompt; its score is "
                                           "the sum of its tokens' log-probabilities) instead of the next token")

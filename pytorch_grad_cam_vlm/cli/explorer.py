@@ -205,8 +205,10 @@ def choose_layers(view: torch.nn.Module, methods: Sequence[type], smooth: dict,
 
 def explain_request(explorer: Explorer, request: Request, progress: Optional[Progress] = None) -> dict:
     """Explain one request (see the module's docstring), one request at a time. Returns the page's result: the
-    chosen ``map`` ``(H, W)`` and its ``overlay`` on ``rgb``, the method, layer and deletion check, the layer
-    ``strip``, the answer's ``tokens`` and ``token_maps`` when asked, and the ``files`` written."""
+    chosen ``map`` ``(H0, W0)`` on the uploaded picture (NaN where the model saw no part of it, as the CLI's maps;
+    ``docs/frames.md``) and its ``overlay`` on ``rgb``, the picture; the method, layer and deletion check, the layer
+    ``strip``, the answer's ``tokens`` and ``token_maps`` when asked, all on the picture, and the ``files``
+    written."""
     progress = progress or (lambda fraction, text: None)
     image, methods, smooth = check_request(explorer, request)
     with explorer.lock:
@@ -218,9 +220,9 @@ def explain_request(explorer: Explorer, request: Request, progress: Optional[Pro
         try:
             x = wrapper.preprocess(image)
             if request.per_token:
-                result = per_token_request(subject, view, x, request, methods, smooth, layers, progress)
+                result = per_token_request(subject, view, x, image, request, methods, smooth, layers, progress)
             else:
-                result = single_request(subject, view, x, request, methods, smooth, layers, progress)
+                result = single_request(subject, view, x, image, request, methods, smooth, layers, progress)
         except ValueError as error:  # the wrapper's and grad-cam's refusals (an answer it cannot tokenise, ...)
             raise InputError(str(error).splitlines()[0]) from error
         progress(0.95, "Writing the files")
@@ -228,9 +230,10 @@ def explain_request(explorer: Explorer, request: Request, progress: Optional[Pro
     return result
 
 
-def single_request(subject: Subject, view, x: torch.Tensor, request: Request, methods, smooth: dict,
+def single_request(subject: Subject, view, x: torch.Tensor, image, request: Request, methods, smooth: dict,
                    layers: List[int], progress: Progress) -> dict:
-    """The map of the predicted token (or of ``request.answer``'s score), as ``explain`` draws it in single mode."""
+    """The map of the predicted token (or of ``request.answer``'s score) on ``image`` (the picture ``x`` was made
+    from), as ``explain`` draws it in single mode."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     if request.answer.strip():
@@ -239,20 +242,20 @@ def single_request(subject: Subject, view, x: torch.Tensor, request: Request, me
     index, label, probability = subject.predict(x)
     targets = [ClassifierOutputTarget(index)]
     progress(0.3, f"Maps of {len(methods)} method(s) x {len(layers)} layer(s) and their deletion checks")
-    result = explain(view, x, targets, methods, layers, options=smooth)
+    result = explain(view, x, targets, methods, layers, options=smooth, image_size=image.size[::-1])
     progress(0.75, "Every layer's map for the strip")
-    page = page_result(view, x, result, targets, methods, smooth, request, predicted_token=label,
+    page = page_result(view, x, image, result, targets, methods, smooth, request, predicted_token=label,
                        probability=probability)
     if not request.answer.strip():  # an asked answer's output is its one score: there is no top answer to change
         progress(0.85, "The smallest region that changes the answer")
-        page["answer_change"] = answer_change(view, x, page["map"]).share
+        page["answer_change"] = answer_change(view, x, result.model_maps[0]).share
     if takes_prompt(subject.wrapper):
         progress(0.9, "The prompt's words")
         page.update(prompt_word_relevance(subject.wrapper, x, targets[0]).report())
     return page
 
 
-def per_token_request(subject: Subject, view, x: torch.Tensor, request: Request, methods, smooth: dict,
+def per_token_request(subject: Subject, view, x: torch.Tensor, image, request: Request, methods, smooth: dict,
                       layers: List[int], progress: Progress) -> dict:
     """The generated answer (or ``request.answer``) token by token, as ``explain --per-token`` draws it: the whole
     answer's map chosen by the deletion check, then each token's map with that method and layer."""
@@ -269,30 +272,34 @@ def per_token_request(subject: Subject, view, x: torch.Tensor, request: Request,
         answer = generate_answer(wrapper, x, request.max_new_tokens)
     wrapper.set_answer(answer)
     progress(0.25, f"Maps of the whole answer: {len(methods)} method(s) x {len(layers)} layer(s), checked")
-    whole = explain(view, x, None, methods, layers, options=smooth)
-    result = page_result(view, x, whole, whole.targets, methods, smooth, request, probability=None)
+    whole = explain(view, x, None, methods, layers, options=smooth, image_size=image.size[::-1])
+    result = page_result(view, x, image, whole, whole.targets, methods, smooth, request, probability=None)
     wrapper.set_answer(None)
     method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
     progress(0.6, "One map per answer token")
     tokens = explain_generated(wrapper, x, layer_modules(view, whole.layers[:1]), answer=answer,
-                               method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)))
+                               method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)),
+                               image_size=image.size[::-1])
     result.update(predicted_token=tokens.text, probability=float(np.prod(tokens.probabilities)),
                   tokens=list(tokens.tokens),
                   token_probabilities=[float(p) for p in tokens.probabilities], token_maps=tokens.maps)
     return result
 
 
-def page_result(view, x: torch.Tensor, result: Explanation, targets: list, methods, smooth: dict, request: Request,
-                predicted_token: str = "", probability: Optional[float] = None) -> dict:
+def page_result(view, x: torch.Tensor, image, result: Explanation, targets: list, methods, smooth: dict,
+                request: Request, predicted_token: str = "", probability: Optional[float] = None) -> dict:
     """The page's dict of one :class:`Explanation` of one image: the chosen map, its check and warning, and the
-    chosen method's map at every usable layer (the strip)."""
+    chosen method's map at every usable layer (the strip), drawn on ``image`` (the picture ``x`` was made from) as
+    the CLI draws them."""
     m = result.candidate_methods.index(result.methods[0])
     layer, check = result.layers[0], result.checks[0]
-    rgb = view.to_rgb(x)[0]
+    rgb = np.asarray(image, dtype=np.float32) / 255
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)
+    strip_maps = result.frames[0].to_image(strip_maps)
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
-                verdict=check.verdict, warning=result.layer_warning(request.name, layer) or "",
+                verdict=check.verdict, null_margin=check.null_margin,
+                warning=result.layer_warning(request.name, layer) or "",
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,
@@ -327,8 +334,9 @@ def check_score(check: Optional[MapCheck]) -> Optional[float]:
 
 
 def write_files(work_dir: str, name: str, result: dict) -> List[str]:
-    """The downloads of one request in a fresh folder under ``work_dir/outputs``: the map as ``.npy`` ``(1, H, W)``
-    (as ``explain`` writes it), the overlay PNG at the image's size and, per token, the token maps ``(T, H, W)``.
+    """The downloads of one request in a fresh folder under ``work_dir/outputs``: the map as ``.npy`` ``(1, H0, W0)``
+    on the picture, NaN where unseen (as ``explain`` writes it), the overlay PNG at the picture's size and, per
+    token, the token maps ``(T, H0, W0)``.
     Older request folders beyond :data:`KEEP_REQUESTS` are removed."""
     import shutil
 

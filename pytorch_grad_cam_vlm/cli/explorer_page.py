@@ -103,8 +103,8 @@ def build_page(explorer: Explorer, examples: List[List[str]]) -> gr.Blocks:
                 raise page_error(error) from error
             chips = [(f"{t.strip() or repr(t)} · p={p:.2f}", i) for i, (t, p) in
                      enumerate(zip(result["tokens"], result["token_probabilities"]))]
-            return (result["overlay"], heatmap_figure(result["map"], map_title(result)), summary(result),
-                    details(result), strip_items(result),
+            return (result["overlay"], heatmap_figure(result["map"], map_title(result), result["rgb"]),
+                    summary(result), details(result), strip_items(result),
                     gr.Radio([("whole answer", WHOLE_ANSWER)] + chips, value=WHOLE_ANSWER, visible=bool(chips),
                              interactive=True),
                     result["files"], result)
@@ -118,7 +118,7 @@ def build_page(explorer: Explorer, examples: List[List[str]]) -> gr.Blocks:
             except InputError as error:
                 raise page_error(error) from error
             title = map_title(result) if index is None else f"token {result['tokens'][index]!r} · {map_title(result)}"
-            return overlay(result["rgb"], cam), heatmap_figure(cam, title)
+            return overlay(result["rgb"], cam), heatmap_figure(cam, title, result["rgb"])
 
         def pick_layer(result, event: gr.SelectData):
             if result is None or not 0 <= event.index < len(result["strip_layers"]):

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from pytorch_grad_cam_vlm.cli.common import json_safe
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.visualize import heatmap, overlay
@@ -30,7 +31,9 @@ def summary(result: dict) -> str:
         said += f" · probability **{result['probability']:.3f}**"
     method = (f"{result['method_spec']} → {result['method']}" if result["method_spec"].lower() == "auto"
               else result["method"])
-    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']})"
+    margin = result.get("null_margin")
+    chance = "" if margin is None or np.isnan(margin) else f", {margin:.2g} spreads above chance"
+    check = "blank" if np.isnan(result["check"]) else f"{result['check']:+.3g} ({result['verdict']}{chance})"
     lines = [said, f"**Map** {method} · {layer_name(result['layer'], result['target'])} · deletion check **{check}**"]
     if "answer_change" in result:
         lines.append(answer_change_line(result["answer_change"]))
@@ -66,7 +69,8 @@ def details(result: dict) -> dict:
     return dict(predicted_token=result["predicted_token"], probability=result["probability"],
                 method=result["method"], layer=result["layer"], target=result["target"],
                 check=None if np.isnan(result["check"]) else float(result["check"]),
-                verdict=result["verdict"], warning=result["warning"], candidates=result["candidates"],
+                verdict=result["verdict"], null_margin=json_safe(result.get("null_margin")),
+                warning=result["warning"], candidates=result["candidates"],
                 strip_layers=[int(k) for k in result["strip_layers"]], strip_checks=result["strip_checks"],
                 tokens=result["tokens"], token_probabilities=result["token_probabilities"],
                 **{k: result[k] for k in ("prompt_words", "word_occlusion", "word_gradient_x_input", "answer_change")
@@ -74,19 +78,22 @@ def details(result: dict) -> dict:
                 files=[os.path.basename(f) for f in result.get("files", [])])
 
 
-def heatmap_figure(cam: np.ndarray, title: str):
-    """The raw map with a colour bar, in the overlays' colours (OpenCV's jet on [0, 1], as
-    :func:`~pytorch_grad_cam_vlm.visualize.heatmap` draws it), as a matplotlib ``Figure`` (Agg canvas, no window)."""
-    from matplotlib.colors import ListedColormap
+def heatmap_figure(cam: np.ndarray, title: str, rgb: np.ndarray):
+    """The raw map with a colour bar, as :func:`~pytorch_grad_cam_vlm.visualize.heatmap` draws it (OpenCV's jet on
+    [0, 1]; pixels the model never saw, NaN, show ``rgb`` greyed and hatched), as a matplotlib ``Figure`` (Agg
+    canvas, no window)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
 
     colours = ListedColormap(heatmap(None, np.linspace(0, 1, 256)[None])[0] / 255.0, name="opencv_jet")
     figure = Figure(figsize=(4.2, 3.6), dpi=100)
     axes = figure.add_subplot()
-    shown = axes.imshow(cam, cmap=colours, vmin=0, vmax=1)
+    axes.imshow(heatmap(rgb, cam))
     axes.set_axis_off()
-    axes.set_title(title + ("" if np.max(cam) > 0 else " · blank"), fontsize=9)
-    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="relevance")
+    blank = not np.nanmax(cam, initial=0) > 0
+    axes.set_title(title + (" · blank" if blank else ""), fontsize=9)
+    figure.colorbar(ScalarMappable(Normalize(0, 1), colours), ax=axes, fraction=0.046, pad=0.04, label="relevance")
     figure.tight_layout()
     return figure
 

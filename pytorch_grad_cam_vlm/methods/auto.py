@@ -13,7 +13,7 @@ follows each model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,9 +21,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.image import ImageInput
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules, layer_name
-from pytorch_grad_cam_vlm.methods.catalog import cam_options, resolve_method
+from pytorch_grad_cam_vlm.methods.catalog import cam_options, is_smooth, resolve_method
+from pytorch_grad_cam_vlm.methods.choice import choose_map
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
+from pytorch_grad_cam_vlm.methods.targets import checked_targets
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, NULL_MAPS, MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.reliance import VisualReliance, visual_reliance
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
 
 # The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
@@ -75,7 +78,8 @@ def candidate_methods(method: MethodSpec) -> List[type]:
 @dataclass
 class Explanation:
     """What :func:`explain` found for a batch of B images: the chosen map, method, layer and check per image, and
-    every candidate's map and check (``candidate_maps[b, m, l]``, ``candidate_checks[b][m][l]``).
+    every candidate's map and check (``candidate_maps[b, m, l]``, ``candidate_checks[b][m][l]``: ``partial`` where
+    the staged choice scored a map at the first fraction only, ``None`` where ``choice="peak"`` did not check it).
 
     ``maps`` lie on the user's images (``frames[b].image_size``; NaN where the model saw no part of the image, as
     outside a center crop), ``model_maps`` and ``candidate_maps`` on the model's input ``x`` (what grad-cam gives);
@@ -88,10 +92,11 @@ class Explanation:
     candidate_methods: List[str]
     candidate_layers: List[Layer]
     candidate_maps: np.ndarray  # (B, M, L, H, W) on the model's input
-    candidate_checks: List[List[List[MapCheck]]]
+    candidate_checks: List[List[List[Optional[MapCheck]]]]
     targets: list
     model_maps: Optional[np.ndarray] = None  # (B, H, W): the chosen maps on the model's input
     frames: Optional[List[ImageFrame]] = None  # where each input lies on its image
+    reliance: Optional[List[VisualReliance]] = None  # how much each image's target depends on the image at all
 
     @property
     def scores(self) -> np.ndarray:
@@ -102,7 +107,8 @@ class Explanation:
         """The candidate layer whose map of ``method`` (default: the one chosen for ``image``) passes the check with
         the highest total; ``None`` when none passes."""
         checks = self.candidate_checks[image][self.candidate_methods.index(method or self.methods[image])]
-        passing = [(check.total, i) for i, check in enumerate(checks) if not check.failed]
+        passing = [(check.total, i) for i, check in enumerate(checks) if check is not None and not check.partial
+                   and not check.failed]
         return self.candidate_layers[max(passing)[1]] if passing else None
 
     def layer_warning(self, name: str, layer: Layer, image: int = 0) -> Optional[str]:
@@ -110,32 +116,29 @@ class Explanation:
         the check), naming the layer that ranks best on the check when that is another."""
         m = self.candidate_methods.index(self.methods[image])
         check = self.candidate_checks[image][m][self.candidate_layers.index(layer)]
+        if check is None:
+            return None
         best = self.best_layer(image)
         return failure_warning(name, f"{self.methods[image]} at {layer_name(layer)}", check,
                                layer_name(best) if best not in (None, layer) else None)
 
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
-        """One line per image whose chosen map fails the check (no candidate passed), ``names`` naming the
-        images (default ``image 0``, ``image 1``, ...)."""
+        """One line per image whose chosen map fails the check (no candidate passed), and one per image whose
+        target hardly depends on the image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`),
+        ``names`` naming the images (default ``image 0``, ``image 1``, ...)."""
         names = names or [f"image {b}" for b in range(len(self.maps))]
         lines = [failure_warning(name, f"{method} at {layer_name(layer)}", check)
                  for name, method, layer, check in zip(names, self.methods, self.layers, self.checks)]
+        lines += [reliance.warning(name) for name, reliance in zip(names, self.reliance or [])]
         return [line for line in lines if line]
-
-
-def best_candidate(checks: Sequence[Sequence[MapCheck]]) -> tuple:
-    """``(m, l)`` of the highest check total among ``checks[m][l]``; the first candidate when all are blank."""
-    scores = np.array([[c.total for c in row] for row in checks], dtype=np.float64)
-    if np.all(np.isnan(scores)):
-        return 0, 0
-    return tuple(int(i) for i in np.unravel_index(np.nanargmax(scores), scores.shape))
 
 
 def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequence[ImageInput]],
             targets: Optional[list] = None, method: MethodSpec = "auto", layers: LayerSpec = "auto",
             fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
             seed: int = 0, options: Optional[dict] = None,
-            image_size: Optional[Union[Size, Sequence[Size]]] = None) -> Explanation:
+            image_size: Optional[Union[Size, Sequence[Size]]] = None, choice: str = "staged",
+            stage: Optional[Callable[[str], None]] = None, null: int = NULL_MAPS) -> Explanation:
     """Maps of ``x`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the model predicts), from
     each candidate method at each candidate layer of ``wrapper.layers`` (and its projector), scored by the deletion
     check, the highest ``total`` per image kept.
@@ -150,10 +153,19 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`
     (``"projector,2,5"``).
     ``fractions``, ``fill``, ``batch_size`` and ``seed`` go to the check. Each method runs one forward and one
-    backward pass for all its layers; the check adds ``2 * len(fractions)`` forward images per map that is not
-    blank, one per distinct peak and the clean image, in batches. ``options`` go to each method's constructor (a
-    Smooth method's ``n_samples``, ...)."""
+    backward pass for all its layers. ``choice`` says which maps the check scores
+    (:func:`~pytorch_grad_cam_vlm.methods.choice.choose_map`): ``"staged"`` every map that is not blank at the first
+    fraction (2 forward images each) and one image per distinct peak, then the best :data:`~pytorch_grad_cam_vlm.
+    methods.choice.STAGED_KEPT` at the other fractions; ``"full"`` every map at every fraction; ``"peak"`` the peak
+    windows alone and the kept map in full (``--fast``). Each image's visual reliance (``reliance``,
+    :func:`~pytorch_grad_cam_vlm.metrics.reliance.visual_reliance`) adds two images. ``options`` go to each method's constructor (a Smooth
+    method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"`` before the sweep passes and
+    ``"check"`` before the check (a progress bar's label). ``null`` maps of no information
+    (:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`) are checked once per image with the candidates,
+    ``2 * F + 1`` images each, and each complete check's ``null_margin`` says how far its map beats them (0: none,
+    and no ``"chance"`` verdict)."""
     x, frames = prepare_images(wrapper, x, image_size)
+    checked = checked_targets(targets, len(x))
     classes = candidate_methods(method)
     n_layers, projector = len(wrapper.layers), has_projector(wrapper)
     if isinstance(layers, str) and layers.strip().lower() == "auto":
@@ -161,23 +173,31 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     else:
         chosen_layers = select_layers(n_layers, layers, wrapper.last_layer_blank, projector)
     target_layers = layer_modules(wrapper, chosen_layers)
-    maps = []
+    maps, clean = [], [None] * len(x)
+    if stage:
+        stage("maps")
     for cls in classes:
         with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **cam_options(cls, wrapper, options or {})) as cam:
-            maps.append(cam(input_tensor=x, targets=targets))
+            maps.append(cam(input_tensor=x, targets=checked))
             if targets is None:  # grad-cam's own choice, read from the pass it made: the predicted class
-                targets = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
+                targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
+            if not is_smooth(cls):  # the clean image's target, from the same pass (a Smooth method's is noisy)
+                clean = [float(target(row)) for target, row in zip(targets, cam.outputs.detach())]
     candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
     names = [cls.__name__ for cls in classes]
-    checks, chosen = [], []
+    checks, chosen, reliance = [], [], []
+    if stage:
+        stage("check")
     for b in range(len(x)):
-        flat = check_maps(wrapper, x[b:b + 1], candidate_maps[b].reshape(-1, *candidate_maps.shape[3:]),
-                          targets[b], fractions, fill, batch_size, seed)
+        index, flat = choose_map(wrapper, x[b:b + 1], candidate_maps[b].reshape(-1, *candidate_maps.shape[3:]),
+                                 targets[b], choice, fractions, fill, batch_size, seed, clean[b], null,
+                                 wrapper.token_cell if null else None)
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
-        chosen.append(best_candidate(checks[-1]))
+        chosen.append(divmod(index, len(chosen_layers)))
+        reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b]))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
     return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
                        methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
                        checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
-                       targets=list(targets), model_maps=model_maps, frames=frames)
+                       targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance)

@@ -76,11 +76,11 @@ class CLIPWrapper(ModelWrapper):
             raise ValueError(f"Pass texts as a non-empty list of non-empty strings, got {texts!r}.")
         if len(set(texts)) != len(texts):
             raise ValueError(f"The texts must be distinct, got {list(texts)!r}.")
-        super().__init__(model, processor, efficient_gradients)
         if len(texts) == 1 and self.family == "clip":
             warnings.warn("CLIP with one text: its softmax over the texts is 1.0 whatever the image, so the predicted "
                           "probability says nothing; the maps explain the image-text similarity logit. Give two or "
                           "more texts to compare.", stacklevel=2)
+        super().__init__(model, processor, efficient_gradients)
         self.texts = list(texts)
         self.text_kwargs = dict(DEFAULT_TEXT_KWARGS[self.family] if text_kwargs is None else text_kwargs)
         vision_config = model.config.vision_config

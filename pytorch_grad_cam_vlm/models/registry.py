@@ -38,11 +38,11 @@ PROMPT_FAMILIES = {
     "internvl": PromptFamily("InternVLForConditionalGeneration", "internvl:InternVLWrapper", "InternVL"),
     "idefics3": PromptFamily("Idefics3ForConditionalGeneration", "idefics3:Idefics3Wrapper", "Idefics3 / SmolVLM"),
     "smolvlm": PromptFamily("SmolVLMForConditionalGeneration", "idefics3:Idefics3Wrapper", "SmolVLM2"),
+    "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
     "mistral3": PromptFamily("Mistral3ForConditionalGeneration", "mistral3:Mistral3Wrapper", "Mistral 3"),
     "glm4v": PromptFamily("Glm4vForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V"),
     "glm4v_moe": PromptFamily("Glm4vMoeForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4V-MoE"),
     "glm46v": PromptFamily("Glm46VForConditionalGeneration", "glm4v:Glm4vWrapper", "GLM-4.6V"),
-    "gemma4": PromptFamily("Gemma4ForConditionalGeneration", "gemma4:Gemma4Wrapper", "Gemma 4"),
 }
 # model_type -> model class of the prompt-taking families (kept under its first name: Qwen's were the first).
 QWEN_MODEL_CLASSES = {family: row.model_class for family, row in PROMPT_FAMILIES.items()}
@@ -53,10 +53,10 @@ CLIP_FAMILIES = ("clip", "siglip", "siglip2")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
     backends = {"cpu": ("", lambda: True), "cuda": ("CUDA is missing", torch.cuda.is_available),
                 "mps": ("MPS (Apple's GPU backend) is missing", torch.backends.mps.is_available)}
+    try:
+        device = torch.device(name)
     except RuntimeError as error:
         raise InputError(f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.") from error
     if device.type not in backends:
@@ -90,10 +90,10 @@ def model_config(name: str):
         if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
             raise InputError(f"Model folder not found or without config.json: {name}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=offline)
     if not offline and not os.path.exists(os.path.expanduser(name)):
         check_hub_id(name)
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=offline)
     except OSError as error:
         if offline:  # no retries: say at once that the hub cannot be reached
             raise InputError(f"Model {name!r} is neither a local folder nor in the Hugging Face cache, and "
@@ -112,8 +112,6 @@ def model_config(name: str):
     return config, family
 
 
-def layer_count(config, family: str) -> int:
-    """How many layers the CLI picks from: Qwen's decoder layers (Gemma 4's before those that share keys and
 def check_hub_id(name: str) -> None:
     """A hub id that is not in the local cache is looked up once on the hub, so that one that does not exist, or a
     hub that cannot be reached, fails at once with one line (a download would first retry for a minute or more)."""
@@ -138,6 +136,8 @@ def check_hub_id(name: str) -> None:
                          "pass a local folder.") from error
 
 
+def layer_count(config, family: str) -> int:
+    """How many layers the CLI picks from: Qwen's decoder layers (Gemma 4's before those that share keys and
     values, as its wrapper's ``layers``), CLIP's vision layers."""
     if family in QWEN_MODEL_CLASSES:
         text = getattr(config, "text_config", config)  # transformers 4.x: on the config itself

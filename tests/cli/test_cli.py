@@ -17,7 +17,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
 from pytorch_grad_cam_vlm.cli import common, main
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import NULL_MAPS, check_maps
 from pytorch_grad_cam_vlm.models.registry import load_model
 from pytorch_grad_cam_vlm.visualize import figure_size, words_strip
 
@@ -87,17 +87,22 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         assert row["method"] == "GradCAM" and row["mode"] == "grid"
         assert row["layers"] == ["projector", 0, 1, 2]  # 'auto' on 4 decoder layers: the projector, all but the last
         stem = os.path.splitext(os.path.basename(row["image"]))[0]
-        assert row["files"] == [f"{stem}_GradCAM_grid.png", f"{stem}_GradCAM_maps.npy"]
         token, probability, maps = reference(wrapper, row["image"], layers=["projector", 0, 1, 2])
         assert row["predicted_token"] == token
         assert row["probability"] == pytest.approx(probability, abs=1e-6)
         np.testing.assert_allclose(np.load(out / row["files"][1]), maps, atol=1e-5)
         x = wrapper.preprocess(row["image"])
         index = wrapper.processor.tokenizer.convert_tokens_to_ids(token)
-        checks = check_maps(wrapper, x, maps, ClassifierOutputTarget(index))  # the deletion check, by hand
+        checks = check_maps(wrapper, x, maps, ClassifierOutputTarget(index), null=NULL_MAPS)  # by hand, with the null
         assert row["check"] == pytest.approx([c.score for c in checks], abs=1e-5)
         assert row["peak_drop"] == pytest.approx([c.peak_drop for c in checks], abs=1e-5)
         assert row["verdict"] == [c.verdict for c in checks]
+        assert row["null_margin"] == [None if np.isnan(c.null_margin) else pytest.approx(c.null_margin, abs=1e-3)
+                                      for c in checks]
+        chosen = row["layers"][int(np.nanargmax([c.total for c in checks]))]  # every mode adds auto's overlay
+        suffix = "projector" if chosen == "projector" else f"layer{chosen}"
+        assert row["files"] == [f"{stem}_GradCAM_grid.png", f"{stem}_GradCAM_maps.npy",
+                                f"{stem}_GradCAM_{suffix}_overlay.png"]
         height, width = maps.shape[1:]
         strip = words_strip(row["prompt_words"], row["word_occlusion"], figure_size(2, 3, height, width)[0])
         assert Image.open(out / row["files"][0]).size == tuple(np.add(figure_size(2, 3, height, width),
@@ -203,7 +208,8 @@ def test_explain_answer_scores_and_maps_the_teacher_forced_answer(capsys, tmp_pa
     with GradCAM(model=answered, target_layers=[answered.decoder_layers[1]],
                  reshape_transform=answered.reshape_transform) as cam:
         expected = cam(x, targets=None)
-    assert row["predicted_token"] == "red circle" and row["probability"] == pytest.approx(np.exp(score), abs=1e-6)
+    assert "predicted_token" not in row and "probability" not in row  # the given answer is no prediction
+    assert row["answer"] == "red circle" and row["answer_probability"] == pytest.approx(np.exp(score), abs=1e-6)
     np.testing.assert_allclose(np.load(out / row["files"][1]), expected, atol=1e-5)
 
 
@@ -272,7 +278,11 @@ def test_explain_clip_model_with_texts(capsys, tmp_path, image_dir):
     assert row["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
     n_layers = len(clip.vision_layers)
     assert row["layers"] == list(range(n_layers - 1))  # CLIP pools its class token: the last layer is blank
-    assert np.load(out / row["files"][1]).shape == (n_layers - 1,) + tuple(x.shape[2:])
+    # Saved on the 56x84 image, the columns outside CLIP's center crop NaN (not seen), as the frame says.
+    saved = np.load(out / row["files"][1])
+    frame = clip.image_frame((56, 84), tuple(x.shape[2:]))
+    assert saved.shape == (n_layers - 1, 56, 84) and frame.input_size == tuple(x.shape[2:])
+    assert (np.isnan(saved) == ~frame.seen).all() and np.isnan(saved[:, :, 0]).all() and not frame.seen.all()
     code, _, stderr = run(capsys, "explain", "--model", model_dir, "--image", image_dir / "b.png",
                           "--prompt", PROMPT, "--out", tmp_path / "out2")
     assert code == 2 and "needs --texts" in stderr

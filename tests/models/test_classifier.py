@@ -17,6 +17,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from conftest import model_state, random_image
 from pytorch_grad_cam_vlm import ClassifierWrapper, check_maps, classify_and_explain, explain
 from pytorch_grad_cam_vlm.models.classifier import build_classifier, default_processor
+from pytorch_grad_cam_vlm.models.frame import center_crop_frame
+from pytorch_grad_cam_vlm.visualize import overlay
 
 SIZE = 64  # small inputs keep the tests fast; every architecture here still has a spatial last block at 64 px
 
@@ -159,7 +161,7 @@ def test_explain_chooses_among_candidate_layers_by_the_check():
     deletion check (its total), and the last candidate's map is GradCAM at the automatic layer."""
     wrapper = ClassifierWrapper(torchvision_model("resnet18"), image_size=SIZE)
     x = wrapper.preprocess(random_image(70, 70, seed=3))
-    result = explain(wrapper, x, method="GradCAM")
+    result = explain(wrapper, x, method="GradCAM", choice="full")
     assert result.candidate_layers == [0, 1, 2, 3]
     totals = [c.total for c in result.candidate_checks[0][0]]
     assert result.layers[0] == int(np.nanargmax(totals))
@@ -209,7 +211,13 @@ def test_classify_and_explain_returns_the_prediction_and_its_map():
     index = int(probabilities.argmax())
     assert (result["class_index"], result["class_name"]) == (index, f"c{index}")
     assert result["confidence"] == pytest.approx(float(probabilities[index]), abs=1e-6)
-    assert result["map"].shape == (SIZE, SIZE) and result["overlay"].shape == (SIZE, SIZE, 3)
+    # on the 90x64 image: the input's map carried by the classifier's center crop (NaN outside it), drawn on it
+    assert result["model_map"].shape == (SIZE, SIZE)
+    frame = center_crop_frame((90, 64), wrapper.processor.resize_size, (SIZE, SIZE), round)
+    np.testing.assert_allclose(result["map"], frame.to_image(result["model_map"]), atol=1e-6)
+    assert result["map"].shape == (90, 64) and np.array_equal(np.isnan(result["map"]), ~frame.seen)
+    assert np.isnan(result["map"]).any()  # the 64-px crop of the 102x73 resize leaves a border unseen
+    np.testing.assert_array_equal(result["overlay"], overlay(image / np.float32(255), result["map"]))
     assert result["overlay"].dtype == np.uint8 and result["layer"] == 1
 
 
@@ -256,7 +264,9 @@ def test_cli_folder_writes_overlays_and_a_report_checked_by_hand(tmp_path, capsy
     assert float(row["confidence"]) == pytest.approx(float(probabilities[index]), abs=1e-6)
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
-    np.testing.assert_allclose(np.load(out / row["map"]).reshape(expected.shape), expected, atol=1e-5)
+    on_image = center_crop_frame((80, 60), preset.resize_size[0], tuple(preset.crop_size * 2), round).to_image(expected)
+    np.testing.assert_allclose(np.load(out / row["map"]), on_image, atol=1e-5)  # on the 80x60 image, NaN outside
+    assert np.asarray(Image.open(out / row["overlay"])).shape == (80, 60, 3)
     [by_hand] = check(ClassifierWrapper(model, name="resnet18"), x, expected, ClassifierOutputTarget(index))
     assert float(row["check"]) == pytest.approx(by_hand.score, abs=1e-4) and row["verdict"] == by_hand.verdict
     # the same weights from safetensors give the same report
