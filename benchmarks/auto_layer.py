@@ -15,7 +15,7 @@ import csv
 import os
 import time
 from itertools import combinations
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -33,28 +33,64 @@ METHODS = ("GradCAM", "HiResCAM", "GradCAMPlusPlus", "LayerCAM", "XGradCAM", "Gr
 
 
 def tasks() -> Dict[str, tuple]:
-    """name -> (model loader, sample maker) of the trained demo models that are installed."""
+    """name -> (model loader, sample maker) of the trained Qwen2.5-VL development models that are installed (the
+    sweep of :func:`measure` scores maps on the model's input, which is the picture for these)."""
     from pytorch_grad_cam_vlm import demo
+    from pytorch_grad_cam_vlm.demo import crosses, pairs
 
-    found = {"demo": (demo.load_demo_model, demo.make_demo_samples)}
-    try:
-        from pytorch_grad_cam_vlm.demo import crosses
-        found["crosses"] = (crosses.load_crosses_model, crosses.make_crosses_samples)
-    except ImportError:
-        pass
-    return found
+    found = {"demo": (demo.load_demo_model, demo.make_demo_samples),
+             "crosses": (crosses.load_crosses_model, crosses.make_crosses_samples),
+             "pairs": (pairs.load_pairs_model, pairs.make_pairs_samples)}
+    return {name: task for name, task in found.items() if installed(name)}
+
+
+def tiled_tasks() -> Dict[str, tuple]:
+    """name -> (model loader, sample maker) of the installed development models of the tiling families
+    (LLaVA-OneVision, InternVL), whose inputs are canvases, not the picture: score their maps on the picture
+    (``benchmarks/dev_models_gap.py``)."""
+    from pytorch_grad_cam_vlm.demo import tiled
+
+    found = {"onevision": (tiled.load_onevision_model, tiled.make_onevision_samples),
+             "internvl": (tiled.load_internvl_model, tiled.make_internvl_samples)}
+    return {name: task for name, task in found.items() if installed(name)}
+
+
+def installed(name: str) -> bool:
+    """Whether the development model ``name``'s weights are in the package."""
+    from pytorch_grad_cam_vlm.demo import DEMO_MODEL_DIR
+
+    folder = DEMO_MODEL_DIR if name == "demo" else os.path.join(os.path.dirname(DEMO_MODEL_DIR), f"{name}_model")
+    return os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def geometry(name: str) -> Tuple[int, float]:
+    """``(occlusion window in pixels of the model's input, pointing tolerance in pixels of the picture)`` of the
+    development model ``name``: a 28-pixel token cell and half of it, or the tiled tasks' 16-pixel cell and half."""
+    if name in ("onevision", "internvl"):
+        from pytorch_grad_cam_vlm.demo import tiled
+
+        return tiled.OCCLUSION_WINDOW, tiled.TOLERANCE
+    return 28, 14
 
 
 def held_out(name: str, n: int, seed: int = 0):
     """``(model, processor, samples)``: the trained model ``name`` and ``n`` of its held-out samples."""
-    load, make = tasks()[name]
+    load, make = {**tasks(), **tiled_tasks()}[name]
     model, processor = load()
     return model, processor, make(n, seed=seed, split="test")
 
 
+def wrap(model, processor, prompt: str):
+    """The family's wrapper of ``model`` for ``prompt`` (what the CLI builds)."""
+    from pytorch_grad_cam_vlm.models.registry import make_subject
+
+    return make_subject(model.config.model_type, model, processor, prompt, None).wrapper
+
+
 def sample_case(model, processor, sample):
-    """``(wrapper, x, target)`` of one sample: its prompt's wrapper, its image and the logit of its answer."""
-    wrapper = QwenVLWrapper(model, processor, sample.prompt)
+    """``(wrapper, x, target)`` of one sample: its prompt's wrapper (the model family's), its image as the model's
+    input and the logit of its answer."""
+    wrapper = wrap(model, processor, sample.prompt)
     target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
     return wrapper, wrapper.preprocess(sample.image), target
 
@@ -154,6 +190,14 @@ def cell(value) -> str:
     return value if isinstance(value, str) else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def write_csv(path: str, table: List[dict]) -> None:
+    """``table`` (rows of one set of keys) as a CSV file, its keys the header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
 def markdown(table: List[dict], header: str) -> str:
     columns = list(table[0])
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -175,10 +219,7 @@ def main() -> None:
     table = sum((measure(name, args.n, args.seed, fractions, args.fill, not args.no_occlusion)
                  for name in args.models.split(",")), [])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "auto_layer.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(os.path.join(args.out, "auto_layer.csv"), table)
     header = (f"Pointing game (tolerance 14 px) on {args.n} held-out samples per model (seed {args.seed}); "
               "`flagged`: share of maps that fail the deletion check (blank or inverted; fractions "
               f"{args.fractions}, {args.fill} fill); `auto: A+B`: per image, the map of the highest check total "

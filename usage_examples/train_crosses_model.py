@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,18 +29,18 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_demo_model import logits  # noqa: E402  (the forward pass QwenVLWrapper.forward computes)
 
-from pytorch_grad_cam_vlm import QwenVLWrapper  # noqa: E402
+from pytorch_grad_cam_vlm import DemoSample, QwenVLWrapper  # noqa: E402
 from pytorch_grad_cam_vlm.demo.crosses import (CANVAS_HEIGHT, CANVAS_WIDTH, CROSSES_MODEL_DIR,  # noqa: E402
                                                NO_CROSS_RATE, PROMPT, SPLITS, WORDS, make_crosses_sample,
                                                make_crosses_samples)
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_processor, tiny_config  # noqa: E402
 
 
-def build_untrained(seed: int, text_layers: int = 8, text_width: int = 112):
-    """A fresh crosses-sized model and its processor; the processor keeps a CANVAS_HEIGHT x CANVAS_WIDTH image at
-    that size (min_pixels = max_pixels = its area)."""
+def build_untrained(seed: int, text_layers: int = 8, text_width: int = 112, words=WORDS):
+    """A fresh crosses-sized model and its processor (over ``words``); the processor keeps a CANVAS_HEIGHT x
+    CANVAS_WIDTH image at that size (min_pixels = max_pixels = its area)."""
     pixels = CANVAS_HEIGHT * CANVAS_WIDTH
-    processor = build_processor(WORDS, min_pixels=pixels, max_pixels=pixels)
+    processor = build_processor(words, min_pixels=pixels, max_pixels=pixels)
     config = tiny_config(processor.tokenizer, text_layers=text_layers, text_width=text_width, vision_blocks=4,
                          vision_width=64, window_size=56, fullatt_block_indexes=(1, 3), heads=4, vision_heads=2)
     torch.manual_seed(seed)
@@ -49,19 +50,22 @@ def build_untrained(seed: int, text_layers: int = 8, text_width: int = 112):
 class Batches:
     """Training batches of the "train" split, a share ``no_cross_rate`` of them without a cross (answer "none"):
     the text inputs of the one prompt (built once by the processor), images normalised like the processor does,
-    answers as token ids. Has the ``wrapper`` and ``grid`` that ``train_demo_model.logits`` reads."""
+    answers as token ids. Has the ``wrapper`` and ``grid`` that ``train_demo_model.logits`` reads.
 
-    def __init__(self, model, processor, seed: int, no_cross_rate: float = NO_CROSS_RATE):
-        self.no_cross_rate = no_cross_rate
+    Another task on a canvas of this size passes its ``prompt`` and ``draw``, which makes one training sample from
+    the generator (``train_pairs_model.py``)."""
+
+    def __init__(self, model, processor, seed: int, no_cross_rate: float = NO_CROSS_RATE, prompt: str = PROMPT,
+                 draw: Optional[Callable[[np.random.Generator], DemoSample]] = None):
+        self.draw = draw or (lambda rng: make_crosses_sample(rng, cross=rng.random() >= no_cross_rate))
         self.rng = np.random.default_rng([SPLITS["train"], seed])  # split "train" of make_crosses_samples
-        self.wrapper = QwenVLWrapper(model, processor, PROMPT)
+        self.wrapper = QwenVLWrapper(model, processor, prompt)
         layout = self.wrapper.layout_for(CANVAS_HEIGHT, CANVAS_WIDTH)
         self.text_inputs, self.grid = layout.text_inputs, layout.grid_thw
         self.token_id = processor.tokenizer.convert_tokens_to_ids
 
     def next(self, batch_size: int):
-        samples = [make_crosses_sample(self.rng, cross=self.rng.random() >= self.no_cross_rate)
-                   for _ in range(batch_size)]
+        samples = [self.draw(self.rng) for _ in range(batch_size)]
         images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
         x = (images - self.wrapper.image_mean) / self.wrapper.image_std
         inputs = {k: v.repeat(batch_size, 1) for k, v in self.text_inputs.items()}
@@ -74,7 +78,17 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, label_smo
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     model, processor = build_untrained(seed, text_layers, text_width)
-    batches = Batches(model, processor, seed, no_cross_rate)
+    fit(model, Batches(model, processor, seed, no_cross_rate), steps, batch_size, lr, warmup, label_smoothing)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"saved to {out}")
+
+
+def fit(model, batches, steps: int, batch_size: int, lr: float, warmup: float, label_smoothing: float,
+        forward: Callable = logits) -> None:
+    """Train ``model`` on ``steps`` batches of ``batches.next(batch_size)`` ``(x, inputs, answers)``: the
+    cross-entropy of ``forward(model, batches, x, inputs)`` (next-token logits ``(B, vocab)``) against the answer
+    ids, AdamW with a one-cycle schedule up to ``lr``; the model is left in eval mode."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
     model.train()
@@ -82,7 +96,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, label_smo
     running = []
     for step in range(steps):
         x, inputs, answers = batches.next(batch_size)
-        out_logits = logits(model, batches, x, inputs)
+        out_logits = forward(model, batches, x, inputs)
         loss = torch.nn.functional.cross_entropy(out_logits, answers, label_smoothing=label_smoothing)
         optimizer.zero_grad()
         loss.backward()
@@ -94,9 +108,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, label_smo
             print(f"step {step:5d}  loss {loss.item():.4f}  train acc (last 50) {np.mean(running[-50:]):.3f}  "
                   f"{time.time() - start:.0f}s", flush=True)
     model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    print(f"trained in {time.time() - start:.0f}s, saved to {out}")
+    print(f"trained in {time.time() - start:.0f}s")
 
 
 def accuracy(model, processor, n: int = 200) -> float:

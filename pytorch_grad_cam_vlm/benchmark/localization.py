@@ -120,7 +120,7 @@ def answer_accuracy(wrapper: QwenVLWrapper, samples: Sequence) -> float:
     correct = 0
     with torch.no_grad():
         for sample in samples:
-            w = wrappers.setdefault(sample.prompt, QwenVLWrapper(wrapper.model, wrapper.processor, sample.prompt))
+            w = wrappers.setdefault(sample.prompt, type(wrapper)(wrapper.model, wrapper.processor, sample.prompt))
             predicted = int(w(w.preprocess(sample.image)).argmax(-1))
             correct += predicted == wrapper.processor.tokenizer.convert_tokens_to_ids(sample.answer)
     return correct / len(samples)

@@ -19,8 +19,10 @@ import torch
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import DEFAULT_WORDS
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
-# Model names every subcommand accepts: the two development models (demo/crosses.py describes the second).
-EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR, "crosses": os.path.join(os.path.dirname(DEMO_MODEL_DIR), "crosses_model")}
+# Model names every subcommand accepts: the shipped development models (demo/crosses.py describes the second,
+# demo/tiled.py the LLaVA-OneVision one; docs/development_models.md all of them and the recipes not yet shipped).
+EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR, **{name: os.path.join(os.path.dirname(DEMO_MODEL_DIR), f"{name}_model")
+                                                for name in ("crosses", "onevision")}}
 CANVAS = 112  # pixels: 8x8 patches of 14 px, 4x4 image tokens of 28 px, 2x2 attention windows of 56 px
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30),
@@ -68,10 +70,10 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 def place_boxes(rng: np.random.Generator, size: int, rows: int = CANVAS // CELL, cols: int = CANVAS // CELL,
-                count: int = N_OBJECTS) -> List[Box]:
-    """``count`` boxes of ``size`` pixels on a grid of ``rows x cols`` 28-pixel token cells, each inside its own
-    cell (jittered within it); cells at least one cell apart, also diagonally, so that boxes are at least
-    ``MIN_GAP`` pixels apart."""
+                count: int = N_OBJECTS, cell: int = CELL) -> List[Box]:
+    """``count`` boxes of ``size`` pixels on a grid of ``rows x cols`` cells of ``cell`` pixels (default: 28-pixel
+    token cells), each inside its own cell (jittered within it); cells at least one cell apart, also diagonally, so
+    that boxes are at least one cell (``MIN_GAP`` pixels for the default) apart."""
     while True:
         chosen: List[Tuple[int, int]] = []
         for index in rng.permutation(rows * cols):
@@ -84,8 +86,8 @@ def place_boxes(rng: np.random.Generator, size: int, rows: int = CANVAS // CELL,
             break
     boxes = []
     for row, col in chosen:
-        dx, dy = (int(v) for v in rng.integers(0, CELL - size + 1, size=2))
-        boxes.append((col * CELL + dx, row * CELL + dy, col * CELL + dx + size, row * CELL + dy + size))
+        dx, dy = (int(v) for v in rng.integers(0, cell - size + 1, size=2))
+        boxes.append((col * cell + dx, row * cell + dy, col * cell + dx + size, row * cell + dy + size))
     return boxes
 
 

@@ -51,19 +51,24 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     return (np.abs(yy - size / 2) <= half_arm) | (np.abs(xx - size / 2) <= half_arm)
 
 
-def make_crosses_sample(rng: np.random.Generator, cross: bool = True) -> DemoSample:
+def make_crosses_sample(rng: np.random.Generator, cross: bool = True,
+                        size: Tuple[int, int] = (CANVAS_HEIGHT, CANVAS_WIDTH), cell: int = CELL,
+                        object_size: int = OBJECT_SIZE) -> DemoSample:
     """One random sample drawn from ``rng``; the first box drawn is the cross's. With ``cross=False`` (training
-    only) that object is one more distractor, the answer is ``NO_CROSS`` and the evidence box is empty."""
+    only) that object is one more distractor, the answer is ``NO_CROSS`` and the evidence box is empty. ``size``
+    ``(height, width)``, ``cell`` and ``object_size`` (pixels) change the geometry (``demo/tiled.py``'s InternVL
+    task)."""
+    height, width = size
     background = rng.integers(80, 176)
-    image = background + rng.normal(0, 28, size=(CANVAS_HEIGHT, CANVAS_WIDTH, 3))
+    image = background + rng.normal(0, 28, size=(height, width, 3))
     colors = [ANSWERS[i] for i in rng.integers(len(ANSWERS), size=N_OBJECTS)]
     shapes = [DISTRACTOR_SHAPES[i] for i in rng.integers(len(DISTRACTOR_SHAPES), size=N_OBJECTS)]
     if cross:
         shapes[0] = ASKED_SHAPE
-    boxes = place_boxes(rng, OBJECT_SIZE, CANVAS_HEIGHT // CELL, CANVAS_WIDTH // CELL, N_OBJECTS)
+    boxes = place_boxes(rng, object_size, height // cell, width // cell, N_OBJECTS, cell)
     for shape, color, (x0, y0, x1, y1) in zip(shapes, colors, boxes):
-        mask = shape_mask(shape, OBJECT_SIZE)
-        patch = np.array(COLORS[color], dtype=float) + rng.normal(0, 12, size=(OBJECT_SIZE, OBJECT_SIZE, 3))
+        mask = shape_mask(shape, object_size)
+        patch = np.array(COLORS[color], dtype=float) + rng.normal(0, 12, size=(object_size, object_size, 3))
         image[y0:y1, x0:x1][mask] = patch[mask]
     image = np.clip(image, 0, 255).astype(np.uint8)
     if not cross:

@@ -1,0 +1,107 @@
+"""The development models of issue 26 (docs/development_models.md): pairs (Qwen2.5-VL, an answer that compares two
+objects), onevision (LLaVA-OneVision on a letterboxed 2x3-tile canvas) and internvl (InternVL on a portrait 3x2-tile
+canvas with its thumbnail). Their tasks' geometry, and their held-out accuracy and occlusion reference on 40 samples
+(seed 1), pinned at the measured values minus a small margin."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pytorch_grad_cam_vlm import occlusion_map, pointing_hit
+from pytorch_grad_cam_vlm.benchmark.localization import answer_accuracy
+from pytorch_grad_cam_vlm.demo import COLORS, EMBEDDED_MODELS, embedded_model_path
+from pytorch_grad_cam_vlm.demo import pairs, tiled
+from pytorch_grad_cam_vlm.models.registry import make_subject
+
+# name -> (loader, held-out samples, occlusion window on the model's input, pointing tolerance on the picture) of the
+# shipped models (the pairs and internvl recipes reached 0.575 and 0.505 held-out accuracy: not shipped, see
+# docs/development_models.md)
+MODELS = {"onevision": (tiled.load_onevision_model, tiled.make_onevision_samples, tiled.OCCLUSION_WINDOW,
+                        tiled.TOLERANCE)}
+# Measured on 40 held-out samples (seed 1) by the tests below, pinned 0.05 lower.
+PINNED = {"onevision": dict(accuracy=0.95, occlusion=0.875)}  # measured 1.000 and 0.925
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def dev_model(request):
+    name = request.param
+    load, make, window, tolerance = MODELS[name]
+    model, processor = load()
+    samples = make(40, seed=1, split="test")
+    wrapper = make_subject(model.config.model_type, model, processor, samples[0].prompt, None).wrapper
+    return name, wrapper, samples, window, tolerance
+
+
+def test_the_names_resolve_and_the_weights_stay_small():
+    for name in MODELS:  # the shipped ones
+        folder = embedded_model_path(name)
+        assert folder == EMBEDDED_MODELS[name] and os.path.isfile(os.path.join(folder, "model.safetensors"))
+        assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 6 * 2 ** 20
+
+
+def test_pairs_samples_hold_a_red_and_a_blue_object_and_balance_the_answers():
+    samples = pairs.make_pairs_samples(1000, seed=0)
+    assert {s.answer for s in samples} == set(pairs.ANSWERS)
+    assert 0.45 < np.mean([s.answer == "yes" for s in samples]) < 0.55
+    for sample in samples[:20]:
+        assert sample.image.shape == (pairs.CANVAS_HEIGHT, pairs.CANVAS_WIDTH, 3) and sample.prompt == pairs.PROMPT
+        assert len(sample.evidence_boxes) == 2 and sample.evidence_box == sample.evidence_boxes[0]
+        for box, color in zip(sample.evidence_boxes, (pairs.FIRST, pairs.SECOND)):
+            x0, y0, x1, y1 = box  # every shape covers the centre of its box
+            centre = sample.image[(y0 + y1) // 2 - 1:(y0 + y1) // 2 + 2, (x0 + x1) // 2 - 1:(x0 + x1) // 2 + 2]
+            assert np.abs(centre.reshape(-1, 3).mean(0) - COLORS[color]).max() < 25
+    a, b = pairs.make_pairs_samples(3, seed=5), pairs.make_pairs_samples(3, seed=5, split="train")
+    assert not any(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+
+
+def test_the_onevision_canvas_is_letterboxed_2x3_tiles(dev_model):
+    """OneVision letterboxes the 48x96 picture into 64x96 (2x3 tiles, 8-px bars); the frame puts it back."""
+    name, wrapper, samples, _, _ = dev_model
+    if name != "onevision":
+        pytest.skip("the pairs model's input is its picture")
+    x = wrapper.preprocess(samples[0].image)
+    assert tuple(x.shape[2:]) == (64, 96) and wrapper.layout_for(64, 96).tiles == (2, 3)
+    assert torch.all(x[0, :, :8] == -1) and torch.all(x[0, :, 56:] == -1)  # the bars: black, normalised
+    assert not torch.all(x[0, :, 8:56] == -1)
+    frame = wrapper.image_frame(samples[0].image.shape[:2], tuple(x.shape[2:]))
+    on_canvas = np.zeros((64, 96))
+    on_canvas[8:24, 16:32] = 1  # one cell of the picture, 8 px down on the canvas
+    on_picture = frame.to_image(on_canvas)
+    assert on_picture.shape == (48, 96) and on_picture[:16, 16:32].min() > 0.99 and on_picture[20:].max() == 0
+
+
+def test_the_internvl_task_tiles_its_portrait_picture_3x2_with_a_thumbnail():
+    """The internvl task's 96x64 picture on a tiny InternVL with the recipe's processor: 3x2 tiles and the
+    thumbnail, 7 images of 16 tokens."""
+    from pytorch_grad_cam_vlm import build_tiny_internvl
+
+    model, processor = build_tiny_internvl(words=tiled.INTERNVL_WORDS, text_layers=1, vision_layers=1)
+    sample = tiled.make_internvl_samples(1)[0]
+    wrapper = make_subject(model.config.model_type, model, processor, sample.prompt, None).wrapper
+    x = wrapper.preprocess(sample.image)
+    layout = wrapper.layout_for(96, 64)
+    assert tuple(x.shape[2:]) == (96, 64) and layout.tiles == (3, 2) and layout.thumbnail
+    assert len(layout.image_positions) == 7 * 16 and sample.answer in COLORS and len(sample.distractor_boxes) == 3
+
+
+def test_held_out_accuracy(dev_model):
+    name, wrapper, samples, _, _ = dev_model
+    accuracy = answer_accuracy(wrapper, samples)
+    print(f"{name} accuracy {accuracy:.3f}")
+    assert accuracy >= PINNED[name]["accuracy"]
+
+
+def test_occlusion_points_at_the_evidence(dev_model):
+    """Occlusion's maximum, carried onto the picture, on the evidence (pairs: either object)."""
+    name, wrapper, samples, window, tolerance = dev_model
+    token_id = wrapper.processor.tokenizer.convert_tokens_to_ids
+    hits = 0
+    for sample in samples:
+        x = wrapper.preprocess(sample.image)
+        cam = wrapper.image_frame(sample.image.shape[:2], tuple(x.shape[2:])).to_image(
+            occlusion_map(wrapper, x, token_id(sample.answer), window=window))
+        boxes = getattr(sample, "evidence_boxes", None) or [sample.evidence_box]
+        hits += any(pointing_hit(cam, box, tolerance) for box in boxes)
+    print(f"{name} occlusion pointing {hits / len(samples):.3f}")
+    assert hits / len(samples) >= PINNED[name]["occlusion"]

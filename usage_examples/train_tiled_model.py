@@ -1,0 +1,107 @@
+"""Retrain the tiled development models deterministically on the CPU: ``onevision`` (LLaVA-OneVision,
+``pytorch_grad_cam_vlm/demo/onevision_model``) or ``internvl`` (InternVL, ``pytorch_grad_cam_vlm/demo/internvl_model``).
+
+Each is a tiny model of :mod:`pytorch_grad_cam_vlm.models.tiny` (its real processor; 32-pixel tiles; a vision tower
+of 3 layers of width 64 and a Qwen2 decoder of 4 layers of width 96) trained on its task of
+:mod:`pytorch_grad_cam_vlm.demo.tiled`: "What shape is the red object?" on a 48x96 picture that OneVision letterboxes
+into 2x3 tiles plus the base image, or "What colour is the cross?" on a 96x64 picture that InternVL tiles 3x2 plus
+the thumbnail (one training canvas in eight without a cross, answer "none"). Every batch goes through the wrapper's
+own input path (``wrapper.preprocess``, the processor's tiles as a canvas, and ``wrapper.model_inputs``, the base
+image or thumbnail resized from the canvas in torch), so the model learns the inputs its maps are computed on. The
+loop is ``train_crosses_model.py``'s (AdamW, one-cycle schedule, cross-entropy of the answer word at the last prompt
+position). ``benchmarks/dev_models_gap.py`` then measures occlusion and the default on it.
+
+    python usage_examples/train_tiled_model.py --model onevision          # writes pytorch_grad_cam_vlm/demo/onevision_model
+    python usage_examples/train_tiled_model.py --model internvl --steps 300 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_crosses_model import fit  # noqa: E402
+
+from pytorch_grad_cam_vlm.benchmark.localization import answer_accuracy  # noqa: E402
+from pytorch_grad_cam_vlm.demo import WORDS as DEMO_WORDS  # noqa: E402
+from pytorch_grad_cam_vlm.demo import tiled  # noqa: E402
+from pytorch_grad_cam_vlm.demo.pairs import SPLITS  # noqa: E402
+from pytorch_grad_cam_vlm.models.registry import make_subject  # noqa: E402
+from pytorch_grad_cam_vlm.models.tiny.internvl import build_tiny_internvl  # noqa: E402
+from pytorch_grad_cam_vlm.models.tiny.llava import build_tiny_llava  # noqa: E402
+
+SIZES = dict(text_layers=4, text_width=96, vision_layers=3, vision_width=64, heads=4, vision_heads=2)
+
+
+def build_untrained(name: str, seed: int):
+    """A fresh model of ``name`` (``"onevision"`` or ``"internvl"``) and its processor, through the tiny builder."""
+    if name == "onevision":
+        return build_tiny_llava(family="llava_onevision", seed=seed, words=DEMO_WORDS, **SIZES)
+    return build_tiny_internvl(seed=seed, words=tiled.INTERNVL_WORDS, **SIZES)
+
+
+def draw_for(name: str, no_cross_rate: float):
+    """The training sample maker of ``name``'s task."""
+    if name == "onevision":
+        return tiled.make_onevision_sample
+    return lambda rng: tiled.make_internvl_sample(rng, cross=rng.random() >= no_cross_rate)
+
+
+class WrapperBatches:
+    """Training batches of the "train" split through ``wrapper``'s input path: ``(canvases, model inputs,
+    answer ids)``."""
+
+    def __init__(self, wrapper, seed: int, draw):
+        self.wrapper, self.draw = wrapper, draw
+        self.rng = np.random.default_rng([SPLITS["train"], seed])
+        self.token_id = wrapper.processor.tokenizer.convert_tokens_to_ids
+
+    def next(self, batch_size: int):
+        samples = [self.draw(self.rng) for _ in range(batch_size)]
+        x = torch.cat([self.wrapper.preprocess(s.image) for s in samples])
+        return x, self.wrapper.model_inputs(x), torch.tensor([self.token_id(s.answer) for s in samples])
+
+
+def wrapper_logits(model, batches, x, inputs) -> torch.Tensor:
+    """Next-token logits after the prompt on the wrapper's model inputs (with gradients)."""
+    return model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=("onevision", "internvl"))
+    parser.add_argument("--out", help="default: the package's folder of the model")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent warming up")
+    parser.add_argument("--no-cross-rate", type=float, default=tiled.NO_CROSS_RATE,
+                        help="internvl: share of training canvases without a cross (answer 'none')")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    out = args.out or (tiled.ONEVISION_MODEL_DIR if args.model == "onevision" else tiled.INTERNVL_MODEL_DIR)
+    model, processor = build_untrained(args.model, args.seed)
+    make_samples = tiled.make_onevision_samples if args.model == "onevision" else tiled.make_internvl_samples
+    prompt = make_samples(1)[0].prompt
+    wrapper = make_subject(model.config.model_type, model, processor, prompt, None).wrapper
+    fit(model, WrapperBatches(wrapper, args.seed, draw_for(args.model, args.no_cross_rate)), args.steps,
+        args.batch_size, args.lr, args.warmup, 0.0, forward=wrapper_logits)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    loader = tiled.load_onevision_model if args.model == "onevision" else tiled.load_internvl_model
+    model, processor = loader(path=out)
+    wrapper = make_subject(model.config.model_type, model, processor, prompt, None).wrapper
+    accuracy = answer_accuracy(wrapper, make_samples(200, seed=0, split="test"))
+    print(f"saved to {out}; held-out accuracy (200 test samples): {accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()
