@@ -80,7 +80,14 @@ def faithfulness_table() -> str:
     return markdown_tables(summary, "").strip()
 
 
-TABLES: Dict[str, Callable[[], str]] = {"auto_layer": auto_layer_table, "faithfulness_demo": faithfulness_table}
+def faithfulness_best_table() -> str:
+    """README's short form of :func:`faithfulness_table`: the best method x layer per metric, with its reading."""
+    text = faithfulness_table()
+    return text[:text.index("\n\nEach method at its best layer")].strip()
+
+
+TABLES: Dict[str, Callable[[], str]] = {"auto_layer": auto_layer_table, "faithfulness_demo": faithfulness_table,
+                                        "faithfulness_best": faithfulness_best_table}
 
 
 def render(text: str) -> str:

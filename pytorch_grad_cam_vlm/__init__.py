@@ -33,7 +33,8 @@ from pytorch_grad_cam_vlm.models.internvl import InternVLWrapper
 from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
 from pytorch_grad_cam_vlm.models.mistral3 import Mistral3Wrapper
 from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
-from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, patchify
+from pytorch_grad_cam_vlm.models.qwen_patches import patchify
+from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
 from pytorch_grad_cam_vlm.models.tiny.clip import build_tiny_clip
 from pytorch_grad_cam_vlm.models.tiny.gemma3 import build_tiny_gemma3
 from pytorch_grad_cam_vlm.models.tiny.glm4v import build_tiny_glm4v
@@ -64,4 +65,4 @@ __all__ = [
     "ClassifierWrapper", "classify_and_explain",
     "PromptWords", "prompt_word_relevance", "Ranking", "rank_captions", "rank_images",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

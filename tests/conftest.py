@@ -311,3 +311,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def answer_survives_a_blank_image(reliance) -> bool:
+    """The target moves by less than the warning's threshold when the whole image is replaced or blurred: a default
+    answer (the demo model's "triangle"), which the check's removals mostly leave as it is, so that "chance" is often
+    the honest verdict there; the pinned rates of the trained models were measured with these samples left out."""
+    from pytorch_grad_cam_vlm.metrics.reliance import RELIANCE_THRESHOLD
+
+    return max(abs(reliance.share), abs(reliance.blur_share)) < RELIANCE_THRESHOLD

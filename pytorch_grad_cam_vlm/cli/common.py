@@ -189,7 +189,8 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
     files = render(out_dir, stem, mode, rgb, result.frames[0].to_image(result.candidate_maps[0, m, positions]), drawn,
                    method_name, label, notes=[check_note(c, reliance.clean) for c in checks], chosen=result.layers[0],
-                   legend=CHECK_LEGEND, title=chosen + (" · answer from the prompt: no map to trust" if reliance.prompt_only else ""))
+                   legend=CHECK_LEGEND,
+                   title=chosen + (" · answer from the prompt: no map to trust" if reliance.prompt_only else ""))
     words = prompt_word_relevance(subject.wrapper, x, ClassifierOutputTarget(index)) \
         if takes_prompt(subject.wrapper) else None
     if words is not None:
@@ -204,7 +205,8 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 bottom_change=[round(check_change(c, reliance.clean)[1], 4) for c in checks],
                 answer_change=[answer_change(subject.wrapper, x, cam).share
                                for cam in result.candidate_maps[0, m, positions]],
-                verdict=[c.verdict for c in checks], null_margin=[margin_cell(c) for c in checks], candidates=f"{'/'.join(result.candidate_methods)} x layers "
+                verdict=[c.verdict for c in checks], null_margin=[margin_cell(c) for c in checks],
+                candidates=f"{'/'.join(result.candidate_methods)} x layers "
                 f"{','.join(map(str, result.candidate_layers))}", visual_reliance=round(reliance.share, 6),
                 blur_reliance=round(reliance.blur_share, 6), image_drop=round(reliance.drop, 6),
                 warning=" ".join(warnings), note=image_note(image), **(words.report() if words else {}),

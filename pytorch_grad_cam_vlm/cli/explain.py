@@ -19,8 +19,9 @@ from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_methods, e
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, uses_gradients
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
 from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
-from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, Subject, check_question, layer_count, load_model, make_subject,
-                                                  model_config, resolve_device, resolve_dtype)
+from pytorch_grad_cam_vlm.models.registry import (QWEN_MODEL_CLASSES, Subject, check_question, layer_count,
+                                                  load_model, make_subject, model_config, resolve_device,
+                                                  resolve_dtype)
 from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run
 from pytorch_grad_cam_vlm.visualize import MODES
 

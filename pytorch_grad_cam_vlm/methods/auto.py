@@ -158,8 +158,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     fraction (2 forward images each) and one image per distinct peak, then the best :data:`~pytorch_grad_cam_vlm.
     methods.choice.STAGED_KEPT` at the other fractions; ``"full"`` every map at every fraction; ``"peak"`` the peak
     windows alone and the kept map in full (``--fast``). Each image's visual reliance (``reliance``,
-    :func:`~pytorch_grad_cam_vlm.metrics.reliance.visual_reliance`) adds two images. ``options`` go to each method's constructor (a Smooth
-    method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"`` before the sweep passes and
+    :func:`~pytorch_grad_cam_vlm.metrics.reliance.visual_reliance`) adds two images. ``options`` go to each
+    method's constructor (a Smooth method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"`` before the sweep passes and
     ``"check"`` before the check (a progress bar's label). ``null`` maps of no information
     (:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`) are checked once per image with the candidates,
     ``2 * F + 1`` images each, and each complete check's ``null_margin`` says how far its map beats them (0: none,
@@ -177,7 +177,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     if stage:
         stage("maps")
     for cls in classes:
-        with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **cam_options(cls, wrapper, options or {})) as cam:
+        constructor_options = cam_options(cls, wrapper, options or {})
+        with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **constructor_options) as cam:
             maps.append(cam(input_tensor=x, targets=checked))
             if targets is None:  # grad-cam's own choice, read from the pass it made: the predicted class
                 targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
@@ -194,7 +195,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                                  wrapper.token_cell if null else None)
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
         chosen.append(divmod(index, len(chosen_layers)))
-        reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b]))
+        reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
     return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
                        methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],

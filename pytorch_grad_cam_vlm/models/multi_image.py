@@ -18,6 +18,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from pytorch_grad_cam_vlm.models.qwen_patches import patchify, vision_window_index
+
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
 
 
@@ -86,8 +88,6 @@ def mass_shares(maps: np.ndarray, boxes: ImageBoxes) -> np.ndarray:
 def qwen_pixel_values(wrapper, x: torch.Tensor, boxes: ImageBoxes) -> torch.Tensor:
     """Qwen's ``pixel_values`` for canvases ``x`` ``(B, 3, H, W)``: each image patchified on its own grid, in the
     processor's order (sample by sample, image by image)."""
-    from pytorch_grad_cam_vlm.models.qwen_vl import patchify
-
     b = x.shape[0]
     per_image = [patchify(image, wrapper.patch_size, wrapper.merge_size, wrapper.temporal_patch_size).reshape(
         b, -1, wrapper.patch_size ** 2 * 3 * wrapper.temporal_patch_size) for image in crops(x, boxes)]
@@ -97,8 +97,6 @@ def qwen_pixel_values(wrapper, x: torch.Tensor, boxes: ImageBoxes) -> torch.Tens
 def qwen_reshape(wrapper, hidden: torch.Tensor) -> torch.Tensor:
     """:meth:`QwenVLWrapper.reshape_transform` for a canvas of several images: each image's tokens (decoder
     layers, mergers) or patches (vision blocks) on its own grid, placed at its box on the canvas's grid."""
-    from pytorch_grad_cam_vlm.models.qwen_vl import vision_window_index
-
     layout, b, m = wrapper.layout, wrapper.batch_size, wrapper.merge_size
     grids = [(int(h), int(w)) for _, h, w in layout.grid_thw.tolist()]
     tokens = [gh * gw // (m * m) for gh, gw in grids]

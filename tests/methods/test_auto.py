@@ -2,7 +2,7 @@
 image."""
 import numpy as np
 import pytest
-from conftest import model_state, random_image
+from conftest import answer_survives_a_blank_image, model_state, random_image
 from pytorch_grad_cam import GradCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -102,7 +102,7 @@ def test_the_default_points_at_the_evidence_on_both_trained_models(name):
         result = explain(wrapper, x, [target])
         hits += pointing_hit(result.maps[0], sample.evidence_box)
         distractors += any(pointing_hit(result.maps[0], box) for box in sample.distractor_boxes)
-        flagged += result.checks[0].failed and not result.reliance[0].prompt_only  # prompt-only: rightly "chance"
+        flagged += result.checks[0].failed and not answer_survives_a_blank_image(result.reliance[0])
         inverted_flagged += check_maps(wrapper, x, 1 - result.maps, target)[0].failed
     pinned = PINNED[name]
     assert hits / 40 >= pinned["pointing"] - MARGIN

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import answer_survives_a_blank_image, random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.methods.choice import choose_map
@@ -81,10 +81,12 @@ def test_the_staged_choice_gives_the_margins_of_the_full_check(wrapper):
         check_maps(wrapper, x, maps, target, null=1)
 
 
-# Measured on the first 20 held-out samples (seed 0) of benchmarks/verdict_null_<model>.csv at the defaults: the
-# default's maps of images whose answer depends on the image flagged 1 of 13 (demo) and 0 of 20 (crosses);
-# RandomCAM's map at each candidate layer flagged 0.8125 (65 of 80) and 0.706 (113 of 160).
-PINNED = {"demo": dict(default=1, random=0.8125), "crosses": dict(default=0, random=0.706)}
+# Measured on the first 6 held-out samples (seed 0) at the defaults, by this test's own loop (benchmarks/verdict_null.py
+# measures 40 and 25: docs/auto.md): the default's maps of images whose answer depends on the image flagged 1 (demo)
+# and 0 (crosses); RandomCAM's map at each candidate layer flagged 0.917 (22 of 24) and 0.688 (33 of 48). Six samples
+# keep the test near a minute: each runs explain twice and checks ten maps against six null maps.
+SAMPLES = 6
+PINNED = {"demo": dict(default=1, random=22 / 24), "crosses": dict(default=0, random=33 / 48)}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
@@ -97,12 +99,12 @@ def test_maps_with_no_information_are_flagged_on_both_trained_models(name):
                   "crosses": (crosses.load_crosses_model, crosses.make_crosses_samples)}[name]
     model, processor = load()
     default_flagged = random_flagged = random_maps = 0
-    for i, sample in enumerate(make(20, seed=0, split="test")):
+    for i, sample in enumerate(make(SAMPLES, seed=0, split="test")):
         wrapper = QwenVLWrapper(model, processor, sample.prompt)
         x = wrapper.preprocess(sample.image)
         target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
         result = explain(wrapper, x, [target])
-        default_flagged += result.checks[0].failed and not result.reliance[0].prompt_only
+        default_flagged += result.checks[0].failed and not answer_survives_a_blank_image(result.reliance[0])
         np.random.seed(i)  # grad-cam's RandomCAM draws its weights from numpy's global generator
         random = explain(wrapper, x, [target], method="RandomCAM", null=0).candidate_maps[0, 0]
         good = result.model_maps[0]

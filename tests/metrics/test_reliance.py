@@ -37,8 +37,8 @@ def test_a_model_that_answers_from_the_prompt_alone_is_warned_of(wrapper):
     assert result.reliance[0].prompt_only and result.reliance[0].drop == pytest.approx(0, abs=1e-5)
     assert result.warnings(["a.png"])[-1] == (
         "a.png: the target hardly depends on the image (replacing the whole image by its mean colour changes it by "
-        "+0.0%, blurring it by +0.0%): the answer comes from the prompt, not the image, and no map of it can be "
-        "trusted.")
+        "+0.0%, blurring it by +0.0%, removing parts of it by at most 0.0%): the answer comes from the prompt, not the "
+        "image, and no map of it can be trusted.")
     result = explain(wrapper, x, [ClassifierOutputTarget(2)], method="GradCAM", layers=[0])
     assert not result.reliance[0].prompt_only and result.reliance[0].warning("a.png") is None
 
@@ -48,3 +48,17 @@ def test_the_threshold_is_on_the_larger_of_both_shares():
     assert not VisualReliance(2.0, 2.0, 2.0 - 4 * RELIANCE_THRESHOLD).prompt_only
     assert not VisualReliance(-2.0, -1.0, -2.0).prompt_only  # the target rises without the image: it depends on it
     assert np.isnan(VisualReliance(0.0, 0.0, 0.0).share)
+
+
+def test_a_default_answer_that_parts_of_the_image_still_move_is_not_warned_of():
+    """A model's default answer can survive a blank image (the demo model's "triangle"): when a part the check
+    removed moves the target, the image matters and nothing is said."""
+    from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
+    from pytorch_grad_cam_vlm.metrics.reliance import part_change
+
+    checks = [MapCheck(0.3, [1.4], [1.9], False, 0.25), MapCheck(float("nan"), [], [], True, float("nan"))]
+    assert part_change(2.0, checks) == pytest.approx(0.6)  # the top share removed: 2.0 -> 1.4
+    assert part_change(2.0, checks[1:]) == 0.0  # blank maps remove nothing
+    assert VisualReliance(2.0, 2.0, 2.0).prompt_only
+    assert not VisualReliance(2.0, 2.0, 2.0, part_change(2.0, checks)).prompt_only
+    assert VisualReliance(2.0, 2.0, 2.0, 0.5 * RELIANCE_THRESHOLD * 2.0).prompt_only
