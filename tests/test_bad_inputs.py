@@ -385,7 +385,11 @@ def test_cli_warnings_are_one_line_each(capsys, tmp_path, files):
 
 def test_explain_help_names_the_embedded_models(capsys):
     code, stdout, _ = cli(capsys, "explain", "--help")
-    assert code == 0 and "--model MODEL demo, crosses, " in " ".join(stdout.split())
+    from pytorch_grad_cam_vlm.demo import EMBEDDED_MODELS
+
+    names = ", ".join(list(EMBEDDED_MODELS)[:-1]) + f" or {list(EMBEDDED_MODELS)[-1]}"
+    assert code == 0 and f"--model MODEL {names} (the embedded" in " ".join(stdout.split())
+    assert "demo, crosses" in names
     assert "(the embedded demo models, no download)" in " ".join(stdout.split())
 
 

@@ -176,7 +176,9 @@ def test_vision_encoder_map_equals_grad_cam_on_the_block(client, sample_png, dem
     np.testing.assert_allclose(np.load(download(result, "_map.npy")), reference, atol=1e-5)
     details = result["details"]
     assert (details["method"], details["layer"], details["target"]) == ("GradCAM", 1, "vision encoder")
-    assert details["check"] == pytest.approx(check_maps(wrapper, x, reference, target)[0].score, abs=1e-6)
+    # The server computes on one thread, this process on several: the maps agree to 1e-5 (above), and so their checks
+    # (measured 1.4e-6 apart).
+    assert details["check"] == pytest.approx(check_maps(wrapper, x, reference, target)[0].score, abs=1e-5)
     assert details["strip_layers"] == [0, 1, 2, 3]  # every vision block feeds the merger
 
 
