@@ -158,12 +158,15 @@ def _hook_count(model):
 
 @pytest.fixture(autouse=True)
 def no_hooks_left_on_shared_models(request):
-    """Every test leaves the session's tiny models without hooks (grad-cam's included); ``qwen`` and ``qwen2`` check
-    their copies on other devices."""
+    """Every test leaves the session's tiny models, and a family module's ``tiny`` model, without hooks (grad-cam's
+    included); ``qwen`` and ``qwen2`` check their copies on other devices."""
     yield
     for name in ("tiny_qwen", "tiny_qwen2"):
         if name in request.fixturenames:
             assert_no_hooks_left(request.getfixturevalue(name)[0], request.node.name, name)
+    if "tiny" in request.fixturenames:  # a family test module's tiny model: (model, processor, ...) or (name, model, ...)
+        model = next(item for item in request.getfixturevalue("tiny") if isinstance(item, torch.nn.Module))
+        assert model_state(model)["hooks"] == 0, "a test left hooks on the model"
 
 
 def assert_no_hooks_left(model, test, name="device's"):

@@ -36,13 +36,6 @@ def tiny(tmp_path_factory):
     return model, processor, str(folder)
 
 
-@pytest.fixture(autouse=True)
-def no_hooks_left(request):
-    yield
-    if "tiny" in request.fixturenames:
-        assert model_state(request.getfixturevalue("tiny")[0])["hooks"] == 0, "a test left hooks on the model"
-
-
 def wrap(tiny, **kwargs):
     return Gemma3Wrapper(tiny[0], tiny[1], prompt=PROMPT, **kwargs)
 

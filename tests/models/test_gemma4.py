@@ -37,13 +37,6 @@ def tiny(request, tmp_path_factory):
     return model, processor, str(folder)
 
 
-@pytest.fixture(autouse=True)
-def no_hooks_left(request):
-    yield
-    if "tiny" in request.fixturenames:
-        assert model_state(request.getfixturevalue("tiny")[0])["hooks"] == 0, "a test left hooks on the model"
-
-
 def wrap(tiny, **kwargs):
     return Gemma4Wrapper(tiny[0], tiny[1], prompt=PROMPT, **kwargs)
 

@@ -12,8 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from conftest import (DEVICES, PROMPT, VLM_METHODS, assert_fullgrad_refused, assert_projector_candidate,
                       assert_state_kept_through_gradcam, chat_inputs, check_cli_explain,
-                      check_method_on_decoder_and_vision, hidden_and_grad, model_state, partly_frozen_in_train_mode,
-                      random_image)
+                      check_method_on_decoder_and_vision, hidden_and_grad, partly_frozen_in_train_mode, random_image)
 from test_llava import change_maps, shapes_image
 from test_mistral3 import (check_benchmark_and_explorer, check_cells_change_exactly, check_explain,
                            check_frame_is_a_resize, check_per_token)
@@ -31,13 +30,6 @@ def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
     model, processor = build_tiny_glm4v(folder, family=request.param, seed=0)
     return model, processor, str(folder)
-
-
-@pytest.fixture(autouse=True)
-def no_hooks_left(request):
-    yield
-    if "tiny" in request.fixturenames:
-        assert model_state(request.getfixturevalue("tiny")[0])["hooks"] == 0, "a test left hooks on the model"
 
 
 def wrap(tiny, **kwargs):
