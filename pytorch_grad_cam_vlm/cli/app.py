@@ -134,9 +134,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="largest upload in megabytes (default 16)")
     parser.add_argument("--stop-after", type=_positive_int,
                         help="stop the server after this many seconds (default: run until Ctrl-C)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_loading_arguments(parser)
     parser.set_defaults(run=run_app)
     return parser

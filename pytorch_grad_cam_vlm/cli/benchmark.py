@@ -49,9 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--coco-answer",
                         help="COCO-style data: the answer to explain, {category} filled in (default: the model's "
                              "next token); e.g. '{category}' explains the word, as EAGLE does")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (the process's device under accelerate), cpu, cuda:N")
     parser.add_argument("--batch-size", type=int,
                         help=f"perturbed images (ROAD, deletion, insertion) per forward pass (default: "
                              f"{DEFAULT_BATCH_SIZE} on CUDA; on the CPU as many as fit in {CPU_BATCH_PIXELS} pixels, "
@@ -88,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="print EAGLE's Table 2 of finished --table eagle runs (one per model) and exit")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="print the difference B - A of two finished runs' summaries and exit")
-    add_loading_arguments(parser)
+    add_loading_arguments(parser, "auto (the process's device under accelerate), cpu, cuda:N")
     parser.set_defaults(run=run_benchmark)
     return parser
 

@@ -293,8 +293,12 @@ def add_rerun_arguments(parser: argparse.ArgumentParser) -> None:
                              "list (after an interrupted run)")
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--allow-pickle`` and ``--trust-remote-code``: both off, because each lets a checkpoint run code."""
+def add_loading_arguments(parser: argparse.ArgumentParser, device_help: str = "auto, cpu, cuda or cuda:N") -> None:
+    """How the model is loaded: ``--dtype``, ``--device``, and ``--allow-pickle`` and ``--trust-remote-code`` (both
+    off, because each lets a checkpoint run code)."""
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="auto", help=device_help)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load a pickle checkpoint (pytorch_model.bin), which can run code: only from a source "
                              "you trust (default: safetensors only)")

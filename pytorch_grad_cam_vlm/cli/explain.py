@@ -164,9 +164,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, help="figure (default single; --per-token draws its own)")
     parser.add_argument("--out", required=True, help="output folder")
     add_rerun_arguments(parser)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--n-samples", type=_positive_int, help="noisy copies of a Smooth method (default 50)")
     parser.add_argument("--noise-level", type=_noise_level,
                          help="noise std of a Smooth method as a fraction of the input range, 0..1 (default 0.15)")

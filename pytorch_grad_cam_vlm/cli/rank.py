@@ -116,9 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="images per forward pass (default: the deletion check's batch rule)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deletion check's tie order")
     parser.add_argument("--out", default="rank_out", help="output folder (default rank_out)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_loading_arguments(parser)
     parser.set_defaults(run=run_rank)
     return parser
