@@ -164,9 +164,13 @@ def no_hooks_left_on_shared_models(request):
     for name in ("tiny_qwen", "tiny_qwen2"):
         if name in request.fixturenames:
             assert_no_hooks_left(request.getfixturevalue(name)[0], request.node.name, name)
-    if "tiny" in request.fixturenames:  # a family test module's tiny model: (model, processor, ...) or (name, model, ...)
-        model = next(item for item in request.getfixturevalue("tiny") if isinstance(item, torch.nn.Module))
-        assert model_state(model)["hooks"] == 0, "a test left hooks on the model"
+    if "tiny" in request.fixturenames:
+        # a family test module's tiny model: (model, processor, ...), (name, model, ...), or a builder per family
+        # whose ``built`` dict holds those tuples
+        tiny = request.getfixturevalue("tiny")
+        for built in getattr(tiny, "built", {}).values() if callable(tiny) else [tiny]:
+            model = next(item for item in built if isinstance(item, torch.nn.Module))
+            assert model_state(model)["hooks"] == 0, f"{request.node.name} left hooks on the model"
 
 
 def assert_no_hooks_left(model, test, name="device's"):

@@ -59,6 +59,7 @@ def test_a_default_answer_that_parts_of_the_image_still_move_is_not_warned_of():
     checks = [MapCheck(0.3, [1.4], [1.9], False, 0.25), MapCheck(float("nan"), [], [], True, float("nan"))]
     assert part_change(2.0, checks) == pytest.approx(0.6)  # the top share removed: 2.0 -> 1.4
     assert part_change(2.0, checks[1:]) == 0.0  # blank maps remove nothing
+    assert part_change(2.0, [None, *checks]) == pytest.approx(0.6)  # maps a staged or peak choice left unchecked
     assert VisualReliance(2.0, 2.0, 2.0).prompt_only
     assert not VisualReliance(2.0, 2.0, 2.0, part_change(2.0, checks)).prompt_only
     assert VisualReliance(2.0, 2.0, 2.0, 0.5 * RELIANCE_THRESHOLD * 2.0).prompt_only

@@ -30,6 +30,7 @@ def tiny(tmp_path_factory):
         if family not in built:
             built[family] = build_tiny_clip(tmp_path_factory.mktemp(f"tiny_{family}"), family=family, seed=0)
         return built[family]
+    get.built = built  # conftest checks every built model for hooks left behind
     return get
 
 
