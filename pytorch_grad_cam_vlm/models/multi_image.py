@@ -8,17 +8,25 @@ out of the canvas and patchifies it on its own grid, exactly as the processor wo
 image); ``reshape_transform`` places each image's token (or patch) grid at its box on the canvas's grid, zeros in
 between. Every grad-cam method, the deletion check and ROAD therefore run on the canvas unchanged, and a map of the
 canvas holds one map per image, each in its image's frame (:func:`image_maps`); :func:`mass_shares` says how the
-relevance splits between them.
+relevance splits between them. ``explain(wrapper, MultiImage([a, b]))`` reports that split with a deletion check per
+image (:mod:`pytorch_grad_cam_vlm.metrics.image_split`).
+
+A list of images per prompt is a :class:`MultiImage` (a tuple), so that it cannot be taken for a batch of prompts.
+The families that take one: :data:`SEVERAL_IMAGES_FAMILIES`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, vision_window_index
+
+SEVERAL_IMAGES_FAMILIES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 3 (without pan-and-scan)"
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
 
@@ -37,10 +45,28 @@ class ImageBoxes:
         return len(self.boxes)
 
 
+def check_count(count: int) -> None:
+    """Refuse fewer than two images for one prompt, saying what to pass instead."""
+    if count == 0:
+        raise ValueError("Several images in one prompt: got none; pass two or more images.")
+    if count == 1:
+        raise ValueError("Several images in one prompt: got one image; pass it alone (explain(wrapper, image), "
+                         "--image) or add the others.")
+
+
+class MultiImage(tuple):
+    """The images (paths, PIL images or uint8 arrays) asked in one prompt, in the prompt's order: at least two.
+    ``explain(wrapper, MultiImage([a, b]))`` explains them together; a plain list is a batch of prompts."""
+
+    def __new__(cls, images: Sequence[ImageInput]) -> "MultiImage":
+        images = tuple(images)
+        check_count(len(images))
+        return super().__new__(cls, images)
+
+
 def side_by_side(sizes: Sequence[Tuple[int, int]]) -> ImageBoxes:
     """Boxes for images of ``sizes`` ``(height, width)``, left to right and top-aligned."""
-    if len(sizes) < 2:
-        raise ValueError(f"Several images means at least two, got {len(sizes)}.")
+    check_count(len(sizes))
     lefts = np.cumsum([0] + [w for _, w in sizes[:-1]])
     return ImageBoxes(tuple((0, int(left), int(h), int(w)) for left, (h, w) in zip(lefts, sizes)))
 
@@ -51,6 +77,64 @@ def canvas(images: Sequence[torch.Tensor], boxes: ImageBoxes) -> torch.Tensor:
     for image, (top, left, height, width) in zip(images, boxes.boxes):
         out[:, :, top:top + height, left:left + width] = image
     return out
+
+
+def preprocess_several(wrapper: torch.nn.Module, images: Sequence[ImageInput],
+                       preprocess_one: Callable[[ImageInput], torch.Tensor]) -> torch.Tensor:
+    """The canvas ``(1, 3, H, W)`` of ``images`` asked in one prompt, each made by ``preprocess_one`` (the family's
+    one-image preprocessing), and ``wrapper.image_boxes`` set to their boxes; an image the processor refuses is
+    named (``image 2 of 3: ...``) and leaves ``wrapper.image_boxes`` as it was."""
+    check_count(len(images))
+    before, inputs = wrapper.image_boxes, []
+    try:
+        for i, image in enumerate(images):
+            try:
+                inputs.append(preprocess_one(image))
+            except (ValueError, TypeError, OSError) as error:
+                raise type(error)(f"image {i + 1} of {len(images)}: {error}") from error
+    finally:
+        wrapper.image_boxes = before
+    boxes = side_by_side([tuple(one.shape[2:]) for one in inputs])
+    wrapper.image_boxes = boxes
+    return canvas(inputs, boxes)
+
+
+def check_canvas(boxes: ImageBoxes, height: int, width: int) -> None:
+    """Refuse an input that is not the canvas the images were prepared on."""
+    if boxes.canvas_size != (height, width):
+        raise ValueError(f"The images were prepared as a canvas of {boxes.canvas_size[0]}x{boxes.canvas_size[1]} "
+                         f"pixels (several images in one prompt), got {height}x{width}: preprocess them again.")
+
+
+def takes_several(wrapper: torch.nn.Module) -> None:
+    """Refuse a wrapper whose family takes one image per prompt."""
+    if not hasattr(wrapper, "image_boxes"):
+        raise ValueError(f"{type(wrapper).__name__} takes one image per prompt; several images in one prompt work "
+                         f"with {SEVERAL_IMAGES_FAMILIES}.")
+
+
+def prepare_several(wrapper: torch.nn.Module, images: MultiImage) -> Tuple[torch.Tensor, List[ImageFrame]]:
+    """The canvas ``(1, 3, H, W)`` of the images of one prompt and each image's
+    :class:`~pytorch_grad_cam_vlm.models.frame.ImageFrame` on its box (what ``explain`` takes of a
+    :class:`MultiImage`)."""
+    takes_several(wrapper)
+    pictures = []
+    for i, image in enumerate(images):
+        try:
+            pictures.append(load_rgb(image))
+        except (ValueError, TypeError, OSError) as error:
+            raise type(error)(f"image {i + 1} of {len(images)}: {error}") from error
+    x = wrapper.preprocess(pictures)
+    return x, [wrapper.image_frame(picture.size[::-1], (h, w))
+               for picture, (_, _, h, w) in zip(pictures, wrapper.image_boxes.boxes)]
+
+
+def box_masks(boxes: ImageBoxes) -> np.ndarray:
+    """``(N, H, W)`` bool: each image's pixels on the canvas."""
+    masks = np.zeros((len(boxes),) + boxes.canvas_size, bool)
+    for mask, (top, left, h, w) in zip(masks, boxes.boxes):
+        mask[top:top + h, left:left + w] = True
+    return masks
 
 
 def crops(x: torch.Tensor, boxes: ImageBoxes) -> List[torch.Tensor]:

@@ -13,7 +13,8 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, check_size, find_module_list
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, canvas, qwen_pixel_values, qwen_reshape, side_by_side
+from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, preprocess_several, qwen_pixel_values,
+                                                     qwen_reshape)
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, unpatchify, vision_window_index
 
 
@@ -134,10 +135,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         canvas (:mod:`~pytorch_grad_cam_vlm.models.multi_image`), which :attr:`image_boxes` remembers until the
         next call."""
         if isinstance(image, (list, tuple)):
-            images = [self.preprocess(one) for one in image]
-            boxes = side_by_side([tuple(one.shape[2:]) for one in images])
-            self.image_boxes = boxes
-            return canvas(images, boxes)
+            return preprocess_several(self, image, self.preprocess)
         self.image_boxes = None
         encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")
         grid = encoded["image_grid_thw"][0]
@@ -205,9 +203,8 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         resized once already, by :meth:`preprocess`, and ``smart_resize`` is not idempotent (with ``min_pixels ==
         max_pixels`` it makes 84x112 of a 480x640 photo, then 112x140 of that)."""
         boxes = self.image_boxes
-        if boxes is not None and boxes.canvas_size != (height, width):
-            raise ValueError(f"The images were prepared as a canvas of {boxes.canvas_size[0]}x{boxes.canvas_size[1]} "
-                             f"pixels (several images in one prompt), got {height}x{width}: preprocess them again.")
+        if boxes is not None:
+            check_canvas(boxes, height, width)
         key = (height, width, boxes)
         if key not in self._layouts:
             check_size(height, width, self.token_cell)

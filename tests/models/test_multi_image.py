@@ -140,7 +140,7 @@ def test_boxes_and_shares_by_hand():
     maps[0, 3, 0] = 9.0  # outside both images: not counted
     np.testing.assert_allclose(mass_shares(maps, boxes), [[0.75, 0.25]])
     assert np.isnan(mass_shares(np.zeros((1, 4, 4)), boxes)).all()
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="got one image; pass it alone"):
         side_by_side([(2, 2)])
 
 
