@@ -26,8 +26,10 @@ from pytorch_grad_cam_vlm.methods.choice import choose_map
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, NULL_MAPS, MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit, split_map
 from pytorch_grad_cam_vlm.metrics.reliance import VisualReliance, visual_reliance
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
+from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several
 
 # The candidates of method="auto", chosen on the two trained demo models (benchmarks/auto_rules.md: 200 + 100
 # held-out samples each, every list at the projector and the decoder layers, ranked by the check's total): of the
@@ -83,7 +85,12 @@ class Explanation:
 
     ``maps`` lie on the user's images (``frames[b].image_size``; NaN where the model saw no part of the image, as
     outside a center crop), ``model_maps`` and ``candidate_maps`` on the model's input ``x`` (what grad-cam gives);
-    ``frames[b].to_image(...)`` carries any of the latter onto image ``b`` (``docs/frames.md``)."""
+    ``frames[b].to_image(...)`` carries any of the latter onto image ``b`` (``docs/frames.md``).
+
+    For several images in one prompt (a :class:`~pytorch_grad_cam_vlm.models.multi_image.MultiImage`, or a canvas
+    the wrapper prepared of them), ``maps`` lie on the canvas and ``split[b]`` says how the chosen map of input ``b``
+    splits between the images: each one's share of its mass, the deletion check of its part, and its part on each
+    image (:class:`~pytorch_grad_cam_vlm.metrics.image_split.ImageSplit`)."""
 
     maps: np.ndarray  # (B, H0, W0) float32 in [0, 1], NaN where unseen: on the user's images
     methods: List[str]
@@ -97,6 +104,7 @@ class Explanation:
     model_maps: Optional[np.ndarray] = None  # (B, H, W): the chosen maps on the model's input
     frames: Optional[List[ImageFrame]] = None  # where each input lies on its image
     reliance: Optional[List[VisualReliance]] = None  # how much each image's target depends on the image at all
+    split: Optional[List[ImageSplit]] = None  # several images in one prompt: the chosen map split between them
 
     @property
     def scores(self) -> np.ndarray:
@@ -133,7 +141,7 @@ class Explanation:
         return [line for line in lines if line]
 
 
-def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequence[ImageInput]],
+def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequence[ImageInput], MultiImage],
             targets: Optional[list] = None, method: MethodSpec = "auto", layers: LayerSpec = "auto",
             fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
             seed: int = 0, options: Optional[dict] = None,
@@ -147,7 +155,10 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     here; or normalised inputs ``(B, 3, H, W)`` as ``wrapper.preprocess`` makes them, with ``image_size`` ``(height,
     width)`` of the images they were made from (one for all, or one per input). ``maps`` lie on those images
     (without ``image_size``, a tensor is taken as the image itself), ``model_maps`` on the inputs
-    (:func:`~pytorch_grad_cam_vlm.models.frame.prepare_images`).
+    (:func:`~pytorch_grad_cam_vlm.models.frame.prepare_images`). ``MultiImage([a, b])`` asks the images in one
+    prompt, on one canvas (Qwen families, GLM-4V, Gemma 3): ``maps`` lie on the canvas and ``split`` splits them between the
+    images, each image's check with ``null`` null maps of its own; a canvas tensor the wrapper prepared (its
+    ``image_boxes``) is split the same way, each part as it lies on the canvas.
 
     ``method``: ``"auto"`` (:data:`AUTO_METHODS`), a method name or class, or a list. ``layers``: ``"auto"``
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`
@@ -164,7 +175,15 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     (:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`) are checked once per image with the candidates,
     ``2 * F + 1`` images each, and each complete check's ``null_margin`` says how far its map beats them (0: none,
     and no ``"chance"`` verdict)."""
+    image_frames = None
+    if isinstance(x, MultiImage):
+        if image_size is not None:
+            raise ValueError("image_size goes with preprocessed inputs (a tensor); a MultiImage's images carry their "
+                             "sizes.")
+        x, image_frames = prepare_several(wrapper, x)
     x, frames = prepare_images(wrapper, x, image_size)
+    boxes = getattr(wrapper, "image_boxes", None)
+    boxes = boxes if boxes is not None and boxes.canvas_size == tuple(x.shape[2:]) else None
     checked = checked_targets(targets, len(x))
     classes = candidate_methods(method)
     n_layers, projector = len(wrapper.layers), has_projector(wrapper)
@@ -197,8 +216,11 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
         chosen.append(divmod(index, len(chosen_layers)))
         reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
+    split = None if boxes is None else [
+        split_map(wrapper, x[b:b + 1], model_maps[b], boxes, targets[b], image_frames, fractions, fill, batch_size,
+                  seed, clean[b], null, wrapper.token_cell if null else None) for b in range(len(x))]
     return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
                        methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
                        checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
-                       targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance)
+                       targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=split)

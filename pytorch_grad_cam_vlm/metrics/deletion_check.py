@@ -173,7 +173,8 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
                fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean",
                batch_size: Optional[int] = None, seed: int = 0, blank_tolerance: float = 1e-6,
                peak_window: int = PEAK_WINDOW, clean: Optional[float] = None,
-               window_scores: Optional[dict] = None, null: int = 0, cell: Optional[int] = None) -> List[MapCheck]:
+               window_scores: Optional[dict] = None, null: int = 0, cell: Optional[int] = None,
+               region: Optional[np.ndarray] = None) -> List[MapCheck]:
     """The deletion check (see the module's docstring) of each of ``maps`` ``(M, H, W)`` for one image ``x``
     ``(1, 3, H, W)`` and a grad-cam ``target`` (e.g. ``ClassifierOutputTarget(token_id)``), on ``model`` (a
     wrapper). Every perturbed image of every map goes through the model in batches of ``batch_size`` (None:
@@ -182,7 +183,10 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     removed; filled in, to share between calls on the same image), and the clean image unless its score ``clean``
     is given. Ties are broken in the order of :func:`map_rng`. ``null`` > 0 checks that many :func:`null_maps` of
     token cells of ``cell`` pixels (default ``model.token_cell``) in the same batches, ``2 * F + 1`` more images
-    each, and sets every map's ``null_margin`` (:func:`with_null_margins`). Returns one :class:`MapCheck` per map."""
+    each, and sets every map's ``null_margin`` (:func:`with_null_margins`). A ``region`` ``(H, W)`` bool (one image
+    of several in one prompt) confines the check to its pixels: the fractions are shares of the region, the peak is
+    the map's maximum there and its window is removed there only (``window_scores`` then holds this region's
+    windows alone). Returns one :class:`MapCheck` per map."""
     maps = np.asarray(maps, dtype=np.float32)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"check_maps takes one image (1, 3, H, W), got "
@@ -201,11 +205,17 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         raise ValueError(f"peak_window must be a whole number of pixels >= 1, got {peak_window!r}.")
     if null and (not isinstance(null, int) or null < 2):
         raise ValueError(f"null must be 0 (no null) or a whole number of maps >= 2 (its spread), got {null!r}.")
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        if region.shape != maps.shape[1:] or not region.any():
+            raise ValueError(f"region must be a (H, W) bool mask of the image's size {tuple(x.shape[2:])} with at "
+                             f"least one pixel, got shape {region.shape}.")
     if null:
         maps = np.concatenate([maps, null_maps(maps.shape[1:], token_cell(model, cell), null, seed)])
     x = x.detach()
     background = filled(x, fill)
-    blank = [bool(not np.all(np.isfinite(m)) or m.max() - m.min() < blank_tolerance) for m in maps]
+    inside = slice(None) if region is None else region
+    blank = [bool(not np.all(np.isfinite(m[inside])) or np.ptp(m[inside]) < blank_tolerance) for m in maps]
     images = [] if clean is not None else [x[0]]  # the clean image, for the peak drops
     window_scores = {} if window_scores is None else window_scores
     peak_images = {}  # peak pixel -> index of its image: maps that peak at the same pixel share it
@@ -214,15 +224,23 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         if is_blank:
             where.append(None)
             continue
-        ranks = torch.from_numpy(ranked_map(cam, map_rng(seed, cam))).to(x.device)
+        if region is None:
+            ranks = ranked_map(cam, map_rng(seed, cam))
+        else:  # outside the region NaN, which neither the top nor the bottom comparison takes
+            ranks = np.full(cam.shape, np.nan, np.float32)
+            ranks[region] = ranked_map(cam[region], map_rng(seed, cam))
+        ranks = torch.from_numpy(ranks).to(x.device)
         start = len(images)
         for f in fractions:
             for removed in (ranks >= 1 - f, ranks < f):  # the top f, then the bottom f
                 images.append(torch.where(removed, background, x)[0])
-        peak = map_peak(cam)
+        peak = map_peak(cam if region is None else np.where(region, cam, cam[region].min()))
         if peak not in peak_images and peak not in window_scores:
             peak_images[peak] = len(images)
-            images.append(without_window(x, background, peak, peak_window)[0])
+            window = without_window(x, background, peak, peak_window)
+            if region is not None:
+                window = torch.where(torch.from_numpy(region).to(x.device), window, x)
+            images.append(window[0])
         where.append((start, peak))
     scores = target_scores(model, torch.stack(images), target, batch_size) \
         if images and where.count(None) < len(where) else None

@@ -20,6 +20,9 @@ What the family changes, and where it is handled:
   (:mod:`pytorch_grad_cam_vlm.models.pan_and_scan`), cuts the crops from it and resizes the canvas to the whole
   image in torch (bilinear, antialiased, as the processor's resize; differentiable); ``view`` draws the maps from
   the crops' tokens, the whole image's, or both.
+- **Several images in one prompt** (without pan-and-scan): ``preprocess([a, b])`` lays the square images side by
+  side on one canvas (:mod:`pytorch_grad_cam_vlm.models.multi_image`); ``forward`` cuts them apart again, the
+  processor writes one block of image tokens per image, and each image's grid lands on its square of the canvas.
 
 Measured on the tiny random test models (models/tiny/gemma3.py, seeds 0 and 1; logits of standard deviation ~0.16)
 against ``processor.apply_chat_template(..., tokenize=True)``'s inputs, over 21 pictures of discs in 7 sizes:
@@ -34,7 +37,7 @@ processor's own whole image (``model_inputs(x, whole_images=processor_whole_imag
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,6 +50,8 @@ from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_m
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
+from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, crops as box_crops, place,
+                                                     preprocess_several)
 from pytorch_grad_cam_vlm.models.pan_and_scan import VIEWS, Gemma3Layout, canvas_crops, crops_frame, image_grids
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, QwenVLWrapper, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
@@ -104,6 +109,7 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self._watch_layers(self._decoder_layers, self._vision_blocks, self._gemma)
         self.view = view
         self.source_size: Optional[Tuple[int, int]] = None  # (h, w) of the picture; preprocess sets it
+        self.image_boxes: Optional[ImageBoxes] = None  # several images on one canvas, set by preprocess
         self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
@@ -134,13 +140,22 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return text[len(bos):] if bos and adds_bos and text.startswith(bos) else text
 
     def _encode(self, rgb, text: Optional[str] = None) -> dict:
-        """The processor on one picture and the chat text, with the wrapper's pan-and-scan options."""
+        """The processor on one picture (or the prompt's pictures, a list) and the chat text, with the wrapper's
+        pan-and-scan options."""
         return self.processor(text=[text or self.chat_text()], images=[rgb], return_tensors="pt",
                               **self.processor_kwargs)
 
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
+    def preprocess(self, image: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """The processor's own resizing and normalisation, as ``(1, 3, H, W)`` float32 on the CPU: the square image,
-        or with pan-and-scan crops the canvas of the processor's crops. Sets :attr:`source_size`."""
+        or with pan-and-scan crops the canvas of the processor's crops. Sets :attr:`source_size`. A list of images
+        asks them all in one prompt (without pan-and-scan): their squares side by side on one canvas, which
+        :attr:`image_boxes` remembers until the next call."""
+        if isinstance(image, (list, tuple)):
+            if self.processor_kwargs["do_pan_and_scan"]:
+                raise ValueError("Several images in one prompt take Gemma 3 without pan-and-scan: create the wrapper "
+                                 "with pan_and_scan=False, or explain the images one at a time.")
+            return preprocess_several(self, image, self.preprocess)
+        self.image_boxes = None
         rgb = load_rgb(image)
         pixel_values = self._encode(rgb)["pixel_values"].float()
         self.source_size = (rgb.size[1], rgb.size[0])
@@ -178,7 +193,11 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     def layout_for(self, height: int, width: int) -> Gemma3Layout:
         """Text inputs and token geometry for inputs of ``height x width`` pixels, built once per size by the
-        processor itself with a placeholder picture (of :attr:`source_size` for a canvas of crops)."""
+        processor itself with a placeholder picture (of :attr:`source_size` for a canvas of crops; one per image for
+        several images in one prompt)."""
+        if self.image_boxes is not None:
+            check_canvas(self.image_boxes, height, width)
+            return self._layout((height, width), (height, width), self.image_boxes)
         rows, cols = canvas_crops((height, width), self.image_size)
         source = (height, width)
         if rows * cols > 1:
@@ -190,18 +209,20 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             source = self.source_size
         return self._layout((height, width), source)
 
-    def _layout(self, canvas: Tuple[int, int], source: Tuple[int, int]) -> Gemma3Layout:
-        key = canvas + tuple(source)
+    def _layout(self, canvas: Tuple[int, int], source: Tuple[int, int],
+                boxes: Optional[ImageBoxes] = None) -> Gemma3Layout:
+        key = canvas + tuple(source) + (boxes,)
         if key not in self._layouts:
-            placeholder = np.zeros(tuple(source) + (3,), dtype=np.uint8)
+            placeholder = np.zeros(tuple(source) + (3,), dtype=np.uint8) if boxes is None else \
+                [np.zeros((h, w, 3), dtype=np.uint8) for _, _, h, w in boxes.boxes]
             encoded = self._encode(placeholder)
             positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
             text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "num_crops")}
             answer_ids = None
             if self.answer is not None:
                 text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
-            layout = Gemma3Layout(text_inputs, positions, self.grid, canvas_crops(canvas, self.image_size), canvas,
-                                  answer_ids)
+            crops = (1, 1) if boxes is not None else canvas_crops(canvas, self.image_size)
+            layout = Gemma3Layout(text_inputs, positions, self.grid, crops, canvas, answer_ids, boxes)
             if len(positions) != layout.image_count * self.grid ** 2 \
                     or len(encoded["pixel_values"]) != layout.image_count:
                 raise ValueError(f"The processor made {len(encoded['pixel_values'])} images and {len(positions)} "
@@ -222,7 +243,9 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
-        if layout.has_crops:
+        if layout.boxes is not None:
+            x = torch.stack(box_crops(x, layout.boxes), dim=1).flatten(0, 1)  # sample by sample, image by image
+        elif layout.has_crops:
             s, (rows, cols) = self.image_size, layout.crops
             if whole_images is None:  # bilinear with antialiasing, as the processor's resize
                 whole_images = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
@@ -257,6 +280,10 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid: expected "
                              f"({b}, {layout.sequence_length}, C) from a decoder layer, ({b * images}, {patches}, C) "
                              f"from a vision block or ({b * images}, {self.grid ** 2}, C) from the projector.")
+        if layout.boxes is not None:  # each image's grid on its square of the canvas
+            side = int(round(tokens.shape[2] ** 0.5))
+            grids = tokens.float().reshape(b, images, side, side, -1).permute(1, 0, 4, 2, 3)
+            return place(list(grids), layout.boxes, self.image_size // side)
         whole, crops = image_grids(tokens.float(), layout)
         return self.place_views(crops, whole)
 

@@ -26,7 +26,7 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, vision_window_index
 
-SEVERAL_IMAGES_FAMILIES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 3 (without pan-and-scan)"
+SEVERAL_IMAGES_FAMILIES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V and Gemma 3 (without pan-and-scan)"
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
 

@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, Piece
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes
 from pytorch_grad_cam_vlm.models.tiles import tile_grids
 
 VIEWS = ("crops", "whole", "combined")
@@ -43,6 +44,7 @@ class Gemma3Layout:
     crops: Tuple[int, int]  # rows and columns of crops on the canvas; (1, 1) without crops
     canvas: Tuple[int, int]  # (H, W) of the input in pixels
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several images in one prompt, side by side on the canvas
 
     @property
     def has_crops(self) -> bool:
@@ -50,7 +52,10 @@ class Gemma3Layout:
 
     @property
     def image_count(self) -> int:
-        """Images the encoder sees per sample: the whole picture and its crops, or the one image."""
+        """Images the encoder sees per sample: the whole picture and its crops, the one image, or the prompt's
+        several images."""
+        if self.boxes is not None:
+            return len(self.boxes)
         return 1 + self.crops[0] * self.crops[1] if self.has_crops else 1
 
     @property

@@ -1,20 +1,28 @@
-"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL): the canvas's logits equal the processor's with both images,
-reshape_transform puts each image's patches and tokens at its box, and the map splits between the images."""
+"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3): the canvas's logits equal the processor's
+with both images, reshape_transform puts each image's patches and tokens at its box, the map splits between the
+images (explain's split: each image's share and its own deletion check), and bad input gets one clear error."""
 import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, model_state, random_image
+from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import Qwen3VLWrapper, QwenVLWrapper, build_tiny_qwen3_vl
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, image_maps, mass_shares, side_by_side
+from pytorch_grad_cam_vlm import (CLIPWrapper, Gemma3Wrapper, Glm4vWrapper, Qwen3VLWrapper, QwenVLWrapper,
+                                  build_tiny_clip, build_tiny_gemma3, build_tiny_glm4v, build_tiny_qwen3_vl,
+                                  check_maps, explain)
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
+from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
+                                                     side_by_side)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "glm4v"])
 def family(request, tiny_qwen, tmp_path_factory):
     if request.param == "qwen2_5_vl":
         return (*tiny_qwen, QwenVLWrapper)
+    if request.param == "glm4v":
+        return (*build_tiny_glm4v(tmp_path_factory.mktemp("glm4v"), seed=0), Glm4vWrapper)
     return (*build_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3"), seed=0), Qwen3VLWrapper)
 
 
@@ -153,3 +161,158 @@ def test_a_canvas_of_another_size_is_refused(family):
         wrapper(x[:, :, :, :4 * c])
     single = wrapper.preprocess(random_image(2 * c, 2 * c))  # one image again: the canvas is forgotten
     assert wrapper.image_boxes is None and wrapper(single).shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------- Gemma 3
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A tiny Gemma 3 (32-px images of 8x8 patches pooled to 4x4 tokens of 8 px), saved and loaded back."""
+    model, processor = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"), seed=1)
+    return Gemma3Wrapper(model, processor, prompt=PROMPT)
+
+
+GEMMA_IMAGES = (random_image(40, 70, seed=1), random_image(90, 50, seed=2))  # each resized to the 32-px square
+
+
+def gemma3_reference(wrapper, images, answer=""):
+    """The processor's own inputs for both images in one prompt (its chat template, one <bos>, token_type_ids)."""
+    content = [{"type": "image", "image": Image.fromarray(image)} for image in images]
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": PROMPT}]}]
+    if answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return wrapper.processor.apply_chat_template(messages, add_generation_prompt=not answer, tokenize=True,
+                                                 return_dict=True, return_tensors="pt")
+
+
+def test_gemma3_logits_equal_the_processor_path_with_two_images_of_different_sizes(gemma3):
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    assert x.shape == (1, 3, 32, 64) and gemma3.image_boxes == ImageBoxes(((0, 0, 32, 32), (0, 32, 32, 32)))
+    inputs = gemma3_reference(gemma3, GEMMA_IMAGES)
+    ours = gemma3.model_inputs(x)
+    assert torch.equal(ours["input_ids"], inputs["input_ids"])
+    assert torch.equal(ours["token_type_ids"], inputs["token_type_ids"])
+    assert torch.equal(ours["pixel_values"], inputs["pixel_values"])
+    with torch.no_grad():
+        reference = gemma3.model(**inputs).logits[0, -1]
+        output = gemma3(x.repeat(2, 1, 1, 1))
+    np.testing.assert_allclose(output[1].numpy(), reference.numpy(), atol=1e-5)
+    np.testing.assert_allclose(output[0].numpy(), output[1].numpy(), atol=1e-6)
+
+
+def test_gemma3_one_cell_of_image_2_changes_only_that_cell_of_image_2s_map(gemma3):
+    """Perturb one token cell (8 px) of image 2: the vision tower's first block input (patch and position
+    embeddings) changes only at the 2x2 patches that reshape_transform puts on that cell of image 2's square."""
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    top, left = gemma3.image_boxes.boxes[1][:2]
+    row, col, c, p = 2, 1, gemma3.token_cell, gemma3.patch_size
+    perturbed = x.clone()
+    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
+    seen = []
+    handle = gemma3.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            gemma3(x), gemma3(perturbed)
+    finally:
+        handle.remove()
+    grids = [gemma3.reshape_transform(hidden) for hidden in seen]  # (1, C, 32 / 4, 64 / 4)
+    changed = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+    expected = torch.zeros(8, 16, dtype=torch.bool)
+    expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
+    assert torch.equal(changed, expected)
+
+
+def test_gemma3_decoder_layers_put_each_images_tokens_on_its_square(gemma3):
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    with torch.no_grad():
+        gemma3(x)
+    positions, seq = gemma3.layout.image_positions, gemma3.layout.sequence_length
+    assert len(positions) == 2 * 16
+    grid = gemma3.reshape_transform(torch.arange(seq, dtype=torch.float32).view(1, seq, 1))[0, 0]
+    assert torch.equal(grid, torch.cat([positions[:16].view(4, 4), positions[16:].view(4, 4)], dim=1).float())
+
+
+def test_gemma3_with_an_answer_scores_it_as_the_processor_with_both_images(gemma3):
+    wrapper = Gemma3Wrapper(gemma3.model, gemma3.processor, prompt=PROMPT, answer="red circle")
+    x = wrapper.preprocess(list(GEMMA_IMAGES))
+    ids = wrapper.layout_for(32, 64).answer_ids
+    inputs = gemma3_reference(wrapper, GEMMA_IMAGES, "red circle")
+    start = (inputs["input_ids"][0] == ids[0]).nonzero().flatten()[-1]  # the answer's first token
+    with torch.no_grad():
+        logits = wrapper.model(**inputs).logits[0]
+        score = float(wrapper(x)[0, 0])
+    expected = torch.log_softmax(logits[start - 1:start - 1 + len(ids)], -1).gather(-1, ids[:, None]).sum()
+    np.testing.assert_allclose(score, float(expected), atol=1e-5)
+
+
+def test_gemma3_with_pan_and_scan_refuses_several_images(gemma3):
+    wrapper = Gemma3Wrapper(gemma3.model, gemma3.processor, prompt=PROMPT, pan_and_scan=True)
+    with pytest.raises(ValueError, match=r"^Several images in one prompt take Gemma 3 without pan-and-scan: create "
+                                         r"the wrapper with pan_and_scan=False, or explain the images one at a "
+                                         r"time\.$"):
+        wrapper.preprocess(list(GEMMA_IMAGES))
+    assert wrapper.image_boxes is None
+
+
+# ------------------------------------------------------------------------------------------- explain's split
+def test_explain_splits_the_chosen_map_between_the_images_each_on_its_own_picture(gemma3):
+    before = model_state(gemma3.model)
+    result = explain(gemma3, MultiImage(GEMMA_IMAGES), method="GradCAM", layers="1", null=2)
+    assert model_state(gemma3.model) == before and gemma3.image_boxes is not None
+    [split] = result.split
+    boxes = gemma3.image_boxes
+    assert result.maps.shape == (1, 32, 64) and split.boxes == boxes
+    np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, boxes)[0], rtol=1e-6)
+    np.testing.assert_allclose(split.shares.sum(), 1.0, rtol=1e-6)
+    for image, frame, part, m in zip(GEMMA_IMAGES, split.frames, image_maps(result.model_maps, boxes), split.maps):
+        assert frame == ImageFrame.resized(image.shape[:2], (32, 32)) and m.shape == image.shape[:2]
+        np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    for check, region in zip(split.checks, box_masks(boxes)):  # each image's check: the check confined to it
+        [expected] = check_maps(gemma3, x, result.model_maps[0], result.targets[0], null=2, region=region,
+                                clean=result.reliance[0].clean)
+        assert check == expected
+
+
+def test_a_split_check_removes_only_its_images_pixels():
+    """check_maps(region=...) on a model that sums its input: each removal takes exactly its share of the region's
+    pixels (its top or bottom by the map), the peak's window is cut at the region's edge, nothing outside moves."""
+    class Sum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return torch.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], 1)
+
+    model, x = Sum(), torch.ones(1, 3, 10, 20)
+    cam = np.random.default_rng(0).random((10, 20)).astype(np.float32)
+    cam[5, 12] = 3.0  # the map's peak, in the other image
+    cam[5, 9] = 2.0  # the region's peak, on its right edge
+    region = np.zeros((10, 20), bool)
+    region[:, :10] = True
+    [check] = check_maps(model, x, cam, ClassifierOutputTarget(0), fractions=(0.05, 0.2), batch_size=64,
+                         peak_window=4, region=region)
+    assert check.top_removed == [600 - 3 * 5, 600 - 3 * 20] and check.bottom_removed == check.top_removed
+    assert check.peak_drop == 3 * 4 * 3  # rows 3-6, columns 7-9: the window's columns 10 lies outside the region
+    images = torch.cat(model.seen)
+    assert bool((images[:, :, ~torch.from_numpy(region)] == 1).all())
+    removed = (images[1, 0] == 0).numpy()  # after the clean image, the top 5 %: the region's 5 largest values
+    assert set(zip(*np.nonzero(removed))) == set(zip(*np.unravel_index(
+        np.argsort(np.where(region, cam, -1), axis=None)[-5:], cam.shape)))
+
+
+def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
+    with pytest.raises(ValueError, match=r"^Several images in one prompt: got none; pass two or more images\.$"):
+        MultiImage([])
+    with pytest.raises(ValueError, match=r"^Several images in one prompt: got one image; pass it alone "
+                                         r"\(explain\(wrapper, image\), --image\) or add the others\.$"):
+        MultiImage([random_image(28, 28)])
+    # the processor's own limit (smart_resize: aspect ratio under 200), naming the image
+    with pytest.raises(ValueError, match=r"^image 2 of 2: .*aspect ratio"):
+        wrapper.preprocess([random_image(56, 56), random_image(4, 1000)])
+    assert wrapper.image_boxes is None
+    with pytest.raises(ValueError, match=r"^CLIPWrapper takes one image per prompt; several images in one prompt "
+                                         r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V and Gemma 3 "
+                                         r"\(without pan-and-scan\)\.$"):
+        explain(CLIPWrapper(*build_tiny_clip(tmp_path / "clip"), texts=["a", "b"]), MultiImage(GEMMA_IMAGES))
