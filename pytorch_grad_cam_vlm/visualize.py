@@ -252,6 +252,28 @@ def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray
     return files
 
 
+# ----------------------------------------------------------------------------------------- several images
+def save_images_figure(path: str, rgbs: Sequence[np.ndarray], maps: Sequence[np.ndarray], labels: Sequence[str],
+                       title: str, legend: str = "") -> str:
+    """The images of one prompt side by side, each ``rgbs[i]`` ``(H_i, W_i, 3)`` in [0, 1] with its part of the map
+    ``maps[i]`` ``(H_i, W_i)`` overlaid, under ``labels[i]`` (its share of the map, its check), the title above and
+    the colour bar below, as a PNG at ``path``. Images less tall for their width than the tallest are padded with
+    white below, so that none is stretched. Returns ``path``."""
+    if not len(rgbs) == len(maps) == len(labels) or any(np.shape(m) != r.shape[:2] for r, m in zip(rgbs, maps)):
+        raise ValueError(f"Expected one map of each image's size and one label per image, got images "
+                         f"{[r.shape[:2] for r in rgbs]}, maps {[np.shape(m) for m in maps]} and {len(labels)} labels.")
+    ratio = max(rgb.shape[0] / rgb.shape[1] for rgb in rgbs)
+    panels = []
+    for rgb, cam, label in zip(rgbs, maps, labels):
+        padded = np.full((max(rgb.shape[0], round(ratio * rgb.shape[1])), rgb.shape[1], 3), 255, np.uint8)
+        padded[:rgb.shape[0]] = overlay(rgb, cam)
+        panels.append((padded, label + ("" if np.nanmax(cam, initial=0) > 0 else " · blank")))
+    figure = panel_figure(panels, 1, len(panels), (round(ratio * PANEL_WIDTH), PANEL_WIDTH), title, legend,
+                          any(bool(np.isnan(m).any()) for m in maps))
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
 # ----------------------------------------------------------------------------------------- the prompt's words
 WORDS_FONT_SIZE = 14
 WORDS_LINE_HEIGHT = 24

@@ -11,6 +11,7 @@ from pytorch_grad_cam_vlm.cli import classify
 from pytorch_grad_cam_vlm.cli.common import (add_loading_arguments, add_rerun_arguments, _noise_level, _positive_int,
                                              check_note, choose_layers, explain_batch, explain_image, find_images,
                                              margin_cell, method_name, smooth_options)
+from pytorch_grad_cam_vlm.cli.several_images import run_several, several_images_argument
 from pytorch_grad_cam_vlm.demo import EMBEDDED_MODELS, embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import load_rgb
@@ -28,6 +29,8 @@ from pytorch_grad_cam_vlm.visualize import MODES
 
 def run_explain(args: argparse.Namespace) -> int:
     """Check every input (the model by its config alone), then load the model and explain each image."""
+    if args.images is not None:
+        return run_several(args)
     if args.per_token and args.mode is not None:
         warnings.warn(f"--mode {args.mode} is left out with --per-token, which draws one figure of every answer "
                       "token's map.")
@@ -145,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"{', '.join(list(EMBEDDED_MODELS)[:-1])} or {list(EMBEDDED_MODELS)[-1]} (the embedded "
                              "demo models, no download), a model folder or a Hugging Face hub id; or an image "
                              "classifier: torchvision:NAME or timm:NAME (with --weights)")
-    parser.add_argument("--image", required=True, help="image file, or a folder of images (run as a batch)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", help="image file, or a folder of images (run as a batch)")
+    several_images_argument(inputs)
     parser.add_argument("--prompt", help="question for Qwen-VL (Qwen2-VL to Qwen3.5) and LLaVA models")
     parser.add_argument("--texts", nargs="+", help="captions for CLIP / SigLIP models")
     parser.add_argument("--method", default="auto",
