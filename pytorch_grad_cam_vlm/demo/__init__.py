@@ -111,6 +111,33 @@ def make_sample(rng: np.random.Generator) -> DemoSample:
                       distractor_boxes=[b for i, b in enumerate(boxes) if i != asked])
 
 
+def without_asked_object(sample: DemoSample, rng: np.random.Generator) -> np.ndarray:
+    """``sample``'s picture with the asked (red) object repainted in another colour drawn from ``rng``: the same
+    three objects in the same places and shapes, none of them red (the second image of a two-image prompt in
+    ``benchmarks/multi_image_demo.py``)."""
+    others = [c for c in COLORS if c not in ASKED_COLORS]
+    color = others[int(rng.integers(len(others)))]
+    x0, y0, x1, y1 = sample.evidence_box
+    mask = _shape_mask(sample.answer, OBJECT_SIZE)
+    patch = np.array(COLORS[color], dtype=float) + rng.normal(0, 12, size=(OBJECT_SIZE, OBJECT_SIZE, 3))
+    image = sample.image.copy()
+    image[y0:y1, x0:x1][mask] = np.clip(patch[mask], 0, 255).astype(np.uint8)
+    return image
+
+
+def make_two_image_prompts(n: int, seed: int = 0) -> List[Tuple[List[np.ndarray], int, DemoSample]]:
+    """``n`` two-image prompts of the demo task, only one image holding the red object: held-out sample ``i`` and
+    held-out sample ``n + i`` :func:`without_asked_object`, the red image first for even ``i`` and second for odd
+    ``i``. Each is ``(images in prompt order, index of the red image, the red image's sample)``."""
+    samples = make_demo_samples(2 * n, seed=seed)
+    rng = np.random.default_rng([2, seed])
+    prompts = []
+    for i in range(n):
+        red, plain = samples[i], without_asked_object(samples[n + i], rng)
+        prompts.append(([red.image, plain] if i % 2 == 0 else [plain, red.image], i % 2, red))
+    return prompts
+
+
 def make_demo_samples(n: int, seed: int = 0, split: str = "test") -> List[DemoSample]:
     """``n`` samples of the demo task. Each ``(split, seed)`` pair is its own random stream, so the ``"test"``
     split never repeats the ``"train"`` split the demo model was trained on."""
