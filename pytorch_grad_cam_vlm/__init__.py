@@ -21,6 +21,7 @@ from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEige
 from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, auto_layer, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget, WordTarget
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, check_maps
+from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_map, pointing_hit
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
@@ -32,6 +33,7 @@ from pytorch_grad_cam_vlm.models.idefics3 import Idefics3Wrapper
 from pytorch_grad_cam_vlm.models.internvl import InternVLWrapper
 from pytorch_grad_cam_vlm.models.llava import LlavaWrapper
 from pytorch_grad_cam_vlm.models.mistral3 import Mistral3Wrapper
+from pytorch_grad_cam_vlm.models.multi_image import MultiImage, image_maps, mass_shares
 from pytorch_grad_cam_vlm.models.qwen3_vl import Qwen3VLWrapper
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify
 from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper
@@ -64,5 +66,6 @@ __all__ = [
     "Glm4vWrapper", "build_tiny_glm4v",
     "ClassifierWrapper", "classify_and_explain",
     "PromptWords", "prompt_word_relevance", "Ranking", "rank_captions", "rank_images",
+    "MultiImage", "ImageSplit", "image_maps", "mass_shares",
 ]
 __version__ = "0.3.0"

@@ -80,6 +80,7 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     views = VIEWS
+    several_images = True  # preprocess takes a list of images for one prompt, without pan-and-scan
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",

@@ -110,8 +110,9 @@ def check_canvas(boxes: ImageBoxes, height: int, width: int) -> None:
 
 
 def takes_several(wrapper: torch.nn.Module) -> None:
-    """Refuse a wrapper whose family takes one image per prompt."""
-    if not hasattr(wrapper, "image_boxes"):
+    """Refuse a wrapper whose family takes one image per prompt (its class says ``several_images = True`` if
+    not)."""
+    if not getattr(wrapper, "several_images", False):
         raise ValueError(f"{type(wrapper).__name__} takes one image per prompt; several images in one prompt work "
                          f"with {SEVERAL_IMAGES_FAMILIES}.")
 

@@ -80,6 +80,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     canvas_kwargs = {"do_resize": False}  # processor options for a placeholder of an input already resized
+    several_images = True  # preprocess takes a list of images for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum",

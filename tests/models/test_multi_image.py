@@ -9,8 +9,8 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import (CLIPWrapper, Gemma3Wrapper, Glm4vWrapper, Qwen3VLWrapper, QwenVLWrapper,
-                                  build_tiny_clip, build_tiny_gemma3, build_tiny_glm4v, build_tiny_qwen3_vl,
+from pytorch_grad_cam_vlm import (Gemma3Wrapper, Glm4vWrapper, InternVLWrapper, Qwen3VLWrapper, QwenVLWrapper,
+                                  build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, build_tiny_qwen3_vl,
                                   check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
@@ -312,7 +312,8 @@ def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
     with pytest.raises(ValueError, match=r"^image 2 of 2: .*aspect ratio"):
         wrapper.preprocess([random_image(56, 56), random_image(4, 1000)])
     assert wrapper.image_boxes is None
-    with pytest.raises(ValueError, match=r"^CLIPWrapper takes one image per prompt; several images in one prompt "
-                                         r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V and Gemma 3 "
-                                         r"\(without pan-and-scan\)\.$"):
-        explain(CLIPWrapper(*build_tiny_clip(tmp_path / "clip"), texts=["a", "b"]), MultiImage(GEMMA_IMAGES))
+    internvl = InternVLWrapper(*build_tiny_internvl(tmp_path / "internvl"), prompt=PROMPT)
+    with pytest.raises(ValueError, match=r"^InternVLWrapper takes one image per prompt; several images in one "
+                                         r"prompt work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V and "
+                                         r"Gemma 3 \(without pan-and-scan\)\.$"):
+        explain(internvl, MultiImage(GEMMA_IMAGES))
