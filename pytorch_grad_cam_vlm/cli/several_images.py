@@ -18,7 +18,6 @@ from pytorch_grad_cam_vlm.image import load_rgb, upscale_warning
 from pytorch_grad_cam_vlm.layers import Layer, layer_name
 from pytorch_grad_cam_vlm.methods.auto import candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
-from pytorch_grad_cam_vlm.metrics.deletion_check import failure_warning
 from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
 from pytorch_grad_cam_vlm.models.multi_image import SEVERAL_IMAGES_FAMILIES, SEVERAL_IMAGES_MODEL_TYPES, MultiImage
 from pytorch_grad_cam_vlm.models.registry import (Subject, check_question, layer_count, load_model, make_subject,
@@ -105,7 +104,7 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
     split, reliance, check, layer = result.split[0], result.reliance[0], result.checks[0], result.layers[0]
     names = [os.path.basename(path) for path in paths]
     warnings = [result.layer_warning(" + ".join(names), layer), reliance.warning(" + ".join(names))]
-    warnings += [failure_warning(name, "its part of the map", c) for name, c in zip(names, split.checks)]
+    warnings += split.warnings(names)
     warnings += [upscale_warning(path, picture.size[::-1], (h, w))
                  for path, picture, (_, _, h, w) in zip(paths, pictures, split.boxes.boxes)]
     warnings = [line for line in warnings if line]

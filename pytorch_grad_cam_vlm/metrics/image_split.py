@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, box_masks, image_maps, mass_shares
 
@@ -32,6 +32,14 @@ class ImageSplit:
     checks: List[MapCheck]
     maps: List[np.ndarray]  # (h0_i, w0_i) each
     frames: List[ImageFrame]
+
+    def warnings(self, names: Sequence[str]) -> List[str]:
+        """One line per image (``names`` name them) that holds more than an even share of the map's mass while its
+        part fails its check: relevance the model does not use there. An image with little of the mass failing its
+        check is what a map that points elsewhere looks like, and says nothing."""
+        return [failure_warning(f"{name} ({share:.0%} of the map's mass)", "its part of the map", check)
+                for name, share, check in zip(names, self.shares, self.checks)
+                if share > 1 / len(self.shares) and check.failed]
 
 
 def split_map(model: torch.nn.Module, x: torch.Tensor, cam: np.ndarray, boxes: ImageBoxes, target: Callable,

@@ -11,7 +11,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import (Gemma3Wrapper, Glm4vWrapper, InternVLWrapper, Qwen3VLWrapper, QwenVLWrapper,
                                   build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, build_tiny_qwen3_vl,
-                                  check_maps, explain)
+                                  ImageSplit, MapCheck, check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -317,3 +317,13 @@ def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
                                          r"prompt work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V and "
                                          r"Gemma 3 \(without pan-and-scan\)\.$"):
         explain(internvl, MultiImage(GEMMA_IMAGES))
+
+
+def test_a_split_warns_only_where_an_image_holds_much_of_the_mass_and_fails_its_check():
+    inverted = MapCheck(-0.5, [1.0], [0.5], False, 0.0)
+    chance = MapCheck(0.1, [1.0], [1.1], False, 0.0, null_margin=0.2)
+    boxes = side_by_side([(2, 2), (2, 2), (2, 2)])
+    split = ImageSplit(boxes, np.array([0.5, 0.3, 0.2]), [inverted, chance, chance], [], [])
+    assert split.warnings(["a.png", "b.png", "c.png"]) == [
+        "a.png (50% of the map's mass): its part of the map is inverted (deletion check -0.5: removing its most "
+        "relevant pixels hurts the target less than removing its least relevant)."]
