@@ -141,6 +141,6 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
 def several_images_argument(group) -> None:
     """``--images``, in the group of ``explain``'s inputs (one of ``--image``, ``--images``, ...)."""
     group.add_argument("--images", nargs="+", metavar="IMAGE",
-                       help="two or more image files asked in one prompt (Qwen families, GLM-4V, Gemma 3): one map "
-                            "split between them, each image's share of its mass and its own deletion check, one "
-                            "overlay per image")
+                       help="two or more image files asked in one prompt (Qwen families, GLM-4V, InternVL, Gemma 3): "
+                            "one map split between them, each image's share of its mass and its own deletion check, "
+                            "one overlay per image")

@@ -39,11 +39,16 @@ the two maps before its ReLU, as LLaVA's anyres views do, see :mod:`pytorch_grad
 canvas has no thumbnail: its one tile is the whole picture, and every view draws it. The placing is
 :mod:`pytorch_grad_cam_vlm.models.tiles`' (shared with Gemma 3 and Idefics3), not LLaVA's ``anyres.place_views``:
 InternVL has no letterbox, unpadding or newline tokens.
+
+Several images in one prompt: ``preprocess([a, b])`` lays each picture's canvas of tiles side by side
+(:mod:`pytorch_grad_cam_vlm.models.multi_image`); ``forward`` gives the encoder each picture's tiles and thumbnail in
+the prompt's order, the processor writes one ``<img>...</img>`` block per picture (built from placeholders of the
+pictures' own sizes, so that it tiles them as ``preprocess`` did), and each picture's view lands on its box.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -55,6 +60,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -70,6 +76,8 @@ class InternVLLayout:
     tiles: Tuple[int, int]  # rows and columns of tiles
     token_grid: int  # tokens per tile side after the pixel shuffle
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's canvas on the input
+    image_tiles: Tuple[Tuple[int, int], ...] = ()  # several pictures: each one's rows and columns of tiles
 
     @property
     def thumbnail(self) -> bool:
@@ -77,9 +85,15 @@ class InternVLLayout:
         return self.tiles[0] * self.tiles[1] > 1
 
     @property
+    def image_counts(self) -> Tuple[int, ...]:
+        """Images the vision encoder takes per picture of the prompt: its tiles and, with more than one, its
+        thumbnail."""
+        return tuple(rows * cols + int(rows * cols > 1) for rows, cols in self.image_tiles or (self.tiles,))
+
+    @property
     def image_count(self) -> int:
-        """Images the vision encoder takes per sample: the tiles and the thumbnail."""
-        return self.tiles[0] * self.tiles[1] + int(self.thumbnail)
+        """Images the vision encoder takes per sample: every picture's tiles and thumbnail."""
+        return sum(self.image_counts)
 
     @property
     def sequence_length(self) -> int:
@@ -113,6 +127,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     views = VIEWS
+    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -142,6 +157,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self._vision_blocks = blocks[:feature_blocks(config.vision_feature_layer, len(blocks))[-1] + 1]
         self._watch_layers(self._decoder_layers, blocks, self._internvl)
         self.view = view
+        self.source_sizes: Tuple[Tuple[int, int], ...] = ()  # several pictures: their (h, w), set by preprocess
         self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
@@ -163,11 +179,25 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.tile_size // self.token_grid
 
     # ----------------------------------------------------------------------------------------- images
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
+    def preprocess(self, image: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """The processor's own resizing and normalisation, as the canvas ``(1, 3, rows * s, cols * s)`` float32 on
-        the CPU: the processor's tiles put back together. Accepts a path, a PIL image or a uint8 array."""
+        the CPU: the processor's tiles put back together. Accepts a path, a PIL image or a uint8 array. A list of
+        pictures asks them all in one prompt: their canvases side by side, which :attr:`image_boxes` (and
+        :attr:`source_sizes`) remember until the next call."""
         from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
+        if isinstance(image, (list, tuple)):
+            sizes = []
+
+            def one(picture: ImageInput) -> torch.Tensor:
+                rgb = load_rgb(picture)
+                sizes.append(rgb.size[::-1])
+                return self.preprocess(rgb)
+
+            x = preprocess_several(self, image, one)
+            self.source_sizes = tuple(sizes)
+            return x
+        self.image_boxes = None
         rgb = load_rgb(image)
         image_processor, s = self.processor.image_processor, self.tile_size
         pixel_values = self._processor_images(rgb)
@@ -196,6 +226,9 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         """Text inputs and token geometry for canvases of ``height x width`` pixels, built once per size by the
         processor itself with a placeholder picture (tiled to exactly this grid), so that token counts are exact."""
         s, image_processor = self.tile_size, self.processor.image_processor
+        if self.image_boxes is not None:
+            check_canvas(self.image_boxes, height, width)
+            return self._several_layout()
         rows, cols = height // s, width // s
         low, high = image_processor.min_patches, image_processor.max_patches
         if height % s or width % s or not low <= rows * cols <= high:
@@ -218,29 +251,66 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             self._layouts[(height, width)] = layout
         return self._layouts[(height, width)]
 
+    def _several_layout(self) -> InternVLLayout:
+        """The layout of several pictures in one prompt (:attr:`image_boxes`), built once per set of pictures by the
+        processor with placeholders of the pictures' own sizes (:attr:`source_sizes`), so that it tiles each one as
+        :meth:`preprocess` did."""
+        boxes, sizes, s = self.image_boxes, self.source_sizes, self.tile_size
+        if (boxes, sizes) not in self._layouts:
+            placeholders = [np.zeros(tuple(size) + (3,), dtype=np.uint8) for size in sizes]
+            encoded = self.processor(text=[self.chat_text()], images=[placeholders], return_tensors="pt")
+            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
+            text_inputs = {k: v for k, v in encoded.items() if k != "pixel_values"}
+            answer_ids = None
+            if self.answer is not None:
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholders)
+            tiles = tuple((h // s, w // s) for _, _, h, w in boxes.boxes)
+            layout = InternVLLayout(text_inputs, positions, tiles[0], self.token_grid, answer_ids, boxes, tiles)
+            if len(sizes) != len(boxes) or len(positions) != layout.image_count * self.token_grid ** 2:
+                raise ValueError("The pictures of this canvas were not prepared together: preprocess them again "
+                                 "(wrapper.preprocess([a, b])).")
+            self._layouts[(boxes, sizes)] = layout
+        return self._layouts[(boxes, sizes)]
+
     # ----------------------------------------------------------------------------------------- forward
-    def model_inputs(self, x: torch.Tensor, thumbnails: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, x: torch.Tensor,
+                     thumbnails: Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]] = None
+                     ) -> Dict[str, torch.Tensor]:
         """The model's keyword inputs for canvases ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
         inputs of this size and ``pixel_values`` in the encoder's dtype, per sample the tiles (crops of the canvas)
         and, with more than one tile, the thumbnail: the canvas resized in torch (differentiable), or ``thumbnails``
-        ``(B or 1, 3, s, s)``, e.g. :meth:`processor_thumbnail`."""
+        ``(B or 1, 3, s, s)``, e.g. :meth:`processor_thumbnail`. Several pictures in one prompt: each picture's tiles
+        and thumbnail in turn (``thumbnails``: one per picture, ``None`` for a one-tile one)."""
         b, _, height, width = x.shape
         layout = self.layout_for(height, width)
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
-        s, (rows, cols) = self.tile_size, layout.tiles
-        images = canvas_to_tiles(x, rows, cols)
-        if layout.thumbnail:
-            if thumbnails is None:
-                # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
-                thumbnails = self.clip_to_pixels(F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
-                                                               antialias=True))
-            images = torch.cat([images, thumbnails.to(x).expand(b, -1, -1, -1)[:, None]], dim=1)
-        elif thumbnails is not None:
-            raise ValueError("A one-tile canvas has no thumbnail: call model_inputs(x) without thumbnails.")
+        if layout.boxes is None:
+            images = self._encoder_images(x, layout.tiles, thumbnails)
+        else:
+            thumbnails = thumbnails or [None] * len(layout.boxes)
+            images = torch.cat([self._encoder_images(part, tiles, thumbnail) for part, tiles, thumbnail
+                                in zip(crops(x, layout.boxes), layout.image_tiles, thumbnails)], dim=1)
+        s = self.tile_size
         inputs["pixel_values"] = images.reshape(-1, 3, s, s).to(next(self._vision_blocks.parameters()).dtype)
         return inputs
+
+    def _encoder_images(self, x: torch.Tensor, tiles: Tuple[int, int],
+                        thumbnail: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One picture's canvases ``(B, 3, H, W)`` as the encoder's images ``(B, count, 3, s, s)``: its tiles and,
+        with more than one, its thumbnail (the canvas resized in torch, or ``thumbnail``)."""
+        s, (rows, cols) = self.tile_size, tiles
+        images = canvas_to_tiles(x, rows, cols)
+        if rows * cols > 1:
+            if thumbnail is None:
+                # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
+                thumbnail = self.clip_to_pixels(F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
+                                                              antialias=True))
+            images = torch.cat([images, thumbnail.to(x).expand(len(x), -1, -1, -1)[:, None]], dim=1)
+        elif thumbnail is not None:
+            raise ValueError("A one-tile canvas has no thumbnail: call model_inputs(x) without thumbnails.")
+        return images
 
     def _stages(self) -> list:
         """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
@@ -274,9 +344,14 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         else:  # the class token, where there is one, comes first
             n = self.token_grid if kind == "projector" else self.patch_grid
             hidden = hidden[:, hidden.shape[1] - n * n:]
-        per_image = hidden.reshape(b, layout.image_count, n, n, -1)
-        tiles, thumbnail = tile_grids(per_image.float(), layout.tiles)
-        return self.place_views(tiles, thumbnail)
+        per_image = hidden.reshape(b, layout.image_count, n, n, -1).float()
+        if layout.boxes is None:
+            return self.place_views(*tile_grids(per_image, layout.tiles))
+        grids = [self.place_views(*tile_grids(part, tiles))
+                 for part, tiles in zip(per_image.split(layout.image_counts, dim=1), layout.image_tiles)]
+        channels = max(grid.shape[1] for grid in grids)  # "combined": a one-tile picture has no thumbnail to stack
+        grids = [F.pad(grid, (0, 0, 0, 0, 0, channels - grid.shape[1])) for grid in grids]
+        return place(grids, layout.boxes, self.tile_size // n)
 
     def hidden_shapes(self) -> Dict[str, Tuple[int, int, int]]:
         """The shapes of the hidden states of the latest forward pass: ``"decoder"`` ``(B, seq, C_text)``,

@@ -26,10 +26,11 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, vision_window_index
 
-SEVERAL_IMAGES_FAMILIES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V and Gemma 3 (without pan-and-scan)"
+SEVERAL_IMAGES_FAMILIES = ("Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL and Gemma 3 (without "
+                           "pan-and-scan)")
 # Their model types (the registry's keys), for the CLI to refuse another family before loading it.
 SEVERAL_IMAGES_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v",
-                              "glm4v_moe", "glm46v", "gemma3")
+                              "glm4v_moe", "glm46v", "gemma3", "internvl")
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
 

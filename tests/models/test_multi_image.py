@@ -1,17 +1,18 @@
-"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3): the canvas's logits equal the processor's
-with both images, reshape_transform puts each image's patches and tokens at its box, the map splits between the
+"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL): the canvas's logits equal the
+processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map splits between the
 images (explain's split: each image's share and its own deletion check), and bad input gets one clear error."""
 import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, model_state, random_image
 from PIL import Image
+from test_internvl import THUMBNAIL_BOUND, shapes_image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import (Gemma3Wrapper, Glm4vWrapper, InternVLWrapper, Qwen3VLWrapper, QwenVLWrapper,
-                                  build_tiny_gemma3, build_tiny_glm4v, build_tiny_internvl, build_tiny_qwen3_vl,
-                                  ImageSplit, MapCheck, check_maps, explain)
+from pytorch_grad_cam_vlm import (Gemma3Wrapper, Glm4vWrapper, ImageSplit, InternVLWrapper, LlavaWrapper, MapCheck,
+                                  Qwen3VLWrapper, QwenVLWrapper, build_tiny_gemma3, build_tiny_glm4v,
+                                  build_tiny_internvl, build_tiny_llava, build_tiny_qwen3_vl, check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -253,6 +254,80 @@ def test_gemma3_with_pan_and_scan_refuses_several_images(gemma3):
     assert wrapper.image_boxes is None
 
 
+# ------------------------------------------------------------------------------------------- InternVL
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """A tiny InternVL (32-px tiles, 4x4 tokens of 8 px each, 8x8 patches of 4 px), saved and loaded back."""
+    model, processor = build_tiny_internvl(tmp_path_factory.mktemp("internvl"), seed=0)
+    return InternVLWrapper(model, processor, prompt=PROMPT)
+
+
+INTERNVL_IMAGES = (shapes_image(40, 70, seed=1), shapes_image(100, 30, seed=2), shapes_image(30, 30, seed=3))
+
+
+def test_internvl_logits_equal_the_processor_path_with_pictures_of_other_tilings(internvl):
+    """1x2 tiles and a thumbnail, 3x1 tiles and a thumbnail, one tile: the processor's tiles bit for bit and its
+    tokens; with the processor's own thumbnails the logits agree to 1e-5, with those forward resizes from each
+    picture's canvas to the one-picture bound (THUMBNAIL_BOUND)."""
+    x = internvl.preprocess(list(INTERNVL_IMAGES))
+    assert internvl.image_boxes == ImageBoxes(((0, 0, 32, 64), (0, 64, 96, 32), (0, 96, 32, 32)))
+    content = [{"type": "image"}] * 3 + [{"type": "text", "text": PROMPT}]
+    text = internvl.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = internvl.processor(text=[text], images=[list(INTERNVL_IMAGES)], return_tensors="pt")
+    built = internvl.model_inputs(x)
+    assert torch.equal(built["input_ids"], inputs["input_ids"])
+    tiles = [0, 1, 3, 4, 5, 7]  # of 2 + 1, 3 + 1 and 1 encoder images: the thumbnails are 2 and 6
+    assert torch.equal(built["pixel_values"][tiles], inputs["pixel_values"][tiles])
+    thumbnails = [internvl.processor_thumbnail(image) for image in INTERNVL_IMAGES[:2]] + [None]
+    with torch.no_grad():
+        reference = internvl.model(**inputs).logits[0, -1]
+        exact = internvl.model(**internvl.model_inputs(x, thumbnails=thumbnails)).logits[0, -1]
+        logits = internvl(x)[0]
+    torch.testing.assert_close(exact, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference, atol=THUMBNAIL_BOUND, rtol=0)
+
+
+def test_internvl_one_cell_of_image_2_changes_only_that_cell_and_image_2s_thumbnail(internvl):
+    """Perturb one token cell of picture 2: the first vision block's input changes, among the tiles, only at the
+    patches reshape_transform puts on that cell of picture 2's box ("tiles" view); among the thumbnails, only
+    within picture 2's box ("thumbnail" view)."""
+    x = internvl.preprocess(list(INTERNVL_IMAGES))
+    top, left, height, width = internvl.image_boxes.boxes[1]
+    row, col, c, p = 2, 0, internvl.token_cell, internvl.patch_size
+    perturbed = x.clone()
+    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
+    seen = []
+    handle = internvl.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            internvl(x), internvl(perturbed)
+    finally:
+        handle.remove()
+    changed = {}
+    for view in ("tiles", "thumbnail"):
+        internvl.view = view
+        grids = [internvl.reshape_transform(hidden) for hidden in seen]  # (1, C, 96 / 4, 128 / 4)
+        changed[view] = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+    internvl.view = "combined"
+    expected = torch.zeros(96 // p, 128 // p, dtype=torch.bool)
+    expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
+    assert torch.equal(changed["tiles"], expected)
+    box = torch.zeros_like(expected)
+    box[top // p:(top + height) // p, left // p:(left + width) // p] = True
+    assert changed["thumbnail"].any() and not (changed["thumbnail"] & ~box).any()
+
+
+def test_internvl_maps_split_on_each_pictures_own_frame(internvl):
+    result = explain(internvl, MultiImage(INTERNVL_IMAGES), method="GradCAM", layers="1", null=2)
+    [split] = result.split
+    assert result.maps.shape == (1, 96, 128)
+    np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, internvl.image_boxes)[0], rtol=1e-6)
+    for image, frame, part, m in zip(INTERNVL_IMAGES, split.frames, image_maps(result.model_maps, split.boxes),
+                                     split.maps):
+        assert frame == ImageFrame.resized(image.shape[:2], part.shape[1:]) and m.shape == image.shape[:2]
+        np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- explain's split
 def test_explain_splits_the_chosen_map_between_the_images_each_on_its_own_picture(gemma3):
     before = model_state(gemma3.model)
@@ -312,11 +387,11 @@ def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
     with pytest.raises(ValueError, match=r"^image 2 of 2: .*aspect ratio"):
         wrapper.preprocess([random_image(56, 56), random_image(4, 1000)])
     assert wrapper.image_boxes is None
-    internvl = InternVLWrapper(*build_tiny_internvl(tmp_path / "internvl"), prompt=PROMPT)
-    with pytest.raises(ValueError, match=r"^InternVLWrapper takes one image per prompt; several images in one "
-                                         r"prompt work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V and "
+    llava = LlavaWrapper(*build_tiny_llava(tmp_path / "llava"), prompt=PROMPT)
+    with pytest.raises(ValueError, match=r"^LlavaWrapper takes one image per prompt; several images in one prompt "
+                                         r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V, InternVL and "
                                          r"Gemma 3 \(without pan-and-scan\)\.$"):
-        explain(internvl, MultiImage(GEMMA_IMAGES))
+        explain(llava, MultiImage(GEMMA_IMAGES))
 
 
 def test_a_split_warns_only_where_an_image_holds_much_of_the_mass_and_fails_its_check():
