@@ -131,13 +131,17 @@ class Explanation:
                                layer_name(best) if best not in (None, layer) else None)
 
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
-        """One line per image whose chosen map fails the check (no candidate passed), and one per image whose
-        target hardly depends on the image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`),
-        ``names`` naming the images (default ``image 0``, ``image 1``, ...)."""
+        """One line per image whose chosen map fails the check (no candidate passed), one per image whose target
+        hardly depends on the image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`), and for
+        several images in one prompt one per image of the prompt that holds much of the map's mass while its part
+        fails its check (:meth:`~pytorch_grad_cam_vlm.metrics.image_split.ImageSplit.warnings`); ``names`` name the
+        inputs (default ``image 0``, ``image 1``, ...)."""
         names = names or [f"image {b}" for b in range(len(self.maps))]
         lines = [failure_warning(name, f"{method} at {layer_name(layer)}", check)
                  for name, method, layer, check in zip(names, self.methods, self.layers, self.checks)]
         lines += [reliance.warning(name) for name, reliance in zip(names, self.reliance or [])]
+        lines += [line for name, split in zip(names, self.split or [])
+                  for line in split.warnings([f"{name}, picture {i + 1}" for i in range(len(split.shares))])]
         return [line for line in lines if line]
 
 

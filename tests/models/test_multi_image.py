@@ -1,6 +1,7 @@
 """Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL): the canvas's logits equal the
-processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map splits between the
-images (explain's split: each image's share and its own deletion check), and bad input gets one clear error."""
+processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map splits
+between the images (explain's split: each image's share and its own deletion check), and bad input gets one clear
+error."""
 import numpy as np
 import pytest
 import torch
@@ -10,9 +11,10 @@ from test_internvl import THUMBNAIL_BOUND, shapes_image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import (Gemma3Wrapper, Glm4vWrapper, ImageSplit, InternVLWrapper, LlavaWrapper, MapCheck,
-                                  Qwen3VLWrapper, QwenVLWrapper, build_tiny_gemma3, build_tiny_glm4v,
-                                  build_tiny_internvl, build_tiny_llava, build_tiny_qwen3_vl, check_maps, explain)
+from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, ImageSplit, InternVLWrapper,
+                                  LlavaWrapper, MapCheck, Qwen3VLWrapper, QwenVLWrapper, build_tiny_gemma3,
+                                  build_tiny_glm4v, build_tiny_internvl, build_tiny_llava, build_tiny_qwen3_vl,
+                                  check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -318,7 +320,7 @@ def test_internvl_one_cell_of_image_2_changes_only_that_cell_and_image_2s_thumbn
 
 
 def test_internvl_maps_split_on_each_pictures_own_frame(internvl):
-    result = explain(internvl, MultiImage(INTERNVL_IMAGES), method="GradCAM", layers="1", null=2)
+    result = explain(internvl, MultiImage(INTERNVL_IMAGES), method="GradCAM", layers="1", null=0, fractions=(0.2,))
     [split] = result.split
     assert result.maps.shape == (1, 96, 128)
     np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, internvl.image_boxes)[0], rtol=1e-6)
@@ -402,3 +404,8 @@ def test_a_split_warns_only_where_an_image_holds_much_of_the_mass_and_fails_its_
     assert split.warnings(["a.png", "b.png", "c.png"]) == [
         "a.png (50% of the map's mass): its part of the map is inverted (deletion check -0.5: removing its most "
         "relevant pixels hurts the target less than removing its least relevant)."]
+    passing = MapCheck(1.0, [0.0], [1.0], False, 0.0)  # the whole map passes: only the split warns
+    result = Explanation(np.zeros((1, 2, 6)), ["GradCAM"], [1], [passing], ["GradCAM"], [1], np.zeros((1, 1, 1, 2, 6)),
+                         [[[passing]]], [None], split=[split])
+    assert result.warnings() == [split.warnings(["image 0, picture 1", "image 0, picture 2", "image 0, picture 3"])[0]]
+    assert result.warnings()[0].startswith("image 0, picture 1 (50% of the map's mass): its part of the map is inv")
