@@ -4,8 +4,9 @@ grad-cam needs one ``(B, 3, H, W)`` tensor: ``get_target_width_height`` reads th
 metrics impute pixels of a ``(3, H, W)`` image, the deletion check removes pixels of it. So the images of a prompt
 (each resized as the processor resizes it, whole token cells) are laid left to right, top-aligned, on one canvas;
 pixels outside every image hold 0 (the mean colour) and reach nothing. The wrapper's ``forward`` cuts each image back
-out of the canvas and patchifies it on its own grid, exactly as the processor would (one ``image_grid_thw`` row per
-image); ``reshape_transform`` places each image's token (or patch) grid at its box on the canvas's grid, zeros in
+out of the canvas and gives the model the processor's inputs for that many images (Qwen: each patchified on its own
+grid, one ``image_grid_thw`` row each; Gemma 3: one square each; InternVL: each one's tiles and thumbnail);
+``reshape_transform`` places each image's token (or patch) grid at its box on the canvas's grid, zeros in
 between. Every grad-cam method, the deletion check and ROAD therefore run on the canvas unchanged, and a map of the
 canvas holds one map per image, each in its image's frame (:func:`image_maps`); :func:`mass_shares` says how the
 relevance splits between them. ``explain(wrapper, MultiImage([a, b]))`` reports that split with a deletion check per
@@ -89,18 +90,25 @@ def preprocess_several(wrapper: torch.nn.Module, images: Sequence[ImageInput],
     one-image preprocessing), and ``wrapper.image_boxes`` set to their boxes; an image the processor refuses is
     named (``image 2 of 3: ...``) and leaves ``wrapper.image_boxes`` as it was."""
     check_count(len(images))
-    before, inputs = wrapper.image_boxes, []
+    before = wrapper.image_boxes
     try:
-        for i, image in enumerate(images):
-            try:
-                inputs.append(preprocess_one(image))
-            except (ValueError, TypeError, OSError) as error:
-                raise type(error)(f"image {i + 1} of {len(images)}: {error}") from error
+        inputs = per_image(images, preprocess_one)
     finally:
         wrapper.image_boxes = before
     boxes = side_by_side([tuple(one.shape[2:]) for one in inputs])
     wrapper.image_boxes = boxes
     return canvas(inputs, boxes)
+
+
+def per_image(images: Sequence[ImageInput], function: Callable) -> list:
+    """``function`` of each image, an error naming the image it came from (``image 2 of 3: ...``)."""
+    out = []
+    for i, image in enumerate(images):
+        try:
+            out.append(function(image))
+        except (ValueError, TypeError, OSError) as error:
+            raise type(error)(f"image {i + 1} of {len(images)}: {error}") from error
+    return out
 
 
 def check_canvas(boxes: ImageBoxes, height: int, width: int) -> None:
@@ -111,8 +119,7 @@ def check_canvas(boxes: ImageBoxes, height: int, width: int) -> None:
 
 
 def takes_several(wrapper: torch.nn.Module) -> None:
-    """Refuse a wrapper whose family takes one image per prompt (its class says ``several_images = True`` if
-    not)."""
+    """Refuse a wrapper whose class does not say ``several_images = True``: its family takes one image per prompt."""
     if not getattr(wrapper, "several_images", False):
         raise ValueError(f"{type(wrapper).__name__} takes one image per prompt; several images in one prompt work "
                          f"with {SEVERAL_IMAGES_FAMILIES}.")
@@ -123,12 +130,7 @@ def prepare_several(wrapper: torch.nn.Module, images: MultiImage) -> Tuple[torch
     :class:`~pytorch_grad_cam_vlm.models.frame.ImageFrame` on its box (what ``explain`` takes of a
     :class:`MultiImage`)."""
     takes_several(wrapper)
-    pictures = []
-    for i, image in enumerate(images):
-        try:
-            pictures.append(load_rgb(image))
-        except (ValueError, TypeError, OSError) as error:
-            raise type(error)(f"image {i + 1} of {len(images)}: {error}") from error
+    pictures = per_image(images, load_rgb)
     x = wrapper.preprocess(pictures)
     return x, [wrapper.image_frame(picture.size[::-1], (h, w))
                for picture, (_, _, h, w) in zip(pictures, wrapper.image_boxes.boxes)]
