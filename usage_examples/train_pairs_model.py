@@ -1,12 +1,18 @@
 """Retrain the pairs model (``pytorch_grad_cam_vlm/demo/pairs_model``) deterministically on the CPU.
 
 A tiny Qwen2.5-VL (vision encoder: 4 blocks of width 64 with 56-pixel attention windows, blocks 1 and 3 global;
-decoder: 4 layers of width 128, as the demo model's) learns to answer "Are the red one and the blue one the same
-shape?" ("yes" or "no") on the 112x168 canvases of ``pytorch_grad_cam_vlm.demo.pairs``, one in eight of them with
-the red or the blue object missing (answer "none"); every other batch asks the demo's question about the red or
-the blue object instead (a curriculum: on the comparison alone the model stayed at chance for 500 steps). It reuses ``train_crosses_model.py``'s model builder, batches
-and training loop (AdamW, one-cycle schedule; the loss is the cross-entropy of the answer word at the last prompt
-position). ``benchmarks/dev_models_gap.py --models pairs`` then measures occlusion and the default on it.
+decoder: 4 layers of width 128, as the demo model's, and started from its weights) learns to answer "Which shape do
+the red one and the blue one share?" (the shared shape, or "no" when they differ) on the 112x168 canvases of
+``pytorch_grad_cam_vlm.demo.pairs``, one in eight of them with the red or the blue object missing (answer "none");
+one batch in four asks the demo's question about the red or the blue object instead (a curriculum). It reuses
+``train_crosses_model.py``'s model builder, batches and training loop (AdamW, one-cycle schedule; the loss is the
+cross-entropy of the answer word at the last prompt position). ``benchmarks/dev_models_gap.py --models pairs`` then
+measures occlusion and the default on it.
+
+The defaults (2000 steps of 16, lr 7e-4) reach held-out accuracy 1.000 on 200 samples; the training accuracy over all
+batches stays near 0.55 until step 850 and passes 0.9 by step 1350 (``benchmarks/dev_models_training.md``). The
+same recipe on the first version of the question, "Are the red one and the blue one the same shape?" (yes / no),
+stayed at 0.575.
 
     python usage_examples/train_pairs_model.py            # writes pytorch_grad_cam_vlm/demo/pairs_model
     python usage_examples/train_pairs_model.py --out DIR --steps 300

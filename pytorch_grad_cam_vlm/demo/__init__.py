@@ -20,10 +20,10 @@ from pytorch_grad_cam_vlm.models.tiny.qwen_vl import DEFAULT_WORDS
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 # Model names every subcommand accepts: the shipped development models (demo/crosses.py describes the second,
-# demo/tiled.py the LLaVA-OneVision and InternVL ones; docs/development_models.md all of them and the recipes not
-# yet shipped).
+# demo/tiled.py the LLaVA-OneVision and InternVL ones, demo/pairs.py the two-object one; docs/development_models.md
+# all of them).
 EMBEDDED_MODELS = {"demo": DEMO_MODEL_DIR, **{name: os.path.join(os.path.dirname(DEMO_MODEL_DIR), f"{name}_model")
-                                                for name in ("crosses", "onevision", "internvl")}}
+                                                for name in ("crosses", "onevision", "internvl", "pairs")}}
 CANVAS = 112  # pixels: 8x8 patches of 14 px, 4x4 image tokens of 28 px, 2x2 attention windows of 56 px
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30),
