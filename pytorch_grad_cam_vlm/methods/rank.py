@@ -219,7 +219,8 @@ def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequenc
                 chunk = members[start:start + step]
                 x = torch.cat([xs[i] for i in chunk])
                 scores[chunk] = query_scores(wrapper, x, yes_no).cpu().numpy()
-                result = explain(wrapper, x, [_target(yes_no)] * len(chunk), **explain_options)
+                # the ranked image's map is its box of the canvas's; no split between it and the query image
+                result = explain(wrapper, x, [_target(yes_no)] * len(chunk), split=False, **explain_options)
                 for b, i in enumerate(chunk):
                     maps[i], methods[i] = result.maps[b], result.methods[b]
                     layers[i], checks[i] = result.layers[b], result.checks[b]

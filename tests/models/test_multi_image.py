@@ -5,7 +5,8 @@ error."""
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT, model_state, random_image
+from conftest import (PROMPT, changed_cells, first_block_inputs, merger_and_decoder_input, model_state, perturb_cell,
+                      random_image)
 from PIL import Image
 from test_internvl import THUMBNAIL_BOUND, shapes_image
 from pytorch_grad_cam import GradCAM
@@ -72,17 +73,7 @@ def test_one_cell_of_image_2_changes_only_that_cell_of_image_2s_map(family):
     x = wrapper.preprocess(list(two_images(c)))
     top, left = wrapper.image_boxes.boxes[1][:2]
     row, col = 2, 1  # the cell of image 2
-    perturbed = x.clone()
-    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
-    seen = []
-    handle = wrapper.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            wrapper(x), wrapper(perturbed)
-    finally:
-        handle.remove()
-    grids = [wrapper.reshape_transform(hidden) for hidden in seen]  # (1, C, H / p, W / p)
-    changed = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+    changed = changed_cells(wrapper, *first_block_inputs(wrapper, x, perturb_cell(x, top, left, row, col, c)))
     expected = torch.zeros_like(changed)
     m = wrapper.merge_size
     expected[(top + row * c) // p:(top + row * c) // p + m, (left + col * c) // p:(left + col * c) // p + m] = True
@@ -105,25 +96,8 @@ def test_decoder_layers_and_merger_put_each_images_tokens_at_its_box(family):
     expected[:2, :3] = positions[:6].view(2, 3).float()  # image 1, raster order, first
     expected[:, 3:] = positions[6:].view(3, 2).float()
     assert torch.equal(grid, expected)
-    # the merger's rows (window order for Qwen2.5-VL): the merger's own output, placed by reshape_transform, is the
-    # decoder's input at the image positions
-    kept = {}
-
-    def keep_embeds(module, args, kwargs):
-        kept["embeds"] = args[0] if args else kwargs["hidden_states"]
-
-    handles = [wrapper.merger.register_forward_hook(lambda m, a, out: kept.update(merger=out)),
-               wrapper.decoder_layers[0].register_forward_pre_hook(keep_embeds, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            wrapper(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    merger = kept["merger"][0] if isinstance(kept["merger"], tuple) else kept["merger"]
-    merger = getattr(merger, "pooler_output", merger)
-    np.testing.assert_allclose(wrapper.reshape_transform(merger).numpy(),
-                               wrapper.reshape_transform(kept["embeds"]).numpy(), atol=1e-6)
+    merger, embeds = merger_and_decoder_input(wrapper, x)
+    np.testing.assert_allclose(merger.numpy(), embeds.numpy(), atol=1e-6)
 
 
 def test_gradcam_runs_on_the_canvas_and_splits_between_the_images(family):
@@ -208,17 +182,8 @@ def test_gemma3_one_cell_of_image_2_changes_only_that_cell_of_image_2s_map(gemma
     x = gemma3.preprocess(list(GEMMA_IMAGES))
     top, left = gemma3.image_boxes.boxes[1][:2]
     row, col, c, p = 2, 1, gemma3.token_cell, gemma3.patch_size
-    perturbed = x.clone()
-    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
-    seen = []
-    handle = gemma3.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            gemma3(x), gemma3(perturbed)
-    finally:
-        handle.remove()
-    grids = [gemma3.reshape_transform(hidden) for hidden in seen]  # (1, C, 32 / 4, 64 / 4)
-    changed = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+    changed = changed_cells(gemma3, *first_block_inputs(gemma3, x, perturb_cell(x, top, left, row, col, c)))
+    assert changed.shape == (8, 16)  # (32 / 4, 64 / 4)
     expected = torch.zeros(8, 16, dtype=torch.bool)
     expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
     assert torch.equal(changed, expected)
@@ -296,20 +261,11 @@ def test_internvl_one_cell_of_image_2_changes_only_that_cell_and_image_2s_thumbn
     x = internvl.preprocess(list(INTERNVL_IMAGES))
     top, left, height, width = internvl.image_boxes.boxes[1]
     row, col, c, p = 2, 0, internvl.token_cell, internvl.patch_size
-    perturbed = x.clone()
-    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
-    seen = []
-    handle = internvl.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            internvl(x), internvl(perturbed)
-    finally:
-        handle.remove()
+    seen = first_block_inputs(internvl, x, perturb_cell(x, top, left, row, col, c))
     changed = {}
     for view in ("tiles", "thumbnail"):
         internvl.view = view
-        grids = [internvl.reshape_transform(hidden) for hidden in seen]  # (1, C, 96 / 4, 128 / 4)
-        changed[view] = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+        changed[view] = changed_cells(internvl, *seen)  # (96 / 4, 128 / 4)
     internvl.view = "combined"
     expected = torch.zeros(96 // p, 128 // p, dtype=torch.bool)
     expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
@@ -335,6 +291,8 @@ def test_explain_splits_the_chosen_map_between_the_images_each_on_its_own_pictur
     before = model_state(gemma3.model)
     result = explain(gemma3, MultiImage(GEMMA_IMAGES), method="GradCAM", layers="1", null=2)
     assert model_state(gemma3.model) == before and gemma3.image_boxes is not None
+    unsplit = explain(gemma3, gemma3.preprocess(list(GEMMA_IMAGES)), method="GradCAM", layers="1", null=0, split=False)
+    assert unsplit.split is None and np.array_equal(unsplit.model_maps, result.model_maps)
     [split] = result.split
     boxes = gemma3.image_boxes
     assert result.maps.shape == (1, 32, 64) and split.boxes == boxes
