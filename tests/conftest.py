@@ -91,6 +91,15 @@ def tiny_qwen(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A folder holding ``tiny_qwen``'s model and processor (the same seed), for the command line to load; tests only
+    read it."""
+    path = tmp_path_factory.mktemp("tiny_qwen_dir")
+    build_tiny_model(path, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
     """(model, processor) of a tiny random Qwen2-VL."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_vl"), family="qwen2_vl", seed=0)
@@ -171,6 +180,55 @@ def no_hooks_left_on_shared_models(request):
         for built in getattr(tiny, "built", {}).values() if callable(tiny) else [tiny]:
             model = next(item for item in built if isinstance(item, torch.nn.Module))
             assert model_state(model)["hooks"] == 0, f"{request.node.name} left hooks on the model"
+
+
+def perturb_cell(x, top, left, row, col, cell, by=0.5):
+    """A copy of inputs ``x`` with token cell ``(row, col)`` (of ``cell`` pixels) of the box at ``(top, left)``
+    raised by ``by``."""
+    perturbed = x.clone()
+    perturbed[:, :, top + row * cell:top + (row + 1) * cell, left + col * cell:left + (col + 1) * cell] += by
+    return perturbed
+
+
+def first_block_inputs(wrapper, *inputs):
+    """The first vision block's input (patch embeddings, in the encoder's order) of a forward pass of each of
+    ``inputs``."""
+    seen = []
+    handle = wrapper.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                wrapper(x)
+    finally:
+        handle.remove()
+    return seen
+
+
+def changed_cells(wrapper, before, after):
+    """``(h, w)`` bool: where two hidden states differ on the grid ``reshape_transform`` places them on."""
+    return (wrapper.reshape_transform(after) - wrapper.reshape_transform(before)).abs().amax(1)[0] > 1e-6
+
+
+def merger_and_decoder_input(wrapper, x):
+    """The merger's output and the first decoder layer's input of a forward pass of ``x``, each placed by
+    ``reshape_transform``: the merger's rows (in window order for Qwen2.5-VL) are the decoder's input at the image
+    positions."""
+    kept = {}
+
+    def keep_embeds(module, args, kwargs):
+        kept["embeds"] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [wrapper.merger.register_forward_hook(lambda module, args, out: kept.update(merger=out)),
+               wrapper.decoder_layers[0].register_forward_pre_hook(keep_embeds, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            wrapper(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    merger = kept["merger"][0] if isinstance(kept["merger"], tuple) else kept["merger"]
+    merger = getattr(merger, "pooler_output", merger)
+    return wrapper.reshape_transform(merger), wrapper.reshape_transform(kept["embeds"])
 
 
 def assert_no_hooks_left(model, test, name="device's"):

@@ -14,7 +14,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model
+from pytorch_grad_cam_vlm import QwenVLWrapper
 from pytorch_grad_cam_vlm.cli import common, main
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import NULL_MAPS, check_maps
@@ -26,10 +26,8 @@ ERROR = "pytorch-grad-cam-vlm: error: "
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_tiny_qwen")
-    build_tiny_model(path, seed=0)
-    return str(path)
+def model_dir(tiny_qwen_dir):
+    return tiny_qwen_dir
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import random_image
 from PIL import Image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model, explain
+from pytorch_grad_cam_vlm import QwenVLWrapper, explain
 from pytorch_grad_cam_vlm.cli import main
 from pytorch_grad_cam_vlm.models.multi_image import MultiImage
 from pytorch_grad_cam_vlm.models.registry import load_model
@@ -20,10 +20,8 @@ ERROR = "pytorch-grad-cam-vlm: error: "
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_several_qwen")
-    build_tiny_model(path, seed=0)
-    return str(path)
+def model_dir(tiny_qwen_dir):
+    return tiny_qwen_dir
 
 
 @pytest.fixture(scope="module")
