@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,6 +98,43 @@ def choose_layers(methods: Sequence[type], family: str, n_layers: int, spec: str
         return layers
     except ValueError as error:
         raise InputError(f"--layers {spec}: {error}") from error
+
+
+def load_subject(args: argparse.Namespace, methods: Sequence[type], smooth: dict,
+                 check_family: Callable[[str], None]) -> Tuple[Subject, List[Layer], List[dict], List[str]]:
+    """What ``explain --images`` and ``explain --video`` share once their own inputs are checked: the model's family
+    read from its config alone and refused by ``check_family`` where it cannot take the input, the question, the
+    methods for an ``--answer``, the candidate layers (drawn as the single mode draws them), the output folder and
+    an earlier run's results in it; then the model loaded and wrapped, its answer set. Returns ``(subject, layers,
+    kept rows, stale files)`` (:func:`~pytorch_grad_cam_vlm.output.earlier_run`)."""
+    from pytorch_grad_cam_vlm.demo import embedded_model_path
+    from pytorch_grad_cam_vlm.methods.catalog import check_answer_method, uses_gradients
+    from pytorch_grad_cam_vlm.models.registry import (check_question, layer_count, load_model, make_subject,
+                                                      model_config, resolve_device, resolve_dtype)
+    from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run
+
+    device = resolve_device(args.device)
+    model_path = embedded_model_path(args.model)
+    config, family = model_config(model_path)
+    check_family(family)
+    check_question(family, args.prompt, args.texts, args.answer)
+    if args.answer is not None:
+        for cls in methods:
+            check_answer_method(cls)
+    layers = choose_layers(methods, family, layer_count(config, family), args.layers, "single",
+                           all(uses_gradients(cls, smooth) for cls in methods))
+    check_out_dir(args.out)
+    kept, stale = earlier_run(args.out, args.overwrite, args.resume)
+
+    model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
+                                  args.trust_remote_code)
+    subject = make_subject(family, model, processor, args.prompt, None)
+    if args.answer is not None:
+        try:
+            subject.wrapper.set_answer(args.answer)
+        except ValueError as error:
+            raise InputError(f"--answer {args.answer!r}: {error}") from error
+    return subject, layers, kept, stale
 
 
 def write_report(rows: Sequence[dict], out_dir: str, name: str = "report") -> List[str]:
@@ -195,9 +232,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
         if takes_prompt(subject.wrapper) else None
     if words is not None:
         append_words(files[0], words.words, words.relevance, words.label)
-    answered = getattr(subject.wrapper, "answer", None) is not None  # the given answer and its probability
-    return dict(image=source, **{"answer" if answered else "predicted_token": label},
-                **{"answer_probability" if answered else "probability": round(probability, 6)},
+    return dict(image=source, **target_cells(subject.wrapper, label, probability),
                 method=result.methods[0],
                 mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
                 peak_drop=[round(c.peak_drop, 6) for c in checks], clean_score=round(reliance.clean, 6),
@@ -211,6 +246,13 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 blur_reliance=round(reliance.blur_share, 6), image_drop=round(reliance.drop, 6),
                 warning=" ".join(warnings), note=image_note(image), **(words.report() if words else {}),
                 files=[os.path.basename(f) for f in files])
+
+
+def target_cells(wrapper, label: str, probability: float) -> dict:
+    """A report row's target: the predicted token and its probability, or the given answer and its probability."""
+    answered = getattr(wrapper, "answer", None) is not None
+    return {"answer" if answered else "predicted_token": label,
+            "answer_probability" if answered else "probability": round(probability, 6)}
 
 
 def inner_progress_silenced(methods: Sequence[type]):

@@ -9,20 +9,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pytorch_grad_cam_vlm.cli.common import (CHECK_LEGEND, PROG, check_change, check_note, choose_layers,
-                                             explain_batch, find_images, inner_progress_silenced, margin_cell,
-                                             method_name, output_stems, smooth_options)
-from pytorch_grad_cam_vlm.demo import embedded_model_path
+from pytorch_grad_cam_vlm.cli.common import (CHECK_LEGEND, PROG, check_change, check_note, explain_batch,
+                                             find_images, inner_progress_silenced, load_subject, margin_cell,
+                                             method_name, output_stems, smooth_options, target_cells)
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import load_rgb, upscale_warning
 from pytorch_grad_cam_vlm.layers import Layer, layer_name
 from pytorch_grad_cam_vlm.methods.auto import candidate_methods, explain
-from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
 from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
 from pytorch_grad_cam_vlm.models.multi_image import SEVERAL_IMAGES_FAMILIES, SEVERAL_IMAGES_MODEL_TYPES, MultiImage
-from pytorch_grad_cam_vlm.models.registry import (Subject, check_question, layer_count, load_model, make_subject,
-                                                  model_config, resolve_device, resolve_dtype)
-from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run
+from pytorch_grad_cam_vlm.models.registry import Subject
 from pytorch_grad_cam_vlm.visualize import save_images_figure, save_maps, save_overlay
 
 
@@ -45,26 +41,7 @@ def run_several(args: argparse.Namespace) -> int:
     paths = [find_images(path)[0] for path in args.images]  # each decoded once, its aspect ratio checked
     methods = candidate_methods(args.method)
     smooth = smooth_options(methods, args.n_samples, args.noise_level, args.seed)
-    device = resolve_device(args.device)
-    model_path = embedded_model_path(args.model)
-    config, family = model_config(model_path)
-    if family not in SEVERAL_IMAGES_MODEL_TYPES:
-        raise InputError(f"--images: a {family} model takes one image per prompt; several images in one prompt work "
-                         f"with {SEVERAL_IMAGES_FAMILIES}.")
-    check_question(family, args.prompt, args.texts, args.answer)
-    layers = choose_layers(methods, family, layer_count(config, family), args.layers, "single",
-                           all(uses_gradients(cls, smooth) for cls in methods))
-    check_out_dir(args.out)
-    kept, stale = earlier_run(args.out, args.overwrite, args.resume)
-
-    model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
-                                  args.trust_remote_code)
-    subject = make_subject(family, model, processor, args.prompt, None)
-    if args.answer is not None:
-        try:
-            subject.wrapper.set_answer(args.answer)
-        except ValueError as error:
-            raise InputError(f"--answer {args.answer!r}: {error}") from error
+    subject, layers, kept, stale = load_subject(args, methods, smooth, check_several_family)
     name = method_name(args.method, methods)
     stem = "_".join(output_stems(paths))
 
@@ -80,6 +57,13 @@ def run_several(args: argparse.Namespace) -> int:
               f"the map's mass {shares}; wrote {len(row['files']) + 2} files to {args.out}, listed in "
               f"{os.path.join(args.out, 'report.csv')} and report.json.")
     return 0
+
+
+def check_several_family(family: str) -> None:
+    """Refuse ``--images`` on a family that takes one image per prompt."""
+    if family not in SEVERAL_IMAGES_MODEL_TYPES:
+        raise InputError(f"--images: a {family} model takes one image per prompt; several images in one prompt work "
+                         f"with {SEVERAL_IMAGES_FAMILIES}.")
 
 
 def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: Sequence[type], method: str,
@@ -121,10 +105,8 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
     for i, (rgb, cam, text) in enumerate(zip(rgbs, split.maps, labels)):
         files += [save_overlay(f"{prefix}_image{i + 1}_overlay.png", rgb, cam, text),
                   save_maps(f"{prefix}_image{i + 1}_map.npy", cam)]
-    answered = getattr(wrapper, "answer", None) is not None
     changes = [check_change(c, reliance.clean) for c in split.checks]
-    return dict(image=";".join(paths), images=list(paths), **{"answer" if answered else "predicted_token": label},
-                **{"answer_probability" if answered else "probability": round(probability, 6)},
+    return dict(image=";".join(paths), images=list(paths), **target_cells(wrapper, label, probability),
                 method=result.methods[0], mode="single", layers=[layer], check=[round(check.score, 6)],
                 peak_drop=[round(check.peak_drop, 6)], clean_score=round(reliance.clean, 6),
                 verdict=[check.verdict], null_margin=[margin_cell(check)],
@@ -141,6 +123,7 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
 def several_images_argument(group) -> None:
     """``--images``, in the group of ``explain``'s inputs (one of ``--image``, ``--images``, ...)."""
     group.add_argument("--images", nargs="+", metavar="IMAGE",
-                       help="two or more image files asked in one prompt (Qwen families, GLM-4V, InternVL, Gemma 3): "
+                       help="two or more image files asked in one prompt (Qwen families, GLM-4V, InternVL, Idefics3, "
+                            "Gemma 3): "
                             "one map split between them, each image's share of its mass and its own deletion check, "
                             "one overlay per image")
