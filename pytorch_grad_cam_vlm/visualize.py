@@ -1,5 +1,6 @@
 """The visual modes of Smooth Grad-CAM for Qwen2.5-VL as PNG figures: one layer (heatmap and overlay), a grid of
-layers, a multi-layer figure (heatmap and overlay per layer) and an early/middle/late comparison; raw maps as .npy.
+layers, a multi-layer figure (heatmap and overlay per layer) and an early/middle/late comparison; raw maps as .npy; a
+video's frames under their maps in a strip, and as an animated GIF.
 
 Figures have an exact pixel size: panels of :data:`PANEL_WIDTH` pixels (height by the image's aspect ratio), each
 under a label strip of :data:`LABEL_HEIGHT` pixels (two lines), below a title strip of :data:`TITLE_HEIGHT` pixels
@@ -250,6 +251,41 @@ def render(out_dir: str, stem: str, mode: str, rgb: np.ndarray, maps: np.ndarray
     label = f"{title or method} · {layer_name(layers[k])} · target {token!r}" + (f" · {notes[k]}" if notes else "")
     files.append(save_overlay(f"{prefix}_{layer_name(layers[k]).replace(' ', '')}_overlay.png", rgb, maps[k], label))
     return files
+
+
+# ----------------------------------------------------------------------------------------- videos
+STRIP_COLUMNS = 8  # frames per row of a video's strip figure
+
+
+def save_video_strip(path: str, frames: np.ndarray, maps: np.ndarray, labels: Sequence[str], title: str,
+                     legend: str = "") -> str:
+    """A video's frames ``(T, H, W, 3)`` float in [0, 1], each with its map ``(T, H, W)`` overlaid, in a row
+    (:data:`STRIP_COLUMNS` per row) under ``labels``, the title above and the colour bar below, as a PNG at
+    ``path``. Returns ``path``."""
+    frames, maps = np.asarray(frames), np.asarray(maps)
+    if maps.shape != frames.shape[:3] or len(labels) != len(frames):
+        raise ValueError(f"Expected one map (T, H, W) and one label per frame of {frames.shape[:3]}, got maps "
+                         f"{maps.shape} and {len(labels)} labels.")
+    columns = min(STRIP_COLUMNS, len(frames))
+    panels = [(overlay(frame, cam), label + ("" if np.nanmax(cam, initial=0) > 0 else " · blank"))
+              for frame, cam, label in zip(frames, maps, labels)]
+    figure = panel_figure(panels, math.ceil(len(frames) / columns), columns, frames.shape[1:3], title, legend,
+                          bool(np.isnan(maps).any()))
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def save_video_gif(path: str, frames: np.ndarray, maps: np.ndarray, fps: float, max_side: int = 512) -> str:
+    """The overlays of a video's frames ``(T, H, W, 3)`` float in [0, 1] and maps ``(T, H, W)`` as an animated GIF
+    (Pillow) at ``fps`` frames per second, looping, scaled down to ``max_side`` pixels on the longer side. Returns
+    ``path``."""
+    drawn = [Image.fromarray(overlay(frame, cam)) for frame, cam in zip(frames, maps)]
+    scale = min(1.0, max_side / max(drawn[0].size))
+    if scale < 1:
+        size = (max(1, round(drawn[0].width * scale)), max(1, round(drawn[0].height * scale)))
+        drawn = [image.resize(size, Image.BILINEAR) for image in drawn]
+    drawn[0].save(path, save_all=True, append_images=drawn[1:], duration=max(20, round(1000 / fps)), loop=0)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- several images

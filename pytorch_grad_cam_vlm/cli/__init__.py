@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "randomization sanity check; or compare two runs (--compare)."))
     explain.add_arguments(commands.add_parser(
         "explain", help="explain a model's prediction on images",
-        description="Maps of the predicted next token (Qwen) or best-matching text (CLIP, SigLIP) for one image or "
-                    "a folder of images."))
+        description="Maps of the predicted next token (Qwen) or best-matching text (CLIP, SigLIP) for one image, "
+                    "a folder of images, or a video (Qwen: one map per frame pair)."))
     rank.add_arguments(commands.add_parser(
         "rank", help="rank images by a caption or an answer, with a map per image",
         description="Score each image by the yes/no answer to a caption (or an answer's probability), rank them, "

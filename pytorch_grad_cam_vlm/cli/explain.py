@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Sequence
 
-from pytorch_grad_cam_vlm.cli import classify
+from pytorch_grad_cam_vlm.cli import classify, video
 from pytorch_grad_cam_vlm.cli.common import (add_loading_arguments, add_rerun_arguments, _noise_level, _positive_int,
                                              check_note, choose_layers, explain_batch, explain_image, find_images,
                                              margin_cell, method_name, smooth_options)
@@ -28,9 +28,14 @@ from pytorch_grad_cam_vlm.visualize import MODES
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    """Check every input (the model by its config alone), then load the model and explain each image."""
+    """Check every input (the model by its config alone), then load the model and explain each image (or the
+    video: :func:`~pytorch_grad_cam_vlm.cli.video.run_video`)."""
     if args.images is not None:
         return run_several(args)
+    if args.video is not None:
+        return video.run_video(args)
+    if args.fps is not None or args.max_frames is not None:
+        raise InputError("--fps and --max-frames say how to sample a --video; leave them out with --image.")
     if args.per_token and args.mode is not None:
         warnings.warn(f"--mode {args.mode} is left out with --per-token, which draws one figure of every answer "
                       "token's map.")
@@ -150,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "classifier: torchvision:NAME or timm:NAME (with --weights)")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", help="image file, or a folder of images (run as a batch)")
+    inputs.add_argument("--video", help="Qwen: a video file, or a folder of its frames (sorted by name); one map per "
+                                        "frame pair, a strip figure and an animated GIF")
     several_images_argument(inputs)
     parser.add_argument("--prompt", help="question for Qwen-VL (Qwen2-VL to Qwen3.5) and LLaVA models")
     parser.add_argument("--texts", nargs="+", help="captions for CLIP / SigLIP models")
@@ -179,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          help="Qwen: generate the answer (or take --answer) and draw one map per answer token")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16,
                          help="longest generated answer of --per-token (default 16)")
+    video.add_arguments(parser)
     add_loading_arguments(parser)
     classify.add_arguments(parser)
     parser.set_defaults(run=run_explain)

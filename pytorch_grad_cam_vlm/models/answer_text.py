@@ -1,7 +1,7 @@
 """How a wrapper turns text into tokens: the answer it teacher-forces and the single-token words that targets score."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,10 +64,11 @@ def check_answer(answer, processor):
     return ids
 
 
-def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: np.ndarray, **options
+def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: Optional[np.ndarray], **options
                    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """The wrapper's text inputs with its answer's tokens at the end, and the answer's ids (``options``: processor
-    keywords the layout's placeholder was encoded with).
+    keywords the layout's placeholder was encoded with; with ``placeholder`` ``None``, they carry the media, as a
+    video's ``videos=`` and ``video_metadata=``).
 
     A text answer was tokenised with the whole chat by the processor (so token boundaries are exactly those the
     model saw); its ids are what follows the prompt's own tokens. Token ids are appended as they are.
@@ -78,8 +79,8 @@ def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: n
         prompt_text = wrapper.chat_text()[:-len(wrapper.answer)]
         # the wrapper's own processor options (Gemma 3's pan-and-scan), which change the image's tokens
         options = {**getattr(wrapper, "processor_kwargs", {}), **options}
-        prompt_ids = wrapper.processor(text=[prompt_text], images=[placeholder], return_tensors="pt",
-                                       **options)["input_ids"][0]
+        media = {} if placeholder is None else {"images": [placeholder]}  # None: the options carry a video
+        prompt_ids = wrapper.processor(text=[prompt_text], return_tensors="pt", **media, **options)["input_ids"][0]
         n = len(prompt_ids)
         if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
             raise ValueError(f"The tokenizer merges the start of the answer {wrapper.answer!r} into the prompt's last "

@@ -42,6 +42,8 @@ class Glm4vWrapper(QwenVLWrapper):
     thinking block; ``chat_template_kwargs={"enable_thinking": False}`` explains a direct answer instead.
     """
 
+    supports_video = False  # GLM's video processor frames and times its pairs its own way; not reproduced here
+
     def __init__(self, model: torch.nn.Module, processor, prompt: str, **kwargs) -> None:
         if getattr(model.config, "model_type", None) not in FAMILIES:
             raise ValueError(f"Glm4vWrapper supports model types {FAMILIES}, got {model.config.model_type!r}.")

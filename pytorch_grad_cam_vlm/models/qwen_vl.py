@@ -3,19 +3,21 @@ every grad-cam method, target and metric runs on it unchanged."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
+from pytorch_grad_cam_vlm.image import DEFAULT_FPS, ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, check_size, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, preprocess_several, qwen_pixel_values,
                                                      qwen_reshape)
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, unpatchify, vision_window_index
+from pytorch_grad_cam_vlm.models.video import (VideoClip, check_video_canvas, prepare_video, qwen_video_pixel_values,
+                                               qwen_video_reshape, video_media)
 
 
 AnswerInput = Union[str, Sequence[int]]
@@ -30,6 +32,8 @@ class Layout:
     vision_positions: torch.Tensor  # sequence positions of the image tokens, in raster order of the merged grid
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
     boxes: Optional[ImageBoxes] = None  # several images on one canvas (grid_thw has a row per image)
+    video: Optional[VideoClip] = None  # a video's frames on one canvas (grid_thw: its frame pairs, h, w)
+    timing: Dict[str, torch.Tensor] = field(default_factory=dict)  # one value per video: second_per_grid_ts
 
     @property
     def patch_grid(self) -> Tuple[int, int]:
@@ -80,6 +84,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     canvas_kwargs = {"do_resize": False}  # processor options for a placeholder of an input already resized
+    supports_video = True  # whether preprocess_video works: the Qwen families' own video processors
     several_images = True  # preprocess takes a list of images for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
@@ -137,17 +142,34 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         next call."""
         if isinstance(image, (list, tuple)):
             return preprocess_several(self, image, self.preprocess)
-        self.image_boxes = None
+        self.image_boxes = self.video = None
         encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt")
         grid = encoded["image_grid_thw"][0]
         return unpatchify(encoded["pixel_values"].float(), (int(grid[1]), int(grid[2])), self.patch_size,
                           self.merge_size, self.temporal_patch_size)
 
+    def preprocess_video(self, frames, fps: float = DEFAULT_FPS, frame_indices: Optional[Sequence[int]] = None,
+                         total_frames: Optional[int] = None) -> torch.Tensor:
+        """A video asked in the prompt: its frames (a list of paths, PIL images or uint8 arrays of one size, or a
+        ``(T, H, W, 3)`` uint8 array; at least 2) resized and normalised by the model's own video processor, in a
+        row on one canvas ``(1, 3, H, W)`` float32 (:mod:`~pytorch_grad_cam_vlm.models.video`), which :attr:`video`
+        remembers until the next ``preprocess``. Every frame given is explained (no sampling); an odd last frame is
+        repeated to fill its temporal patch, as the processor does. ``fps`` (the rate the frames were taken at),
+        ``frame_indices`` and ``total_frames`` (where they lie in a longer source; default ``0..T-1`` of ``T``) give
+        the model the frames' times, as transformers' video metadata does."""
+        if not self.supports_video:
+            raise ValueError(f"{type(self).__name__} does not take video here; videos work with Qwen2-VL, "
+                             "Qwen2.5-VL, Qwen3-VL and Qwen3.5 models. Explain the frames one at a time as images.")
+        x, video = prepare_video(self, frames, fps, frame_indices, total_frames)
+        self.image_boxes, self.video = None, video
+        return x
+
     # ----------------------------------------------------------------------------------------- text
     def chat_text(self) -> str:
-        """The prompt as the model sees it: the chat template around one image and the question, followed by the
-        answer when one is set as text."""
+        """The prompt as the model sees it: the chat template around the image (or images, or video) and the
+        question, followed by the answer when one is set as text."""
         images = [{"type": "image"}] * len(getattr(self, "image_boxes", None) or [None])
+        images = [{"type": "video"}] if getattr(self, "video", None) is not None else images
         messages = [{"role": "user", "content": images + [{"type": "text", "text": self.prompt}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, **self.chat_template_kwargs)
         return prompt + self.answer if isinstance(self.answer, str) else prompt
@@ -163,6 +185,7 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         self._layouts: Dict[tuple, object] = {}
         self.layout = None
         self.image_boxes: Optional[ImageBoxes] = None  # several images on one canvas, set by preprocess
+        self.video: Optional[VideoClip] = None  # a video's frames on one canvas, set by preprocess_video
         self.set_answer(answer, answer_reduction)
 
     def set_answer(self, answer: Optional[AnswerInput], reduction: str = "sum") -> None:
@@ -202,25 +225,33 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         built once per size by the processor itself with a placeholder image, so that token counts and
         ``mm_token_type_ids`` are exact. The placeholder is taken as it is (``do_resize=False``): the input was
         resized once already, by :meth:`preprocess`, and ``smart_resize`` is not idempotent (with ``min_pixels ==
-        max_pixels`` it makes 84x112 of a 480x640 photo, then 112x140 of that)."""
-        boxes = self.image_boxes
-        if boxes is not None:
+        max_pixels`` it makes 84x112 of a 480x640 photo, then 112x140 of that). A video's layout comes from a
+        placeholder video of its frames' size and count with its timing (:meth:`preprocess_video`)."""
+        boxes, video = self.image_boxes, self.video
+        if video is not None:
+            check_video_canvas(video, height, width)
+        elif boxes is not None:
             check_canvas(boxes, height, width)
-        key = (height, width, boxes)
+        key = (height, width, boxes, video)
         if key not in self._layouts:
             check_size(height, width, self.token_cell)
-            placeholder = [np.zeros((h, w, 3), dtype=np.uint8) for _, _, h, w in boxes.boxes] if boxes \
-                else np.zeros((height, width, 3), dtype=np.uint8)
-            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt",
-                                     **self.canvas_kwargs)
-            grid = encoded["image_grid_thw"]
-            image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-            positions = (encoded["input_ids"][0] == image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
+            if video is not None:
+                media, token, grid_key = video_media(video), self.processor.video_token, "video_grid_thw"
+            else:
+                placeholder = [np.zeros((h, w, 3), dtype=np.uint8) for _, _, h, w in boxes.boxes] if boxes \
+                    else np.zeros((height, width, 3), dtype=np.uint8)
+                media, token, grid_key = {"images": [placeholder]}, self.processor.image_token, "image_grid_thw"
+            encoded = self.processor(text=[self.chat_text()], return_tensors="pt", **media, **self.canvas_kwargs)
+            grid = encoded[grid_key]
+            token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
+            positions = (encoded["input_ids"][0] == token_id).nonzero().flatten()
+            timing = {k: encoded[k] for k in ("second_per_grid_ts",) if k in encoded}
+            text_inputs = {k: v for k, v in encoded.items() if k not in (
+                "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", *timing)}
             answer_ids = None
             if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder, **self.canvas_kwargs)
-            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids, boxes)
+                text_inputs, answer_ids = teacher_forced(self, text_inputs, None, **media, **self.canvas_kwargs)
+            self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids, boxes, video, timing)
         return self._layouts[key]
 
     # ----------------------------------------------------------------------------------------- forward
@@ -245,9 +276,15 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         layout = self.layout_for(height, width)
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
+        dtype = next(self.visual.parameters()).dtype
+        if layout.video is not None:  # one video per sample
+            inputs["pixel_values_videos"] = qwen_video_pixel_values(self, x.to(device), layout.video).to(dtype)
+            inputs["video_grid_thw"] = layout.grid_thw.repeat(b, 1).to(device)
+            inputs.update({k: v.repeat(b).to(device) for k, v in layout.timing.items()})
+            return inputs
         pixel_values = qwen_pixel_values(self, x.to(device), layout.boxes) if layout.boxes else \
             patchify(x.to(device), self.patch_size, self.merge_size, self.temporal_patch_size)
-        inputs["pixel_values"] = pixel_values.to(next(self.visual.parameters()).dtype)
+        inputs["pixel_values"] = pixel_values.to(dtype)
         inputs["image_grid_thw"] = layout.grid_thw.repeat(b, 1).to(device)
         return inputs
 
@@ -280,6 +317,8 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         hidden = output[0] if isinstance(output, tuple) else output
         if self.layout is None:
             raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
+        if self.layout.video is not None:
+            return qwen_video_reshape(self, hidden)
         if self.layout.boxes is not None:
             return qwen_reshape(self, hidden)
         b, (gh, gw), m = self.batch_size, self.layout.patch_grid, self.merge_size

@@ -48,6 +48,8 @@ PROMPT_FAMILIES = {
 QWEN_MODEL_CLASSES = {family: row.model_class for family, row in PROMPT_FAMILIES.items()}
 
 CLIP_FAMILIES = ("clip", "siglip", "siglip2")
+# The families that take a video (``wrapper.preprocess_video``): Qwen's own video processors and encoders.
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,6 +166,15 @@ def check_question(family: str, prompt: Optional[str], texts: Optional[Sequence[
         raise InputError(f"--prompt is for Qwen models; a {family} model takes --texts.")
     if len(set(texts)) != len(texts):
         raise InputError(f"--texts must be distinct, got {list(texts)}.")
+
+
+def check_video_family(family: str) -> None:
+    """Refuse ``--video`` on a family that takes no video here."""
+    if family not in VIDEO_FAMILIES:
+        name = PROMPT_FAMILIES[family].name if family in PROMPT_FAMILIES else family.upper()
+        takes = ", ".join(PROMPT_FAMILIES[f].name for f in VIDEO_FAMILIES)
+        raise InputError(f"--video takes {takes} models; a {name} model takes no video here: explain its frames one "
+                         "at a time with --image (a folder of frames runs as a batch).")
 
 
 def skip_last(family: str, gradients: bool) -> bool:

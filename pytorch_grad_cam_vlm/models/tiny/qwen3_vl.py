@@ -81,8 +81,10 @@ def build_qwen3_processor(family: str = "qwen3_vl", words: Iterable[str] = DEFAU
     half = [0.5, 0.5, 0.5]
     image_processor = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=half,
                                             image_std=half, min_pixels=min_pixels, max_pixels=max_pixels)
+    # Qwen3-VL's video budget counts every frame: four images' worth here (small, for fast tests)
     video_processor = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=half,
-                                            image_std=half)
+                                            image_std=half, size={"shortest_edge": min_pixels,
+                                                                  "longest_edge": 4 * max_pixels})
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                             chat_template=template)
 

@@ -99,7 +99,8 @@ def build_bpe_tokenizer(tokenizer_cls, words: Iterable[str] = DEFAULT_WORDS,
 
 def build_processor(words: Iterable[str] = DEFAULT_WORDS, min_pixels: int = 56 * 56,
                     max_pixels: int = 28 * 28 * 256, family: str = "qwen2_5_vl"):
-    """A real ``Qwen2_5_VLProcessor`` (or ``Qwen2VLProcessor``) with a word-level tokenizer."""
+    """A real ``Qwen2_5_VLProcessor`` (or ``Qwen2VLProcessor``) with a word-level tokenizer; its video processor
+    resizes each frame within the image processor's pixel bounds (small, for fast tests)."""
     from transformers import Qwen2VLImageProcessor
 
     tokenizer = build_tokenizer(words)
@@ -108,7 +109,7 @@ def build_processor(words: Iterable[str] = DEFAULT_WORDS, min_pixels: int = 56 *
     kwargs = {}
     try:
         from transformers import Qwen2VLVideoProcessor
-        kwargs["video_processor"] = Qwen2VLVideoProcessor()
+        kwargs["video_processor"] = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     except ImportError:  # transformers < 4.52 has no video processor class
         pass
     return processor_cls(image_processor=image_processor, tokenizer=tokenizer,
