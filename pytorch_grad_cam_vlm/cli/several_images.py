@@ -124,6 +124,5 @@ def several_images_argument(group) -> None:
     """``--images``, in the group of ``explain``'s inputs (one of ``--image``, ``--images``, ...)."""
     group.add_argument("--images", nargs="+", metavar="IMAGE",
                        help="two or more image files asked in one prompt (Qwen families, GLM-4V, InternVL, Idefics3, "
-                            "Gemma 3): "
-                            "one map split between them, each image's share of its mass and its own deletion check, "
-                            "one overlay per image")
+                            "Gemma 3): one map split between them, each image's share of its mass and its own "
+                            "deletion check, one overlay per image")

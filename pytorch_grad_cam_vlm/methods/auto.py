@@ -160,10 +160,11 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     width)`` of the images they were made from (one for all, or one per input). ``maps`` lie on those images
     (without ``image_size``, a tensor is taken as the image itself), ``model_maps`` on the inputs
     (:func:`~pytorch_grad_cam_vlm.models.frame.prepare_images`). ``MultiImage([a, b])`` asks the images in one
-    prompt, on one canvas (Qwen families, GLM-4V, InternVL, Gemma 3): ``maps`` lie on the canvas and ``split``
-    splits them between the images, each image's check with ``null`` null maps of its own; a canvas tensor the
-    wrapper prepared (its ``image_boxes``) is split the same way, each part as it lies on the canvas. ``split=False``
-    leaves the split out (``split`` is ``None``): its checks cost ``(2 F + 1)(1 + null)`` forward images per image.
+    prompt, on one canvas (Qwen families, GLM-4V, InternVL, Idefics3, Gemma 3): ``maps`` lie on the canvas and
+    ``split`` splits them between the images, each image's check with ``null`` null maps of its own; a canvas tensor
+    the wrapper prepared (its ``image_boxes``) is split the same way, each part as it lies on the canvas.
+    ``split=False`` leaves the split out (``split`` is ``None``): its checks cost ``(2 F + 1)(1 + null)`` forward
+    images per image.
 
     ``method``: ``"auto"`` (:data:`AUTO_METHODS`), a method name or class, or a list. ``layers``: ``"auto"``
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`

@@ -43,12 +43,16 @@ image's ``g x g`` tokens resized bilinearly over the whole canvas, which it squa
 ``"combined"`` (default: both, stacked as channels ``(B, 2C, h, w)``, so that grad-cam sums them before its ReLU, as
 :mod:`pytorch_grad_cam_vlm.models.anyres` explains for LLaVA's ``"combined"``). A canvas of one tile has one image,
 drawn under every view. Vision blocks map the same way on the finer patch grid, the connector on the token grid.
+
+Several pictures in one prompt: ``preprocess([a, b])`` lays their canvases side by side
+(:mod:`pytorch_grad_cam_vlm.models.multi_image`); ``forward`` gives the encoder each picture's tiles and global image
+in turn, the processor writes each picture's markers and tokens, and each picture's view lands on its box.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,6 +62,7 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -74,15 +79,22 @@ class TileLayout:
     tiles: Tuple[int, int]  # rows and columns of tiles; (0, 0) when the canvas is one unsplit image
     grid: int  # tokens per side of one image
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's canvas on the input
+    image_tiles: Tuple[Tuple[int, int], ...] = ()  # several pictures: each one's rows and columns of tiles
 
     @property
     def split(self) -> bool:
         return self.tiles != (0, 0)
 
     @property
+    def image_counts(self) -> Tuple[int, ...]:
+        """Images the vision encoder sees per picture of the prompt: its tiles and global image, or its one image."""
+        return tuple(rows * cols + 1 for rows, cols in self.image_tiles or (self.tiles,))
+
+    @property
     def image_count(self) -> int:
-        """Images the vision encoder sees per sample: the tiles and the global image, or the one image."""
-        return self.tiles[0] * self.tiles[1] + 1
+        """Images the vision encoder sees per sample: every picture's tiles and global image, or its one image."""
+        return sum(self.image_counts)
 
     @property
     def sequence_length(self) -> int:
@@ -120,6 +132,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     views = VIEWS
+    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -173,9 +186,13 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.patch_size * self.scale_factor
 
     # ----------------------------------------------------------------------------------------- images
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
+    def preprocess(self, image: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """The processor's own resizing and normalisation, as the canvas ``(1, 3, H, W)`` float32 on the CPU: its
-        tiles put back together (or its one image, when the picture is not split)."""
+        tiles put back together (or its one image, when the picture is not split). A list of pictures asks them all
+        in one prompt: their canvases side by side, which :attr:`image_boxes` remembers until the next call."""
+        if isinstance(image, (list, tuple)):
+            return preprocess_several(self, image, self.preprocess)
+        self.image_boxes = None
         encoded = self.processor.image_processor(images=[load_rgb(image)], return_tensors="pt",
                                                  return_row_col_info=True)
         rows, cols = int(encoded["rows"][0][0]), int(encoded["cols"][0][0])
@@ -216,10 +233,31 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     def layout_for(self, height: int, width: int) -> TileLayout:
         """Text inputs and token positions for canvases of ``height x width`` pixels, built once per size by the
         processor itself from a placeholder picture of that size (which it maps onto the same tiles)."""
-        key = (height, width)
+        boxes = self.image_boxes
+        if boxes is not None:
+            check_canvas(boxes, height, width)
+        key = (height, width, boxes)
         if key in self._layouts:
             return self._layouts[key]
-        placeholder = np.zeros((height, width, 3), dtype=np.uint8)
+        sizes = [(h, w) for _, _, h, w in boxes.boxes] if boxes is not None else [(height, width)]
+        placeholders = [np.zeros(size + (3,), dtype=np.uint8) for size in sizes]
+        tiles = tuple(self._tiling(placeholder) for placeholder in placeholders)
+        placeholder = placeholders if boxes is not None else placeholders[0]
+        encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+        text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "pixel_attention_mask")}
+        ids = text_inputs["input_ids"][0]
+        positions = (ids == self.image_token_id).nonzero().flatten()
+        layout = TileLayout(text_inputs, positions, tiles[0], self.grid, None, boxes, tiles if boxes else ())
+        self._check_markers(layout, ids)
+        if self.answer is not None:
+            layout.text_inputs, layout.answer_ids = teacher_forced(self, text_inputs, placeholder)
+        self._layouts[key] = layout
+        return layout
+
+    def _tiling(self, placeholder: np.ndarray) -> Tuple[int, int]:
+        """The rows and columns of tiles the processor makes of a canvas (``(0, 0)``: one unsplit image), refusing
+        a size that is no canvas of it."""
+        height, width = placeholder.shape[:2]
         geometry = self.processor.image_processor(images=[placeholder], return_row_col_info=True)
         rows, cols = int(geometry["rows"][0][0]), int(geometry["cols"][0][0])
         s = self.tile_size
@@ -228,23 +266,15 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             raise ValueError(f"A {height}x{width} input is not a canvas of this processor (it makes a picture of that "
                              f"size into {rows}x{cols} tiles of {s} px, a {canvas[0]}x{canvas[1]} canvas): prepare "
                              "images with wrapper.preprocess(image).")
-        encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
-        text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "pixel_attention_mask")}
-        ids = text_inputs["input_ids"][0]
-        positions = (ids == self.image_token_id).nonzero().flatten()
-        layout = TileLayout(text_inputs, positions, (rows, cols), self.grid)
-        self._check_markers(layout, ids)
-        if self.answer is not None:
-            layout.text_inputs, layout.answer_ids = teacher_forced(self, text_inputs, placeholder)
-        self._layouts[key] = layout
-        return layout
+        return rows, cols
 
     def _check_markers(self, layout: TileLayout, ids: torch.Tensor) -> None:
         """Each image's tokens must be one run that follows its marker: ``<row_i_col_j>`` for tile ``(i, j)``,
-        ``<global-img>`` for the global (or one) image."""
-        n, (rows, cols) = self.grid ** 2, layout.tiles
+        ``<global-img>`` for the global (or one) image, picture after picture."""
+        n = self.grid ** 2
         convert = self.processor.tokenizer.convert_tokens_to_ids
-        markers = [f"<row_{i + 1}_col_{j + 1}>" for i in range(rows) for j in range(cols)] + ["<global-img>"]
+        markers = [marker for rows, cols in layout.image_tiles or (layout.tiles,) for marker in
+                   [f"<row_{i + 1}_col_{j + 1}>" for i in range(rows) for j in range(cols)] + ["<global-img>"]]
         positions = layout.image_positions
         runs = positions.reshape(-1, n) if len(positions) == n * len(markers) else None
         if runs is None or bool((runs[:, 1:] - runs[:, :-1] != 1).any()) or \
@@ -254,22 +284,25 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
                                f"version builds {self.family} prompts differently.")
 
     # ----------------------------------------------------------------------------------------- forward
-    def model_inputs(self, x: torch.Tensor, global_images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, x: torch.Tensor,
+                     global_images: Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]] = None
+                     ) -> Dict[str, torch.Tensor]:
         """The model's keyword inputs for canvases ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
         inputs of this size and ``pixel_values`` ``(B, images, 3, tile, tile)`` in the vision encoder's dtype: the
         tiles cut from the canvas and the global image (resized in torch, or ``global_images`` ``(B or 1, 3, tile,
-        tile)``, e.g. :meth:`processor_global_image`); or the canvas itself when it is one tile."""
+        tile)``, e.g. :meth:`processor_global_image`); or the canvas itself when it is one tile. Several pictures in
+        one prompt: each picture's images in turn (``global_images``: one per picture, ``None`` for an unsplit one)."""
         b, _, height, width = x.shape
         layout = self.layout_for(height, width)
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
-        if layout.split:
-            tiles = canvas_to_tiles(x, *layout.tiles)
-            whole = self.global_image(x) if global_images is None else global_images.to(x).expand(b, -1, -1, -1)
-            images = torch.cat([tiles, whole[:, None]], dim=1)
+        if layout.boxes is None:
+            images = self._encoder_images(x, layout.tiles, global_images)
         else:
-            images = x[:, None]
+            global_images = global_images or [None] * len(layout.boxes)
+            images = torch.cat([self._encoder_images(part, tiles, whole) for part, tiles, whole
+                                in zip(crops(x, layout.boxes), layout.image_tiles, global_images)], dim=1)
         images = images.to(next(self.vision_model.parameters()).dtype)
         # The model drops images that are all 0 (batch padding): give such an image a negligible non-zero pixel.
         empty = (images == 0).flatten(2).all(-1)
@@ -279,6 +312,15 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             images = images + nudge
         inputs["pixel_values"] = images
         return inputs
+
+    def _encoder_images(self, x: torch.Tensor, tiles: Tuple[int, int],
+                        global_images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One picture's canvases ``(B, 3, H, W)`` as the encoder's images ``(B, count, 3, tile, tile)``: its tiles
+        and global image (resized in torch, or ``global_images``), or the canvas itself when it is one tile."""
+        if tiles == (0, 0):
+            return x[:, None]
+        whole = self.global_image(x) if global_images is None else global_images.to(x).expand(len(x), -1, -1, -1)
+        return torch.cat([canvas_to_tiles(x, *tiles), whole[:, None]], dim=1)
 
     def _stages(self) -> list:
         """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
@@ -307,17 +349,24 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the canvas: expected "
                              f"({b}, {layout.sequence_length}, C) from a decoder layer or ({b * images}, "
                              f"{self.grid ** 2} or {patches}, C) from the connector or a vision block.")
-        return self._place(tokens.float().reshape(b, images, -1, hidden.shape[-1]), layout)
+        tokens = tokens.float().reshape(b, images, -1, hidden.shape[-1])
+        if layout.boxes is None:
+            return self._place(tokens, layout.tiles)
+        grids = [self._place(part, tiles)
+                 for part, tiles in zip(tokens.split(layout.image_counts, dim=1), layout.image_tiles)]
+        channels = max(grid.shape[1] for grid in grids)  # "combined": an unsplit picture has no global image to stack
+        grids = [torch.nn.functional.pad(grid, (0, 0, 0, 0, 0, channels - grid.shape[1])) for grid in grids]
+        return place(grids, layout.boxes, self.tile_size // math.isqrt(tokens.shape[2]))
 
-    def _place(self, tokens: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-        """``(B, images, side^2, C)`` tokens to the view's grid on the canvas ``(B, C or 2C, rows*side, cols*side)``:
-        tiles side by side, the global image resized (bilinear) over the whole canvas."""
+    def _place(self, tokens: torch.Tensor, tiles: Tuple[int, int]) -> torch.Tensor:
+        """One picture's ``(B, images, side^2, C)`` tokens to the view's grid on its canvas ``(B, C or 2C, rows*side,
+        cols*side)``: tiles side by side, the global image resized (bilinear) over the whole canvas."""
         b, _, count, channels = tokens.shape
         side = math.isqrt(count)
         grids = tokens.reshape(b, -1, side, side, channels)
-        if not layout.split:
+        if tiles == (0, 0):
             return grids[:, -1].permute(0, 3, 1, 2)
-        return self.place_views(*tile_grids(grids, layout.tiles))
+        return self.place_views(*tile_grids(grids, tiles))
 
     # ----------------------------------------------------------------------------------------- attention
     def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:

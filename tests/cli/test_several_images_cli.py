@@ -70,7 +70,8 @@ def test_the_report_splits_the_map_between_the_images_as_the_api_does(model_dir,
                                                        "leave it out with --images."),
     (["--images", "{wide}", "{tall}", "--model", "onevision"],
      "--images: a llava_onevision model takes one image per prompt; several images in one prompt work with "
-     "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL and Gemma 3 (without pan-and-scan)."),
+     "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM and Gemma 3 (without "
+     "pan-and-scan)."),
 ])
 def test_bad_input_exits_with_one_line_and_writes_nothing(model_dir, photos, tmp_path, capsys, flags, message):
     long = tmp_path / "long.png"

@@ -1,21 +1,24 @@
-"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL): the canvas's logits equal the
-processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map splits
-between the images (explain's split: each image's share and its own deletion check), and bad input gets one clear
-error."""
+"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL, SmolVLM): the canvas's logits
+equal the processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map
+splits between the images (explain's split: each image's share and its own deletion check), and bad input gets one
+clear error."""
 import numpy as np
 import pytest
 import torch
 from conftest import (PROMPT, changed_cells, first_block_inputs, merger_and_decoder_input, model_state, perturb_cell,
                       random_image)
 from PIL import Image
-from test_internvl import THUMBNAIL_BOUND, shapes_image
+from test_idefics3 import GLOBAL_IMAGE_BOUND
+from test_idefics3 import shapes_image as idefics3_image
+from test_internvl import THUMBNAIL_BOUND
+from test_internvl import shapes_image as internvl_image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, ImageSplit, InternVLWrapper,
-                                  LlavaWrapper, MapCheck, Qwen3VLWrapper, QwenVLWrapper, build_tiny_gemma3,
-                                  build_tiny_glm4v, build_tiny_internvl, build_tiny_llava, build_tiny_qwen3_vl,
-                                  check_maps, explain)
+from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, Idefics3Wrapper, ImageSplit,
+                                  InternVLWrapper, LlavaWrapper, MapCheck, Qwen3VLWrapper, QwenVLWrapper,
+                                  build_tiny_gemma3, build_tiny_glm4v, build_tiny_idefics3, build_tiny_internvl,
+                                  build_tiny_llava, build_tiny_qwen3_vl, check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -221,68 +224,95 @@ def test_gemma3_with_pan_and_scan_refuses_several_images(gemma3):
     assert wrapper.image_boxes is None
 
 
-# ------------------------------------------------------------------------------------------- InternVL
-@pytest.fixture(scope="module")
-def internvl(tmp_path_factory):
-    """A tiny InternVL (32-px tiles, 4x4 tokens of 8 px each, 8x8 patches of 4 px), saved and loaded back."""
-    model, processor = build_tiny_internvl(tmp_path_factory.mktemp("internvl"), seed=0)
-    return InternVLWrapper(model, processor, prompt=PROMPT)
+# ------------------------------------------------------------------------------------------- tiled families
+# Per family: its tiny builder and wrapper, pictures of other tilings, their canvases' boxes, which of the encoder's
+# images are tiles (the rest: each picture's whole-picture image, after its tiles), the keyword that takes the
+# processor's own whole-picture images and the wrapper's method that gives one, and the one-picture bound of the
+# logits with the whole-picture images forward resizes from each canvas.
+TILE = 32  # both tiny families' tile
+TILED = {
+    "internvl": (build_tiny_internvl, InternVLWrapper,  # 1x2 tiles and a thumbnail, 3x1 and a thumbnail, one tile
+                 (internvl_image(40, 70, seed=1), internvl_image(100, 30, seed=2), internvl_image(30, 30, seed=3)),
+                 ((0, 0, 32, 64), (0, 64, 96, 32), (0, 96, 32, 32)), [0, 1, 3, 4, 5, 7], "thumbnails",
+                 "processor_thumbnail", THUMBNAIL_BOUND),
+    "idefics3": (build_tiny_idefics3, Idefics3Wrapper,  # 2x3 tiles and a global image, 3x1 and a global image
+                 (idefics3_image(40, 70, seed=1), idefics3_image(100, 30, seed=2)),
+                 ((0, 0, 64, 96), (0, 96, 96, 32)), [0, 1, 2, 3, 4, 5, 7, 8, 9], "global_images",
+                 "processor_global_image", GLOBAL_IMAGE_BOUND),
+}
 
 
-INTERNVL_IMAGES = (shapes_image(40, 70, seed=1), shapes_image(100, 30, seed=2), shapes_image(30, 30, seed=3))
+@pytest.fixture(scope="module", params=sorted(TILED))
+def tiled(request, tmp_path_factory):
+    """(wrapper, its family's row of TILED) of a tiny tiled model (InternVL: 32-px tiles of 8x8 patches, 4x4 tokens;
+    SmolVLM: 32-px tiles of 8x8 patches), saved and loaded back."""
+    build, wrapper_cls, *row = TILED[request.param]
+    model, processor = build(tmp_path_factory.mktemp(request.param), seed=0)
+    return wrapper_cls(model, processor, prompt=PROMPT), row
 
 
-def test_internvl_logits_equal_the_processor_path_with_pictures_of_other_tilings(internvl):
-    """1x2 tiles and a thumbnail, 3x1 tiles and a thumbnail, one tile: the processor's tiles bit for bit and its
-    tokens; with the processor's own thumbnails the logits agree to 1e-5, with those forward resizes from each
-    picture's canvas to the one-picture bound (THUMBNAIL_BOUND)."""
-    x = internvl.preprocess(list(INTERNVL_IMAGES))
-    assert internvl.image_boxes == ImageBoxes(((0, 0, 32, 64), (0, 64, 96, 32), (0, 96, 32, 32)))
-    content = [{"type": "image"}] * 3 + [{"type": "text", "text": PROMPT}]
-    text = internvl.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = internvl.processor(text=[text], images=[list(INTERNVL_IMAGES)], return_tensors="pt")
-    built = internvl.model_inputs(x)
+def test_tiled_logits_equal_the_processor_path_with_pictures_of_other_tilings(tiled):
+    """The processor's tiles bit for bit and its tokens; with the processor's own whole-picture images the logits
+    agree to 1e-5, with those forward resizes from each picture's canvas to the family's one-picture bound."""
+    wrapper, (images, boxes, tiles, keyword, method, bound) = tiled
+    x = wrapper.preprocess(list(images))
+    assert wrapper.image_boxes == ImageBoxes(boxes)
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": PROMPT}]
+    text = wrapper.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = wrapper.processor(text=[text], images=[list(images)], return_tensors="pt")
+    built = wrapper.model_inputs(x)
     assert torch.equal(built["input_ids"], inputs["input_ids"])
-    tiles = [0, 1, 3, 4, 5, 7]  # of 2 + 1, 3 + 1 and 1 encoder images: the thumbnails are 2 and 6
-    assert torch.equal(built["pixel_values"][tiles], inputs["pixel_values"][tiles])
-    thumbnails = [internvl.processor_thumbnail(image) for image in INTERNVL_IMAGES[:2]] + [None]
+    ours, theirs = (p.reshape(-1, 3, TILE, TILE) for p in (built["pixel_values"], inputs["pixel_values"]))
+    assert len(ours) == len(theirs) and torch.equal(ours[tiles], theirs[tiles])
+    wholes = [getattr(wrapper, method)(image) if (h, w) != (TILE, TILE) else None  # a one-tile picture has none
+              for image, (_, _, h, w) in zip(images, boxes)]
     with torch.no_grad():
-        reference = internvl.model(**inputs).logits[0, -1]
-        exact = internvl.model(**internvl.model_inputs(x, thumbnails=thumbnails)).logits[0, -1]
-        logits = internvl(x)[0]
+        reference = wrapper.model(**inputs).logits[0, -1]
+        exact = wrapper.model(**wrapper.model_inputs(x, **{keyword: wholes})).logits[0, -1]
+        logits = wrapper(x)[0]
     torch.testing.assert_close(exact, reference, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits, reference, atol=THUMBNAIL_BOUND, rtol=0)
+    torch.testing.assert_close(logits, reference, atol=bound, rtol=0)
 
 
-def test_internvl_one_cell_of_image_2_changes_only_that_cell_and_image_2s_thumbnail(internvl):
+def test_tiled_one_cell_of_image_2_changes_only_that_cell_and_image_2s_whole_picture(tiled):
     """Perturb one token cell of picture 2: the first vision block's input changes, among the tiles, only at the
-    patches reshape_transform puts on that cell of picture 2's box ("tiles" view); among the thumbnails, only
-    within picture 2's box ("thumbnail" view)."""
-    x = internvl.preprocess(list(INTERNVL_IMAGES))
-    top, left, height, width = internvl.image_boxes.boxes[1]
-    row, col, c, p = 2, 0, internvl.token_cell, internvl.patch_size
-    seen = first_block_inputs(internvl, x, perturb_cell(x, top, left, row, col, c))
+    patches reshape_transform puts on that cell of picture 2's box (the "tiles" view); among the whole-picture
+    images (thumbnails, global images), only within picture 2's box."""
+    wrapper, (images, *_) = tiled
+    x = wrapper.preprocess(list(images))
+    top, left, height, width = wrapper.image_boxes.boxes[1]
+    row, col, c, p = 2, 0, wrapper.token_cell, wrapper.patch_size
+    perturbed = x.clone()
+    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
+    seen = []
+    handle = wrapper.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            wrapper(x), wrapper(perturbed)
+    finally:
+        handle.remove()
     changed = {}
-    for view in ("tiles", "thumbnail"):
-        internvl.view = view
-        changed[view] = changed_cells(internvl, *seen)  # (96 / 4, 128 / 4)
-    internvl.view = "combined"
-    expected = torch.zeros(96 // p, 128 // p, dtype=torch.bool)
+    for view in wrapper.views[:2]:  # the tiles, then the whole picture
+        wrapper.view = view
+        grids = [wrapper.reshape_transform(hidden) for hidden in seen]
+        changed[view] = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+    wrapper.view = "combined"
+    expected = torch.zeros(x.shape[2] // p, x.shape[3] // p, dtype=torch.bool)
     expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
-    assert torch.equal(changed["tiles"], expected)
+    assert torch.equal(changed[wrapper.views[0]], expected)
     box = torch.zeros_like(expected)
     box[top // p:(top + height) // p, left // p:(left + width) // p] = True
-    assert changed["thumbnail"].any() and not (changed["thumbnail"] & ~box).any()
+    assert changed[wrapper.views[1]].any() and not (changed[wrapper.views[1]] & ~box).any()
 
 
-def test_internvl_maps_split_on_each_pictures_own_frame(internvl):
-    result = explain(internvl, MultiImage(INTERNVL_IMAGES), method="GradCAM", layers="1", null=0, fractions=(0.2,))
+def test_tiled_maps_split_on_each_pictures_own_frame(tiled):
+    wrapper, (images, boxes, *_) = tiled
+    result = explain(wrapper, MultiImage(images), method="GradCAM", layers="1", null=0, fractions=(0.2,))
     [split] = result.split
-    assert result.maps.shape == (1, 96, 128)
-    np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, internvl.image_boxes)[0], rtol=1e-6)
-    for image, frame, part, m in zip(INTERNVL_IMAGES, split.frames, image_maps(result.model_maps, split.boxes),
-                                     split.maps):
-        assert frame == ImageFrame.resized(image.shape[:2], part.shape[1:]) and m.shape == image.shape[:2]
+    assert result.maps.shape[1:] == ImageBoxes(boxes).canvas_size
+    np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, split.boxes)[0], rtol=1e-6)
+    for image, frame, part, m in zip(images, split.frames, image_maps(result.model_maps, split.boxes), split.maps):
+        assert frame == wrapper.image_frame(image.shape[:2], part.shape[1:]) and m.shape == image.shape[:2]
         np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
 
 
@@ -349,8 +379,8 @@ def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
     assert wrapper.image_boxes is None
     llava = LlavaWrapper(*build_tiny_llava(tmp_path / "llava"), prompt=PROMPT)
     with pytest.raises(ValueError, match=r"^LlavaWrapper takes one image per prompt; several images in one prompt "
-                                         r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V, InternVL and "
-                                         r"Gemma 3 \(without pan-and-scan\)\.$"):
+                                         r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V, InternVL, "
+                                         r"Idefics3 / SmolVLM and Gemma 3 \(without pan-and-scan\)\.$"):
         explain(llava, MultiImage(GEMMA_IMAGES))
 
 
