@@ -62,7 +62,7 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place, preprocess_several
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place_padded, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -354,9 +354,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             return self._place(tokens, layout.tiles)
         grids = [self._place(part, tiles)
                  for part, tiles in zip(tokens.split(layout.image_counts, dim=1), layout.image_tiles)]
-        channels = max(grid.shape[1] for grid in grids)  # "combined": an unsplit picture has no global image to stack
-        grids = [torch.nn.functional.pad(grid, (0, 0, 0, 0, 0, channels - grid.shape[1])) for grid in grids]
-        return place(grids, layout.boxes, self.tile_size // math.isqrt(tokens.shape[2]))
+        return place_padded(grids, layout.boxes, self.tile_size // math.isqrt(tokens.shape[2]))
 
     def _place(self, tokens: torch.Tensor, tiles: Tuple[int, int]) -> torch.Tensor:
         """One picture's ``(B, images, side^2, C)`` tokens to the view's grid on its canvas ``(B, C or 2C, rows*side,

@@ -60,7 +60,7 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place, preprocess_several
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place_padded, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -349,9 +349,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             return self.place_views(*tile_grids(per_image, layout.tiles))
         grids = [self.place_views(*tile_grids(part, tiles))
                  for part, tiles in zip(per_image.split(layout.image_counts, dim=1), layout.image_tiles)]
-        channels = max(grid.shape[1] for grid in grids)  # "combined": a one-tile picture has no thumbnail to stack
-        grids = [F.pad(grid, (0, 0, 0, 0, 0, channels - grid.shape[1])) for grid in grids]
-        return place(grids, layout.boxes, self.tile_size // n)
+        return place_padded(grids, layout.boxes, self.tile_size // n)
 
     def hidden_shapes(self) -> Dict[str, Tuple[int, int, int]]:
         """The shapes of the hidden states of the latest forward pass: ``"decoder"`` ``(B, seq, C_text)``,

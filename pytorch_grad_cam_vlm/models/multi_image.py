@@ -160,6 +160,15 @@ def place(grids: Sequence[torch.Tensor], boxes: ImageBoxes, cell: int) -> torch.
     return out
 
 
+def place_padded(grids: Sequence[torch.Tensor], boxes: ImageBoxes, cell: int) -> torch.Tensor:
+    """:func:`place` for the tiled families' views: a grid with fewer channels than the others (under
+    ``"combined"``, a picture of one tile has no whole-picture image to stack) gets zeros for the missing ones, which
+    add nothing to grad-cam's channel sum."""
+    channels = max(grid.shape[1] for grid in grids)
+    return place([torch.nn.functional.pad(grid, (0, 0, 0, 0, 0, channels - grid.shape[1])) for grid in grids], boxes,
+                 cell)
+
+
 def image_maps(maps: np.ndarray, boxes: ImageBoxes) -> List[np.ndarray]:
     """One map per image, in its own frame: ``maps`` ``(B, H, W)`` of canvases cut at the boxes, ``(B, h_i, w_i)``
     each."""
