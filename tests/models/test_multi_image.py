@@ -282,20 +282,11 @@ def test_tiled_one_cell_of_image_2_changes_only_that_cell_and_image_2s_whole_pic
     x = wrapper.preprocess(list(images))
     top, left, height, width = wrapper.image_boxes.boxes[1]
     row, col, c, p = 2, 0, wrapper.token_cell, wrapper.patch_size
-    perturbed = x.clone()
-    perturbed[:, :, top + row * c:top + (row + 1) * c, left + col * c:left + (col + 1) * c] += 0.5
-    seen = []
-    handle = wrapper.vision_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            wrapper(x), wrapper(perturbed)
-    finally:
-        handle.remove()
+    seen = first_block_inputs(wrapper, x, perturb_cell(x, top, left, row, col, c))
     changed = {}
     for view in wrapper.views[:2]:  # the tiles, then the whole picture
         wrapper.view = view
-        grids = [wrapper.reshape_transform(hidden) for hidden in seen]
-        changed[view] = (grids[1] - grids[0]).abs().amax(1)[0] > 1e-6
+        changed[view] = changed_cells(wrapper, *seen)
     wrapper.view = "combined"
     expected = torch.zeros(x.shape[2] // p, x.shape[3] // p, dtype=torch.bool)
     expected[(top + row * c) // p:(top + (row + 1) * c) // p, (left + col * c) // p:(left + (col + 1) * c) // p] = True
