@@ -62,7 +62,8 @@ from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place_padded, preprocess_several
+from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
+                                                     preprocess_several)
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -297,12 +298,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
-        if layout.boxes is None:
-            images = self._encoder_images(x, layout.tiles, global_images)
-        else:
-            global_images = global_images or [None] * len(layout.boxes)
-            images = torch.cat([self._encoder_images(part, tiles, whole) for part, tiles, whole
-                                in zip(crops(x, layout.boxes), layout.image_tiles, global_images)], dim=1)
+        images = encode_pictures(x, layout, self._encoder_images, global_images)
         images = images.to(next(self.vision_model.parameters()).dtype)
         # The model drops images that are all 0 (batch padding): give such an image a negligible non-zero pixel.
         empty = (images == 0).flatten(2).all(-1)

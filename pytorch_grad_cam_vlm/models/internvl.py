@@ -60,7 +60,8 @@ from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.llava import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, check_canvas, crops, place_padded, preprocess_several
+from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
+                                                     preprocess_several)
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
@@ -286,12 +287,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
-        if layout.boxes is None:
-            images = self._encoder_images(x, layout.tiles, thumbnails)
-        else:
-            thumbnails = thumbnails or [None] * len(layout.boxes)
-            images = torch.cat([self._encoder_images(part, tiles, thumbnail) for part, tiles, thumbnail
-                                in zip(crops(x, layout.boxes), layout.image_tiles, thumbnails)], dim=1)
+        images = encode_pictures(x, layout, self._encoder_images, thumbnails)
         s = self.tile_size
         inputs["pixel_values"] = images.reshape(-1, 3, s, s).to(next(self._vision_blocks.parameters()).dtype)
         return inputs

@@ -19,7 +19,7 @@ The families that take one: :data:`SEVERAL_IMAGES_FAMILIES`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -148,6 +148,17 @@ def box_masks(boxes: ImageBoxes) -> np.ndarray:
 def crops(x: torch.Tensor, boxes: ImageBoxes) -> List[torch.Tensor]:
     """Each image ``(B, 3, h_i, w_i)`` cut out of canvases ``x`` ``(B, 3, H, W)``."""
     return [x[:, :, top:top + height, left:left + width] for top, left, height, width in boxes.boxes]
+
+
+def encode_pictures(x: torch.Tensor, layout, encode: Callable, extras: Optional[Sequence] = None) -> torch.Tensor:
+    """A tiled family's encoder images ``(B, n, 3, s, s)`` of canvases ``x``: ``encode(x, tiles, extra)`` on the
+    whole canvas, or, when ``layout.boxes`` holds several pictures, on each picture cut out with its own
+    ``layout.image_tiles`` and ``extras[i]`` (a thumbnail or global image, ``None`` to resize in torch), in turn."""
+    if layout.boxes is None:
+        return encode(x, layout.tiles, extras)
+    extras = extras or [None] * len(layout.boxes)
+    return torch.cat([encode(part, tiles, extra) for part, tiles, extra
+                      in zip(crops(x, layout.boxes), layout.image_tiles, extras)], dim=1)
 
 
 def place(grids: Sequence[torch.Tensor], boxes: ImageBoxes, cell: int) -> torch.Tensor:
