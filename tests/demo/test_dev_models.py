@@ -44,6 +44,21 @@ def test_the_names_resolve_and_the_weights_stay_small():
         assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 6 * 2 ** 20
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_name_loads_as_the_cli_loads_it_and_answers(name):
+    """``--model NAME``'s path: the family read from the embedded folder's config, the model loaded by the
+    registry, wrapped for its prompt; it answers three held-out samples."""
+    from pytorch_grad_cam_vlm.models.registry import load_model, model_config
+
+    _, make, _, _ = MODELS[name]
+    path = embedded_model_path(name)
+    _, family = model_config(path)
+    model, processor = load_model(path, family, torch.float32, torch.device("cpu"))
+    samples = make(3, seed=1, split="test")
+    wrapper = make_subject(family, model, processor, samples[0].prompt, None).wrapper
+    assert answer_accuracy(wrapper, samples) == 1.0
+
+
 def test_pairs_samples_hold_a_red_and_a_blue_object_and_balance_the_answers():
     samples = pairs.make_pairs_samples(1000, seed=0)
     assert {s.answer for s in samples} == set(pairs.ANSWERS)  # the shared shape, or "no"
