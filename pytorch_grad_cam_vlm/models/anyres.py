@@ -30,15 +30,24 @@ The maps lie on the canvas's grid of tile tokens, the view's tokens placed there
 Vision blocks and the projector map the same way from the encoder's batch (one row per image: the base image, then
 the tiles), the tile grid cropped to the unpadded region, so that the letterbox tokens, which the language model
 never sees, are 0.
+
+Several pictures in one prompt (:mod:`pytorch_grad_cam_vlm.models.multi_image`): the layout holds each picture's own
+layout (:attr:`LlavaLayout.pictures`, its tokens' positions in the prompt) and its box on the input; each picture's
+view is placed as above on its own part of the grid (:func:`place_pictures`). LLaVA 1.5 gives each picture its
+square, LLaVA-NeXT its base image and tiles; OneVision tiles only a lone image: with several, the processor pads each
+picture to a square (the mean colour) and resizes it to the encoder's size, and the model appends one newline token
+to its base image's tokens, so every view draws those tokens.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, place_padded
 
 VIEWS = ("tiles", "base", "combined")
 
@@ -58,10 +67,18 @@ class LlavaLayout:
     packed: Tuple[int, int] = (0, 0)  # rows, columns of tile tokens the decoder sees, each row + newline (anyres)
     content_box: Tuple[int, int, int, int] = (0, 0, 0, 0)  # y, x, height, width in pixels of the picture (anyres)
     answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's part of the input
+    pictures: Tuple["LlavaLayout", ...] = ()  # several pictures: each one's layout, its tokens' positions in the prompt
 
     @property
     def anyres(self) -> bool:
-        return self.tiles != (0, 0)
+        """Whether tile tokens draw the map (of several pictures: any picture's)."""
+        return any(p.anyres for p in self.pictures) if self.pictures else self.tiles != (0, 0)
+
+    @property
+    def image_tiles(self) -> Tuple[Tuple[int, int], ...]:
+        """Several pictures: each one's rows and columns of tiles, ``(0, 0)`` for a square of the encoder's size."""
+        return tuple(p.tiles for p in self.pictures)
 
     @property
     def sequence_length(self) -> int:
@@ -73,7 +90,10 @@ class LlavaLayout:
 
     @property
     def image_count(self) -> int:
-        """Images the vision tower encodes per sample: the base image and the tiles, or the one image."""
+        """Images the vision tower encodes per sample: the base image and the tiles, or the one image (of several
+        pictures: all of theirs)."""
+        if self.pictures:
+            return sum(p.image_count for p in self.pictures)
         return 1 + self.tiles[0] * self.tiles[1]
 
     @property
@@ -83,12 +103,18 @@ class LlavaLayout:
 
     @property
     def base_positions(self) -> torch.Tensor:
-        """Positions of the base image's patch tokens in raster order (the class token left out)."""
+        """Positions of the base image's patch tokens in raster order (the class token left out; of several
+        pictures: each one's in turn)."""
+        if self.pictures:
+            return torch.cat([p.base_positions for p in self.pictures])
         return self.image_positions[self.base_prefix:self.base_count]
 
     @property
     def tile_positions(self) -> torch.Tensor:
-        """Positions of the tile tokens in raster order of the packed grid (newline tokens left out)."""
+        """Positions of the tile tokens in raster order of the packed grid (newline tokens left out; of several
+        pictures: each tiled one's in turn)."""
+        if self.pictures:
+            return torch.cat([p.tile_positions for p in self.pictures if p.anyres] or [self.image_positions[:0]])
         rows, cols = self.packed
         return self.image_positions[self.base_count:].reshape(rows, cols + 1)[:, :cols].flatten()
 
@@ -140,6 +166,23 @@ def set_anyres_geometry(layout: LlavaLayout, config, modeling) -> None:
     layout.content_box = content_box((h0, w0), layout.canvas)
 
 
+def pictures_layout(pictures: Sequence[LlavaLayout], boxes: ImageBoxes, text_inputs: Dict[str, torch.Tensor],
+                    positions: torch.Tensor, answer_ids: Optional[torch.Tensor], newline: bool) -> LlavaLayout:
+    """The layout of several pictures in one prompt: each picture's geometry (``pictures``, layouts without text)
+    given its tokens' positions, in turn, each followed by one newline token where ``newline`` (OneVision's untiled
+    pictures)."""
+    placed, start = [], 0
+    for picture in pictures:
+        placed.append(replace(picture, image_positions=positions[start:start + picture.expected_tokens]))
+        start += picture.expected_tokens + int(newline)
+    if start != len(positions):
+        raise RuntimeError(f"The processor placed {len(positions)} image tokens for {len(pictures)} pictures where the "
+                           f"wrapper expects {start}: this transformers version packs several images differently.")
+    first = pictures[0]
+    return LlavaLayout(text_inputs, positions, first.base_grid, first.base_prefix, boxes.canvas_size,
+                       boxes.canvas_size, answer_ids=answer_ids, boxes=boxes, pictures=tuple(placed))
+
+
 def decoder_grids(hidden: torch.Tensor, layout: LlavaLayout):
     """The base image's ``(B, C, g, g)`` and the packed tiles' ``(B, C, rows, cols)`` (``None`` for LLaVA 1.5)
     grids of a decoder layer's hidden state ``(B, seq, C)``."""
@@ -189,6 +232,20 @@ def on_canvas(grid: torch.Tensor, layout: LlavaLayout, mixed: bool = False) -> t
         grid = unmix(grid, (h, w)) if mixed else F.interpolate(grid, size=(h, w), mode="bilinear",
                                                                align_corners=False)
     return F.pad(grid, (left, grid_w - left - w, top, grid_h - top - h))
+
+
+def place_pictures(hidden: torch.Tensor, layout: LlavaLayout, view: str, vision: bool, cell: int) -> torch.Tensor:
+    """Several pictures' views (:func:`place_views`), each on its box of the input's grid of ``cell`` pixels: from a
+    decoder layer's ``(B, seq, C)`` at each picture's positions, or (``vision``) from the encoder's rows
+    ``(B x images, [class token +] patches, C)``, each picture's base image and tiles in turn."""
+    if vision:
+        parts = hidden.reshape(-1, layout.image_count, *hidden.shape[1:])
+        parts = parts.split([p.image_count for p in layout.pictures], dim=1)
+        grids = [vision_grids(part.flatten(0, 1), p) for part, p in zip(parts, layout.pictures)]
+    else:
+        grids = [decoder_grids(hidden, p) for p in layout.pictures]
+    return place_padded([place_views(base, tiles, p, view) for (base, tiles), p in zip(grids, layout.pictures)],
+                        layout.boxes, cell)
 
 
 def place_views(base: torch.Tensor, tiles: Optional[torch.Tensor], layout: LlavaLayout, view: str) -> torch.Tensor:

@@ -11,8 +11,11 @@ What the family changes, and where it is handled:
 - **LLaVA 1.5.** One square image (``(image_size / patch_size)^2`` tokens, 24x24 at 336 px): :meth:`preprocess` is the
   processor's resize and center crop, and ``forward`` takes that square size.
 - **LLaVA-NeXT and OneVision ("anyres").** A base image and tiles of a letterboxed canvas, packed as
-  :mod:`pytorch_grad_cam_vlm.models.anyres` describes; OneVision tiles only when a sample holds one image, which the
-  wrapper's prompt always does.
+  :mod:`pytorch_grad_cam_vlm.models.anyres` describes; OneVision tiles only when a sample holds one image.
+- **Several pictures in one prompt** (``preprocess([a, b])``, :mod:`pytorch_grad_cam_vlm.models.multi_image`): each
+  picture's input as the processor makes it with the others (LLaVA 1.5's square, LLaVA-NeXT's canvas, OneVision's
+  picture padded to a square and resized, untiled) side by side; ``forward`` gives the encoder each picture's images
+  in turn, with the text from the processor for pictures of their own sizes.
 
 How the wrapper explains an anyres model: ``forward`` takes the canvas ``(B, 3, H, W)`` (what :meth:`preprocess`
 returns: the processor's own tiles put back together) and builds the model's input from it in torch: the tiles are
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,10 +49,12 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
-                                                place_views, set_anyres_geometry, vision_grids)
+                                                pictures_layout, place_pictures, place_views, set_anyres_geometry,
+                                                vision_grids)
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, processor_frame
+from pytorch_grad_cam_vlm.models.multi_image import check_canvas, crops, encode_pictures, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
 from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_to_canvas
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
@@ -103,6 +108,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     ablation_layer_type = TokenAblationLayer
     views = VIEWS
+    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -134,6 +140,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         self._watch_layers(self._decoder_layers, self._vision_blocks, self._llava)
         self.view = view
         self.source_size = None if source_size is None else (int(source_size[0]), int(source_size[1]))
+        self.source_sizes: Tuple[Tuple[int, int], ...] = ()  # several pictures: their (h, w), set by preprocess
         self._init_prompt_side(prompt, chat_template_kwargs, answer, answer_reduction)
 
     # ----------------------------------------------------------------------------------------- layers
@@ -155,11 +162,28 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.patch_size
 
     # ----------------------------------------------------------------------------------------- images
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
+    def preprocess(self, image: Union[ImageInput, Sequence[ImageInput]]) -> torch.Tensor:
         """The processor's own resizing and normalisation, as ``(1, 3, H, W)`` float32 on the CPU: LLaVA 1.5's
         resize and center crop; for anyres models the canvas, the processor's tiles put back together at the best
         resolution. Sets :attr:`source_size` to the picture's size (anyres), which the unpadding needs: explain an
-        image before preprocessing another of a different aspect ratio."""
+        image before preprocessing another of a different aspect ratio. A list of pictures asks them all in one
+        prompt: each one's input side by side, which :attr:`image_boxes` (and :attr:`source_sizes`) remember until
+        the next call."""
+        if isinstance(image, (list, tuple)):
+            sizes = []
+
+            def one(picture: ImageInput) -> torch.Tensor:
+                rgb = load_rgb(picture)
+                sizes.append(rgb.size[::-1])
+                if self.family == "llava_onevision":  # a sample of two: the processor's several-image mode, untiled
+                    return self.processor.image_processor(images=[[rgb, rgb]], return_tensors="pt")[
+                        "pixel_values"][0].float()
+                return self.preprocess(rgb)
+
+            x = preprocess_several(self, image, one)
+            self.source_sizes = tuple(sizes)
+            return x
+        self.image_boxes = None
         rgb = load_rgb(image)
         encoded = self.processor.image_processor(images=[rgb], return_tensors="pt")
         pixel_values = encoded["pixel_values"].float()
@@ -199,7 +223,15 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
         """Where the input lies on the picture (see :meth:`ModelWrapper.image_frame`): an anyres canvas shows the
         picture resized into its content box, letterboxed; LLaVA 1.5's input is the processor's center crop (the
-        rest of the picture is not seen)."""
+        rest of the picture is not seen); OneVision's picture among several is padded to a square, centered, and
+        resized."""
+        s = self.tile_size
+        if self.family == "llava_onevision" and self.image_boxes is not None and tuple(input_size) == (s, s):
+            h0, w0 = image_size
+            side = max(h0, w0)
+            scale = s / side
+            return ImageFrame.letterboxed(image_size, input_size, ((side - h0) // 2 * scale, (side - w0) // 2 * scale,
+                                                                   h0 * scale, w0 * scale))
         if self.anyres:
             return ImageFrame.letterboxed(image_size, input_size, content_box(image_size, input_size))
         return processor_frame(self.processor.image_processor, image_size, input_size)
@@ -214,7 +246,10 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     def layout_for(self, height: int, width: int) -> LlavaLayout:
         """Text inputs and token geometry for inputs of ``height x width`` pixels (and the current
         :attr:`source_size`), built once per size by the processor itself with a placeholder picture, so that
-        token counts are exact."""
+        token counts are exact. Several pictures (:attr:`image_boxes`): the layout of them all."""
+        if self.image_boxes is not None:
+            check_canvas(self.image_boxes, height, width)
+            return self._several_layout()
         if self.anyres:
             source = self.source_size or (height, width)
             if self.canvas_size(source) != (height, width):
@@ -229,18 +264,9 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
                                  f"{height}x{width}: prepare images with wrapper.preprocess(image).")
         key = (height, width) + tuple(source)
         if key not in self._layouts:
-            placeholder = np.zeros(source + (3,), dtype=np.uint8)
-            encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items()
-                           if k not in ("pixel_values", "image_sizes", "batch_num_images")}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
-            layout = LlavaLayout(text_inputs, positions, self.tile_size // self.patch_size, self._base_prefix(),
-                                 (height, width), source, answer_ids=answer_ids)
-            if self.anyres:
-                set_anyres_geometry(layout, self.model.config, self._modeling)
+            layout = self._geometry((height, width), source, self.anyres)
+            layout.text_inputs, positions, layout.answer_ids = self._text_inputs(np.zeros(source + (3,), np.uint8))
+            layout.image_positions = positions
             if len(positions) != layout.expected_tokens:
                 raise RuntimeError(f"The processor placed {len(positions)} image tokens where the wrapper expects "
                                    f"{layout.expected_tokens}: this transformers version packs {self.family} images "
@@ -248,35 +274,93 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             self._layouts[key] = layout
         return self._layouts[key]
 
+    def _several_layout(self) -> LlavaLayout:
+        """The layout of several pictures in one prompt (:attr:`image_boxes`), built once per set of pictures by the
+        processor with placeholders of the pictures' own sizes (:attr:`source_sizes`), so that it tiles each one as
+        :meth:`preprocess` did."""
+        boxes, sizes = self.image_boxes, self.source_sizes
+        if (boxes, sizes) not in self._layouts:
+            if len(sizes) != len(boxes):
+                raise ValueError("The pictures of this canvas were not prepared together: preprocess them again "
+                                 "(wrapper.preprocess([a, b])).")
+            square = self.family == "llava_onevision"  # it tiles only a lone picture
+            pictures = [self._geometry((height, width), size, self.anyres and not square)
+                        for (_, _, height, width), size in zip(boxes.boxes, sizes)]
+            placeholders = [np.zeros(tuple(size) + (3,), np.uint8) for size in sizes]
+            self._layouts[(boxes, sizes)] = pictures_layout(pictures, boxes, *self._text_inputs(placeholders),
+                                                            newline=square)
+        return self._layouts[(boxes, sizes)]
+
+    def _geometry(self, canvas: Tuple[int, int], source: Tuple[int, int], tiled: bool) -> LlavaLayout:
+        """A picture's token geometry on its input of ``canvas`` pixels (no text yet): a square, or (``tiled``) a
+        base image and tiles as the model packs them."""
+        layout = LlavaLayout({}, torch.zeros(0, dtype=torch.long), self.tile_size // self.patch_size,
+                             self._base_prefix(), canvas, tuple(source))
+        if tiled:
+            set_anyres_geometry(layout, self.model.config, self._modeling)
+        return layout
+
+    def _text_inputs(self, placeholder) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """The processor's text inputs for the prompt with ``placeholder`` (a picture, or a list of pictures for
+        one prompt), its image tokens' positions and the teacher-forced answer's ids."""
+        encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
+        positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
+        text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_sizes", "batch_num_images")}
+        answer_ids = None
+        if self.answer is not None:
+            text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+        return text_inputs, positions, answer_ids
+
     def _base_prefix(self) -> int:
         strategy = self.model.config.vision_feature_select_strategy
         return self.class_token if strategy == "full" else 0
 
     # ----------------------------------------------------------------------------------------- forward
-    def model_inputs(self, x: torch.Tensor, base_images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, x: torch.Tensor,
+                     base_images: Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]] = None
+                     ) -> Dict[str, torch.Tensor]:
         """The model's keyword inputs for images ``x`` ``(B, 3, H, W)`` on the input device: the processor's text
         inputs of this size and ``pixel_values`` in the vision tower's dtype; for anyres models the base image
         (the canvas's picture area resized in torch, differentiable; or ``base_images`` ``(B or 1, 3, s, s)``, e.g.
-        :meth:`processor_base_image`) followed by the tiles, ``image_sizes`` and OneVision's ``batch_num_images``."""
+        :meth:`processor_base_image`) followed by the tiles, ``image_sizes`` and OneVision's ``batch_num_images``.
+        Several pictures in one prompt: each picture's images in turn (``base_images``: one per picture, ``None``
+        for a square one)."""
         b, _, height, width = x.shape
         layout = self.layout_for(height, width)
         device = self.input_device
         inputs = {k: v.to(device).expand(b, -1) for k, v in layout.text_inputs.items()}
         x = x.to(device)
+        if base_images is None:
+            base_images = self._base_image(x, layout) if layout.boxes is None else [
+                self._base_image(part, picture) for part, picture in zip(crops(x, layout.boxes), layout.pictures)]
+        pictures = layout.pictures or (layout,)
+        images = encode_pictures(x, layout, self._encoder_images, base_images)
         if self.anyres:
-            s, (rows, cols) = self.tile_size, layout.tiles
-            if base_images is None:
-                y0, x0, h, w = layout.content_box
-                # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
-                base_images = self.clip_to_pixels(F.interpolate(x[:, :, y0:y0 + h, x0:x0 + w], size=(s, s),
-                                                                mode="bicubic", align_corners=False, antialias=True))
-            tiles = canvas_to_tiles(x, rows, cols)
-            x = torch.cat([base_images.to(x).expand(b, -1, -1, -1)[:, None], tiles], dim=1)
-            inputs["image_sizes"] = torch.tensor([layout.source_size] * b, device=device)
-            if self.family == "llava_onevision":  # one image per sample: the model tiles it
-                inputs["batch_num_images"] = torch.ones(b, dtype=torch.long, device=device)
-        inputs["pixel_values"] = x.to(next(self.vision_tower.parameters()).dtype)
+            inputs["image_sizes"] = torch.tensor([p.source_size for p in pictures] * b, device=device)
+            if self.family == "llava_onevision":  # a lone picture per sample is tiled, several are not
+                inputs["batch_num_images"] = torch.full((b,), len(pictures), dtype=torch.long, device=device)
+        if layout.boxes is not None or not self.anyres:  # a 5-D input is one picture per row: give one image per row
+            images = images.flatten(0, 1)
+        inputs["pixel_values"] = images.to(next(self.vision_tower.parameters()).dtype)
         return inputs
+
+    def _base_image(self, x: torch.Tensor, picture: LlavaLayout) -> Optional[torch.Tensor]:
+        """A tiled picture's base image ``(B, 3, s, s)`` from its canvases ``x``: the picture area resized in torch
+        (differentiable); ``None`` for a square picture, the encoder's image itself."""
+        if not picture.anyres:
+            return None
+        s, (y0, x0, h, w) = self.tile_size, picture.content_box
+        # the processor's resize works on uint8 pixels, so its overshoot at edges is clipped to 0..255
+        return self.clip_to_pixels(F.interpolate(x[:, :, y0:y0 + h, x0:x0 + w], size=(s, s), mode="bicubic",
+                                                 align_corners=False, antialias=True))
+
+    def _encoder_images(self, x: torch.Tensor, tiles: Tuple[int, int],
+                        base_image: Optional[torch.Tensor]) -> torch.Tensor:
+        """One picture's inputs ``(B, 3, H, W)`` as the encoder's images ``(B, count, 3, s, s)``: the square itself
+        (``tiles`` ``(0, 0)``), or the base image and the tiles."""
+        if tiles == (0, 0):
+            return x[:, None]
+        return torch.cat([base_image.to(x).expand(len(x), -1, -1, -1)[:, None], canvas_to_tiles(x, *tiles)], dim=1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of the last position ``(B, vocab)``, or with an answer of the positions that predict
@@ -330,14 +414,15 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         if layout is None:
             raise RuntimeError("reshape_transform needs a forward pass of the wrapper first.")
         b, g, images = self.batch_size, layout.base_grid, layout.image_count
-        if hidden.dim() == 3 and hidden.shape[0] == b and hidden.shape[1] == layout.sequence_length:
-            base, tiles = decoder_grids(hidden.float(), layout)
-        elif hidden.dim() == 3 and hidden.shape[0] == b * images and hidden.shape[1] in (g * g, g * g + 1):
-            base, tiles = vision_grids(hidden.float(), layout)
-        else:
+        decoder = hidden.dim() == 3 and hidden.shape[0] == b and hidden.shape[1] == layout.sequence_length
+        vision = hidden.dim() == 3 and hidden.shape[0] == b * images and hidden.shape[1] in (g * g, g * g + 1)
+        if not (decoder or vision):
             raise ValueError(f"Cannot map a hidden state of shape {tuple(hidden.shape)} to the image grid: expected "
                              f"({b}, {layout.sequence_length}, C) from a decoder layer or ({b * images}, {g * g} or "
                              f"{g * g + 1}, C) from a vision block or the projector.")
+        if layout.pictures:
+            return place_pictures(hidden.float(), layout, self.view, vision, self.patch_size)
+        base, tiles = (vision_grids if vision else decoder_grids)(hidden.float(), layout)
         return place_views(base, tiles, layout, self.view)
 
     # ----------------------------------------------------------------------------------------- attention
@@ -356,7 +441,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
         output) stands for."""
         channels = self.model.config.text_config.hidden_size
-        if not self.anyres:
+        if not self.layout.anyres:
             return self.layout.base_positions, index
         if self.view == "tiles" or (self.view == "combined" and index < channels):
             return self.layout.tile_positions, index

@@ -6,7 +6,7 @@ metrics impute pixels of a ``(3, H, W)`` image, the deletion check removes pixel
 pixels outside every image hold 0 (the mean colour) and reach nothing. The wrapper's ``forward`` cuts each image back
 out of the canvas and gives the model the processor's inputs for that many images (Qwen: each patchified on its own
 grid, one ``image_grid_thw`` row each; Gemma 3: one square each; InternVL and Idefics3: each one's tiles and
-whole-picture image);
+whole-picture image; LLaVA: each one's square, or base image and tiles);
 ``reshape_transform`` places each image's token (or patch) grid at its box on the canvas's grid, zeros in
 between. Every grad-cam method, the deletion check and ROAD therefore run on the canvas unchanged, and a map of the
 canvas holds one map per image, each in its image's frame (:func:`image_maps`); :func:`mass_shares` says how the
@@ -28,11 +28,12 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.qwen_patches import patchify, vision_window_index
 
-SEVERAL_IMAGES_FAMILIES = ("Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM and Gemma "
-                           "3 (without pan-and-scan)")
+SEVERAL_IMAGES_FAMILIES = ("Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM, LLaVA 1.5, "
+                           "LLaVA-NeXT, LLaVA-OneVision and Gemma 3 (without pan-and-scan)")
 # Their model types (the registry's keys), for the CLI to refuse another family before loading it.
 SEVERAL_IMAGES_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v",
-                              "glm4v_moe", "glm46v", "gemma3", "internvl", "idefics3", "smolvlm")
+                              "glm4v_moe", "glm46v", "gemma3", "internvl", "idefics3", "smolvlm", "llava",
+                              "llava_next", "llava_onevision")
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels
 

@@ -10,7 +10,7 @@ from conftest import random_image
 from PIL import Image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm import QwenVLWrapper, explain
+from pytorch_grad_cam_vlm import LlavaWrapper, QwenVLWrapper, build_tiny_llava, build_tiny_mistral3, explain
 from pytorch_grad_cam_vlm.cli import main
 from pytorch_grad_cam_vlm.models.multi_image import MultiImage
 from pytorch_grad_cam_vlm.models.registry import load_model
@@ -22,6 +22,14 @@ ERROR = "pytorch-grad-cam-vlm: error: "
 @pytest.fixture(scope="module")
 def model_dir(tiny_qwen_dir):
     return tiny_qwen_dir
+
+
+@pytest.fixture(scope="module")
+def mistral3_dir(tmp_path_factory):
+    """A tiny Mistral 3, a family that takes one image per prompt."""
+    folder = tmp_path_factory.mktemp("mistral3")
+    build_tiny_mistral3(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +65,23 @@ def test_the_report_splits_the_map_between_the_images_as_the_api_does(model_dir,
     assert row["files"][0].endswith("_images.png") and Image.open(out / row["files"][0]).format == "PNG"
 
 
+def test_a_llava_onevision_model_takes_the_images_as_the_api_does(photos, tmp_path, capsys):
+    folder = tmp_path / "onevision"
+    model, processor = build_tiny_llava(folder, family="llava_onevision", seed=0)
+    out = tmp_path / "out"
+    code = main(["explain", "--model", str(folder), "--images", *photos, "--prompt", PROMPT, "--method", "GradCAM",
+                 "--layers", "1", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    [row] = json.loads((out / "report.json").read_text())
+    assert row["images"] == photos
+    wrapper = LlavaWrapper(model, processor, prompt=PROMPT)
+    with torch.no_grad():
+        token = int(wrapper(wrapper.preprocess(photos)).argmax())
+    [split] = explain(wrapper, MultiImage(photos), [ClassifierOutputTarget(token)], "GradCAM", "1").split
+    np.testing.assert_allclose(row["image_shares"], split.shares, atol=1e-6)
+    np.testing.assert_allclose(sum(row["image_shares"]), 1.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--images", "{wide}"], "--images takes two or more image files asked in one prompt, got one: pass it with "
                              "--image."),
@@ -68,15 +93,16 @@ def test_the_report_splits_the_map_between_the_images_as_the_api_does(model_dir,
                                                           "leave out --mode grid."),
     (["--images", "{wide}", "{tall}", "--per-token"], "--per-token explains one image's answer token by token; "
                                                        "leave it out with --images."),
-    (["--images", "{wide}", "{tall}", "--model", "onevision"],
-     "--images: a llava_onevision model takes one image per prompt; several images in one prompt work with "
-     "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM and Gemma 3 (without "
-     "pan-and-scan)."),
+    (["--images", "{wide}", "{tall}", "--model", "{mistral3}"],
+     "--images: a mistral3 model takes one image per prompt; several images in one prompt work with Qwen2-VL, "
+     "Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision "
+     "and Gemma 3 (without pan-and-scan)."),
 ])
-def test_bad_input_exits_with_one_line_and_writes_nothing(model_dir, photos, tmp_path, capsys, flags, message):
+def test_bad_input_exits_with_one_line_and_writes_nothing(model_dir, mistral3_dir, photos, tmp_path, capsys, flags,
+                                                          message):
     long = tmp_path / "long.png"
     Image.fromarray(random_image(4, 1000)).save(long)
-    names = dict(wide=photos[0], tall=photos[1], folder=str(tmp_path), long=str(long))
+    names = dict(wide=photos[0], tall=photos[1], folder=str(tmp_path), long=str(long), mistral3=mistral3_dir)
     flags = [flag.format(**names) for flag in flags]
     model = flags[flags.index("--model") + 1] if "--model" in flags else model_dir
     flags = [f for i, f in enumerate(flags) if f != "--model" and (i == 0 or flags[i - 1] != "--model")]

@@ -1,4 +1,4 @@
-"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL, SmolVLM): the canvas's logits
+"""Several images in one prompt (Qwen2.5-VL, Qwen3-VL, GLM-4V, Gemma 3, InternVL, SmolVLM, LLaVA): the canvas's logits
 equal the processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map
 splits between the images (explain's split: each image's share and its own deletion check), and bad input gets one
 clear error."""
@@ -12,13 +12,16 @@ from test_idefics3 import GLOBAL_IMAGE_BOUND
 from test_idefics3 import shapes_image as idefics3_image
 from test_internvl import THUMBNAIL_BOUND
 from test_internvl import shapes_image as internvl_image
+from test_llava import BASE_IMAGE_BOUND
+from test_llava import shapes_image as llava_image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, Idefics3Wrapper, ImageSplit,
-                                  InternVLWrapper, LlavaWrapper, MapCheck, Qwen3VLWrapper, QwenVLWrapper,
-                                  build_tiny_gemma3, build_tiny_glm4v, build_tiny_idefics3, build_tiny_internvl,
-                                  build_tiny_llava, build_tiny_qwen3_vl, check_maps, explain)
+                                  InternVLWrapper, LlavaWrapper, MapCheck, Mistral3Wrapper, Qwen3VLWrapper,
+                                  QwenVLWrapper, build_tiny_gemma3, build_tiny_glm4v, build_tiny_idefics3,
+                                  build_tiny_internvl, build_tiny_llava, build_tiny_mistral3, build_tiny_qwen3_vl,
+                                  check_maps, explain)
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -307,6 +310,138 @@ def test_tiled_maps_split_on_each_pictures_own_frame(tiled):
         np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------- LLaVA
+# Two pictures of other shapes; the canvas's boxes per family: LLaVA 1.5 center-crops each to its 32-px square;
+# LLaVA-NeXT tiles each on its own pinpoint (2x2 and 3x1 tiles, a base image each); OneVision tiles only a lone
+# picture, so with two the processor pads each to a square (the mean colour) and resizes it, untiled.
+LLAVA_IMAGES = (llava_image(40, 70, seed=1), llava_image(100, 30, seed=2))
+LLAVA_BOXES = {"llava": ((0, 0, 32, 32), (0, 32, 32, 32)), "llava_next": ((0, 0, 64, 64), (0, 64, 96, 32)),
+               "llava_onevision": ((0, 0, 32, 32), (0, 32, 32, 32))}
+
+
+@pytest.fixture(scope="module", params=sorted(LLAVA_BOXES))
+def llava(request, tmp_path_factory):
+    """(model, processor) of a tiny LLaVA family (32-px tiles of 8-px patches, 4x4 tokens), saved and loaded back."""
+    return build_tiny_llava(tmp_path_factory.mktemp(request.param), family=request.param, seed=0)
+
+
+@pytest.mark.parametrize("answer", [None, "red circle"])
+def test_llava_logits_equal_the_processor_path_with_two_pictures(llava, answer):
+    """The processor's tokens and encoder images bit for bit (LLaVA-NeXT's base images aside); the logits (or the
+    answer's score) to 1e-5 where forward feeds the processor's own images (LLaVA 1.5, OneVision; NeXT given the
+    processor's base images), to test_llava's BASE_IMAGE_BOUND with NeXT's base images resized from each canvas."""
+    model, processor = llava
+    wrapper = LlavaWrapper(model, processor, prompt=PROMPT, answer=answer)
+    x = wrapper.preprocess(list(LLAVA_IMAGES))
+    assert wrapper.image_boxes == ImageBoxes(LLAVA_BOXES[wrapper.family])
+    content = [{"type": "image"}] * 2 + [{"type": "text", "text": PROMPT}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[text + (answer or "")], images=[list(LLAVA_IMAGES)], return_tensors="pt")
+    built = wrapper.model_inputs(x)
+    assert torch.equal(built["input_ids"], inputs["input_ids"])
+    counts = [p.image_count for p in wrapper.layout_for(*x.shape[2:]).pictures]
+    theirs = inputs["pixel_values"] if inputs["pixel_values"].dim() == 5 else inputs["pixel_values"][:, None]
+    theirs = torch.cat([images[:n] for images, n in zip(theirs, counts)])  # the processor pads NeXT's to 5 each
+    ours = built["pixel_values"]
+    tiled = wrapper.family == "llava_next"
+    assert len(ours) == len(theirs) == sum(counts) == (9 if tiled else 2)
+    kept = [i for i in range(len(ours)) if not (tiled and i in (0, counts[0]))]  # NeXT's base images come first
+    assert torch.equal(ours[kept], theirs[kept])
+    bases = [wrapper.processor_base_image(image) for image in LLAVA_IMAGES] if tiled else None
+    with torch.no_grad():
+        reference = model(**inputs).logits[0]
+        exact = model(**wrapper.model_inputs(x, base_images=bases)).logits[0]
+        output = wrapper(x.repeat(2, 1, 1, 1))
+    if answer is None:
+        expected, exact = reference[-1], exact[-1]
+    else:
+        ids = wrapper.layout.answer_ids
+        expected, exact = (torch.log_softmax(logits[-len(ids) - 1:-1], -1).gather(-1, ids[:, None]).sum()[None]
+                           for logits in (reference, exact))
+    torch.testing.assert_close(exact, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(output[1], expected, atol=BASE_IMAGE_BOUND if tiled else 1e-5, rtol=0)
+    torch.testing.assert_close(output[0], output[1], atol=1e-6, rtol=0)
+
+
+def test_llava_one_cell_of_image_2_changes_only_that_cell_and_image_2s_base(llava):
+    """Perturb one token cell of picture 2: the first vision block's input changes, in the "tiles" view, only at
+    that cell of picture 2's box; in the "base" view, for a square picture (LLaVA 1.5, OneVision: its base image is
+    its input) at that cell too, for a NeXT picture (base image resized from its canvas) within its box only."""
+    wrapper = LlavaWrapper(*llava, prompt=PROMPT)
+    x = wrapper.preprocess(list(LLAVA_IMAGES))
+    top, left, height, width = wrapper.image_boxes.boxes[1]
+    row, col, c = 2, 1, wrapper.token_cell
+    seen = first_block_inputs(wrapper, x, perturb_cell(x, top, left, row, col, c))
+    changed = {}
+    for view in ("tiles", "base"):
+        wrapper.view = view
+        changed[view] = changed_cells(wrapper, *seen)
+    expected = torch.zeros(x.shape[2] // c, x.shape[3] // c, dtype=torch.bool)
+    expected[(top + row * c) // c, (left + col * c) // c] = True
+    assert torch.equal(changed["tiles"], expected)
+    if wrapper.family != "llava_next":
+        assert torch.equal(changed["base"], expected)
+    else:
+        box = torch.zeros_like(expected)
+        box[top // c:(top + height) // c, left // c:(left + width) // c] = True
+        assert changed["base"].any() and not (changed["base"] & ~box).any()
+
+
+@pytest.mark.parametrize("view", ["tiles", "base", "combined"])
+def test_llava_projector_and_decoder_input_put_each_pictures_tokens_at_its_box(llava, view):
+    """The projector's rows (placed from the encoder's batch) are the first decoder layer's input at the image
+    positions (placed from the prompt): both views of each picture land on the same cells."""
+    wrapper = LlavaWrapper(*llava, prompt=PROMPT, view=view)
+    x = wrapper.preprocess(list(LLAVA_IMAGES))
+    kept = {}
+    handles = [wrapper.projector.register_forward_hook(lambda module, args, out: kept.update(projector=out)),
+               wrapper.decoder_layers[0].register_forward_pre_hook(
+                   lambda module, args, kwargs: kept.update(embeds=args[0] if args else kwargs["hidden_states"]),
+                   with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            wrapper(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    placed = wrapper.reshape_transform(kept["projector"])
+    torch.testing.assert_close(placed, wrapper.reshape_transform(kept["embeds"]), atol=1e-6, rtol=0)
+    for _, left, _, width in wrapper.image_boxes.boxes:  # every picture has tokens on its box
+        assert placed[..., left // wrapper.token_cell:(left + width) // wrapper.token_cell].abs().sum() > 0
+
+
+def test_llava_maps_split_on_each_pictures_own_frame(llava):
+    wrapper = LlavaWrapper(*llava, prompt=PROMPT)
+    before = model_state(wrapper.model)
+    result = explain(wrapper, MultiImage(LLAVA_IMAGES), method="GradCAM", layers="1", null=0, fractions=(0.2,))
+    assert model_state(wrapper.model) == before
+    [split] = result.split
+    assert result.maps.shape[1:] == ImageBoxes(LLAVA_BOXES[wrapper.family]).canvas_size
+    np.testing.assert_allclose(split.shares, mass_shares(result.model_maps, split.boxes)[0], rtol=1e-6)
+    np.testing.assert_allclose(split.shares.sum(), 1.0, rtol=1e-6)
+    for image, frame, part, m in zip(LLAVA_IMAGES, split.frames, image_maps(result.model_maps, split.boxes),
+                                     split.maps):
+        assert frame == wrapper.image_frame(image.shape[:2], part.shape[1:]) and m.shape == image.shape[:2]
+        np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
+
+
+def test_onevision_picture_among_several_lies_where_its_frame_says(tmp_path):
+    """OneVision pads a picture among several to a centered square of the mean colour and resizes it: a white 40x70
+    picture's rows on its 32-px input are those the frame gives (rows 15 * 32/70 to 55 * 32/70): the processor's
+    row profile above the background has that centre and width, to 0.1 px."""
+    wrapper = LlavaWrapper(*build_tiny_llava(tmp_path, family="llava_onevision", seed=0), prompt=PROMPT)
+    white = np.full((40, 70, 3), 255, np.uint8)
+    x = wrapper.preprocess([white, random_image(30, 30)])
+    frame = wrapper.image_frame((40, 70), (32, 32))
+    y, h = 15 * 32 / 70, 40 * 32 / 70
+    assert frame == ImageFrame.letterboxed((40, 70), (32, 32), (y, 0, h, 32))
+    profile = x[0, :, :, :32].mean((0, 2)).double()
+    profile = (profile - profile[0]) / (profile.max() - profile[0])  # row 0: the mean colour; the middle: white
+    rows = torch.arange(32, dtype=torch.float64) + 0.5
+    centre = float((profile * rows).sum() / profile.sum())
+    assert abs(float(profile.sum()) - h) < 0.1 and abs(centre - (y + h / 2)) < 0.1
+
+
 # ------------------------------------------------------------------------------------------- explain's split
 def test_explain_splits_the_chosen_map_between_the_images_each_on_its_own_picture(gemma3):
     before = model_state(gemma3.model)
@@ -368,11 +503,12 @@ def test_several_images_bad_input_gets_one_clear_error(wrapper, tmp_path):
     with pytest.raises(ValueError, match=r"^image 2 of 2: .*aspect ratio"):
         wrapper.preprocess([random_image(56, 56), random_image(4, 1000)])
     assert wrapper.image_boxes is None
-    llava = LlavaWrapper(*build_tiny_llava(tmp_path / "llava"), prompt=PROMPT)
-    with pytest.raises(ValueError, match=r"^LlavaWrapper takes one image per prompt; several images in one prompt "
+    mistral3 = Mistral3Wrapper(*build_tiny_mistral3(tmp_path / "mistral3"), prompt=PROMPT)
+    with pytest.raises(ValueError, match=r"^Mistral3Wrapper takes one image per prompt; several images in one prompt "
                                          r"work with Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V, InternVL, "
-                                         r"Idefics3 / SmolVLM and Gemma 3 \(without pan-and-scan\)\.$"):
-        explain(llava, MultiImage(GEMMA_IMAGES))
+                                         r"Idefics3 / SmolVLM, LLaVA 1\.5, LLaVA-NeXT, LLaVA-OneVision and Gemma 3 "
+                                         r"\(without pan-and-scan\)\.$"):
+        explain(mistral3, MultiImage(GEMMA_IMAGES))
 
 
 def test_a_split_warns_only_where_an_image_holds_much_of_the_mass_and_fails_its_check():
