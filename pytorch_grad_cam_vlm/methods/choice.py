@@ -19,8 +19,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, MapCheck, check_maps, null_maps,
-                                                         peak_drops, target_scores, token_cell, with_null_margins)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, PEAK_WINDOW, MapCheck, check_maps,
+                                                         null_maps, peak_drops, target_scores, token_cell,
+                                                         with_null_margins)
 
 CHOICES = ("staged", "full", "peak")
 # How many maps the staged choice checks at the remaining fractions (benchmarks/auto_cheap.md).
@@ -30,17 +31,18 @@ STAGED_KEPT = 2
 def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable, choice: str = "staged",
                fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
                seed: int = 0, clean: Optional[float] = None, null: int = 0,
-               cell: Optional[int] = None) -> Tuple[int, List[MapCheck]]:
+               cell: Optional[int] = None, peak_window: int = PEAK_WINDOW) -> Tuple[int, List[MapCheck]]:
     """``(index, checks)``: which of ``maps`` ``(N, H, W)`` of one image ``x`` ``(1, 3, H, W)`` to keep by ``choice``
     (see the module's docstring), and one :class:`MapCheck` per map: complete for the kept map (and, ``"full"``,
     every map), ``partial`` for maps scored at the first fraction only, ``None`` where ``"peak"`` measured only the
     peak window. ``clean``: the target on ``x`` when already known (it saves one image). ``null`` > 0: that many
     :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps` (token cells of ``cell`` pixels) are checked in
-    full with the maps, once, and every complete check gets its ``null_margin``."""
+    full with the maps, once, and every complete check gets its ``null_margin``. ``peak_window``: the side in pixels
+    of the window removed around each map's peak."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}.")
     maps = np.asarray(maps, dtype=np.float32)
-    options = dict(fill=fill, batch_size=batch_size, seed=seed, clean=clean)
+    options = dict(fill=fill, batch_size=batch_size, seed=seed, clean=clean, peak_window=peak_window)
     if choice == "full" or choice == "staged" and len(fractions) == 1:
         checks = check_maps(model, x, maps, target, fractions, null=null, cell=cell, **options)
         return best_index(checks), checks
@@ -49,7 +51,7 @@ def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         options["clean"] = float(target_scores(model, x.detach(), target, 1)[0])
     if choice == "peak":
         order = ranked(peak_drops(model, x, maps, target, options["clean"], fill, batch_size,
-                                  window_scores=windows))[:1]
+                                  peak_window=peak_window, window_scores=windows))[:1]
         checks: List[Optional[MapCheck]] = [None] * len(maps)
         checks[order[0]] = check_maps(model, x, maps[order], target, fractions, window_scores=windows, null=null,
                                       cell=cell, **options)[0]

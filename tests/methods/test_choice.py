@@ -88,3 +88,19 @@ def test_staged_keeps_the_full_choice_when_it_keeps_every_map(wrapper, monkeypat
     full, full_checks = choose_map(wrapper, x, maps, target, "full")
     assert staged == full
     assert [c.total for c in checks] == pytest.approx([c.total for c in full_checks], abs=1e-5)
+
+
+@pytest.mark.parametrize("how", ["staged", "full", "peak"])
+def test_every_choice_removes_the_peak_window_it_is_given(wrapper, how):
+    """choose_map(peak_window=w) measures each peak drop with a w-pixel window, as check_maps(peak_window=w) does
+    (benchmarks/auto_five_models.py compares windows of one and two token cells)."""
+    x = wrapper.preprocess(random_image(56, 84, seed=7))
+    maps = token_maps(4, 56, 84, seed=5)
+    target = ClassifierOutputTarget(4)
+    wide = check_maps(wrapper, x, maps, target, peak_window=56)
+    default = check_maps(wrapper, x, maps, target)
+    assert not np.allclose([c.peak_drop for c in wide], [c.peak_drop for c in default])
+    index, checks = choose_map(wrapper, x, maps, target, how, peak_window=56)
+    assert checks[index].peak_drop == pytest.approx(wide[index].peak_drop, abs=1e-5)
+    if how == "full":
+        assert index == int(np.argmax([c.total for c in wide]))
