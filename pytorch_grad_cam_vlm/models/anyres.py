@@ -137,6 +137,26 @@ def content_box(source_size: Tuple[int, int], canvas: Tuple[int, int]) -> Tuple[
     return ((height - content[0]) // 2, (width - content[1]) // 2) + content
 
 
+def input_boxes(boxes, source_size: Tuple[int, int], canvas: Optional[Tuple[int, int]],
+                tile_size: int) -> List[Tuple[int, int, int, int]]:
+    """Boxes ``(x0, y0, x1, y1)`` on a picture of ``source_size`` ``(height, width)`` to whole pixels of the LLaVA
+    input made of it, rounded outwards: an anyres ``canvas`` holds the resized picture in its content box (exact);
+    without one (LLaVA 1.5) the processor resizes the shorter side to ``tile_size`` and crops the center (to within a
+    pixel of its rounding), boxes clipped to the crop."""
+    h0, w0 = source_size
+    if canvas is not None:
+        y, x, height, width = content_box((h0, w0), canvas)
+        limit_x, limit_y = x + width, y + height
+    else:
+        scale, side = tile_size / min(h0, w0), tile_size
+        height, width = round(h0 * scale), round(w0 * scale)
+        y, x, limit_x, limit_y = -round((height - side) / 2), -round((width - side) / 2), side, side
+    sx, sy = width / w0, height / h0
+    return [(max(math.floor(x + x0 * sx), max(x, 0)), max(math.floor(y + y0 * sy), max(y, 0)),
+             min(math.ceil(x + x1 * sx), limit_x), min(math.ceil(y + y1 * sy), limit_y))
+            for x0, y0, x1, y1 in boxes]
+
+
 def feature_blocks(feature_layer, n_blocks: int) -> List[int]:
     """The vision blocks whose outputs are feature layers: hidden state ``k`` (``k`` may be negative; an int or a
     list) is the output of block ``k - 1``; hidden state 0, the embeddings, is none."""

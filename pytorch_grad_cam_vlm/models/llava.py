@@ -38,7 +38,6 @@ grid of tile tokens, drawn by the tokens ``view`` names: ``"tiles"`` (fine), ``"
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
-                                                pictures_layout, place_pictures, place_views, set_anyres_geometry,
-                                                vision_grids)
+                                                input_boxes, pictures_layout, place_pictures, place_views,
+                                                set_anyres_geometry, vision_grids)
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, processor_frame
@@ -60,32 +59,6 @@ from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tiles_
 from pytorch_grad_cam_vlm.models.state import has_forward_hooks
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
-
-
-class ViewAblationLayer(TokenAblationLayer):
-    """:class:`TokenAblationLayer` for the LLaVA views: ablates channel ``c`` at the positions of the tokens the
-    wrapper's ``view`` draws (with ``"combined"``, channels ``C..2C-1`` are the base image's channels ``0..C-1``);
-    decoder layers only."""
-
-    def set_next_batch(self, input_batch_index: int, activations, num_channels_to_ablate: int) -> None:
-        hidden = activations[0] if isinstance(activations, tuple) else activations
-        wrapper = self._wrapper[0]
-        # Told by length and width: a vision block's rows can be as long as a short prompt (InternVL's one tile).
-        decoder = (wrapper.layout.sequence_length, wrapper.model.config.text_config.hidden_size)
-        if hidden.dim() != 3 or tuple(hidden.shape[1:]) != decoder:
-            wrapper._put_back_layers()  # AblationCAM has put this layer in the model: take it out before refusing
-            raise ValueError("ViewAblationLayer ablates decoder layers (B, seq, C); vision blocks and the projector "
-                             "are not supported by AblationCAM here (the model's layers are back in place): use a "
-                             "gradient or score method for them.")
-        super().set_next_batch(input_batch_index, activations, num_channels_to_ablate)
-
-    def __call__(self, *args, **kwargs):
-        output = self.activations.clone()
-        wrapper = self._wrapper[0]
-        for row in range(output.size(0)):
-            positions, channel = wrapper.ablation_target(int(self.indices[row]))
-            output[row, positions.to(output.device), channel] = 0
-        return (output,) if self.returns_tuple else output
 
 
 class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
@@ -204,21 +177,8 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
 
     def input_boxes(self, boxes, source_size: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
         """Boxes ``(x0, y0, x1, y1)`` in the pixels of a picture of ``source_size`` ``(height, width)`` to whole
-        pixels of the input :meth:`preprocess` makes of it, rounded outwards: anyres models paste the resized picture
-        into the canvas (exact); LLaVA 1.5's processor resizes the shorter side to the encoder's size and crops the
-        center (to within a pixel of its rounding), boxes clipped to the crop."""
-        h0, w0 = source_size
-        if self.anyres:
-            y, x, height, width = content_box((h0, w0), self.canvas_size((h0, w0)))
-            limit_x, limit_y = x + width, y + height
-        else:
-            scale, side = self.tile_size / min(h0, w0), self.tile_size
-            height, width = round(h0 * scale), round(w0 * scale)
-            y, x, limit_x, limit_y = -round((height - side) / 2), -round((width - side) / 2), side, side
-        sx, sy = width / w0, height / h0
-        return [(max(math.floor(x + x0 * sx), max(x, 0)), max(math.floor(y + y0 * sy), max(y, 0)),
-                 min(math.ceil(x + x1 * sx), limit_x), min(math.ceil(y + y1 * sy), limit_y))
-                for x0, y0, x1, y1 in boxes]
+        pixels of the input :meth:`preprocess` makes of it (:func:`~pytorch_grad_cam_vlm.models.anyres.input_boxes`)."""
+        return input_boxes(boxes, source_size, self.canvas_size(source_size) if self.anyres else None, self.tile_size)
 
     def image_frame(self, image_size: Tuple[int, int], input_size: Tuple[int, int]) -> ImageFrame:
         """Where the input lies on the picture (see :meth:`ModelWrapper.image_frame`): an anyres canvas shows the
