@@ -209,16 +209,16 @@ def changed_cells(wrapper, before, after):
     return (wrapper.reshape_transform(after) - wrapper.reshape_transform(before)).abs().amax(1)[0] > 1e-6
 
 
-def merger_and_decoder_input(wrapper, x):
-    """The merger's output and the first decoder layer's input of a forward pass of ``x``, each placed by
-    ``reshape_transform``: the merger's rows (in window order for Qwen2.5-VL) are the decoder's input at the image
-    positions."""
+def projector_and_decoder_input(wrapper, x):
+    """The projector's output and the first decoder layer's input of a forward pass of ``x``, each placed by
+    ``reshape_transform``: the projector's rows (Qwen's merger: in window order for Qwen2.5-VL) are the decoder's
+    input at the image positions."""
     kept = {}
 
     def keep_embeds(module, args, kwargs):
         kept["embeds"] = args[0] if args else kwargs["hidden_states"]
 
-    handles = [wrapper.merger.register_forward_hook(lambda module, args, out: kept.update(merger=out)),
+    handles = [wrapper.projector.register_forward_hook(lambda module, args, out: kept.update(projector=out)),
                wrapper.decoder_layers[0].register_forward_pre_hook(keep_embeds, with_kwargs=True)]
     try:
         with torch.no_grad():
@@ -226,9 +226,9 @@ def merger_and_decoder_input(wrapper, x):
     finally:
         for handle in handles:
             handle.remove()
-    merger = kept["merger"][0] if isinstance(kept["merger"], tuple) else kept["merger"]
-    merger = getattr(merger, "pooler_output", merger)
-    return wrapper.reshape_transform(merger), wrapper.reshape_transform(kept["embeds"])
+    projector = kept["projector"][0] if isinstance(kept["projector"], tuple) else kept["projector"]
+    projector = getattr(projector, "pooler_output", projector)
+    return wrapper.reshape_transform(projector), wrapper.reshape_transform(kept["embeds"])
 
 
 def assert_no_hooks_left(model, test, name="device's"):

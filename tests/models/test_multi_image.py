@@ -5,7 +5,7 @@ clear error."""
 import numpy as np
 import pytest
 import torch
-from conftest import (PROMPT, changed_cells, first_block_inputs, merger_and_decoder_input, model_state, perturb_cell,
+from conftest import (PROMPT, changed_cells, first_block_inputs, model_state, perturb_cell, projector_and_decoder_input,
                       random_image)
 from PIL import Image
 from test_idefics3 import GLOBAL_IMAGE_BOUND
@@ -102,7 +102,7 @@ def test_decoder_layers_and_merger_put_each_images_tokens_at_its_box(family):
     expected[:2, :3] = positions[:6].view(2, 3).float()  # image 1, raster order, first
     expected[:, 3:] = positions[6:].view(3, 2).float()
     assert torch.equal(grid, expected)
-    merger, embeds = merger_and_decoder_input(wrapper, x)
+    merger, embeds = projector_and_decoder_input(wrapper, x)
     np.testing.assert_allclose(merger.numpy(), embeds.numpy(), atol=1e-6)
 
 
@@ -393,19 +393,8 @@ def test_llava_projector_and_decoder_input_put_each_pictures_tokens_at_its_box(l
     positions (placed from the prompt): both views of each picture land on the same cells."""
     wrapper = LlavaWrapper(*llava, prompt=PROMPT, view=view)
     x = wrapper.preprocess(list(LLAVA_IMAGES))
-    kept = {}
-    handles = [wrapper.projector.register_forward_hook(lambda module, args, out: kept.update(projector=out)),
-               wrapper.decoder_layers[0].register_forward_pre_hook(
-                   lambda module, args, kwargs: kept.update(embeds=args[0] if args else kwargs["hidden_states"]),
-                   with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            wrapper(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    placed = wrapper.reshape_transform(kept["projector"])
-    torch.testing.assert_close(placed, wrapper.reshape_transform(kept["embeds"]), atol=1e-6, rtol=0)
+    placed, embeds = projector_and_decoder_input(wrapper, x)
+    torch.testing.assert_close(placed, embeds, atol=1e-6, rtol=0)
     for _, left, _, width in wrapper.image_boxes.boxes:  # every picture has tokens on its box
         assert placed[..., left // wrapper.token_cell:(left + width) // wrapper.token_cell].abs().sum() > 0
 

@@ -4,7 +4,7 @@ puts each frame pair's patches and tokens on both of its frames, and a map split
 import numpy as np
 import pytest
 import torch
-from conftest import (PROMPT, changed_cells, first_block_inputs, merger_and_decoder_input, model_state, perturb_cell,
+from conftest import (PROMPT, changed_cells, first_block_inputs, model_state, perturb_cell, projector_and_decoder_input,
                       random_image)
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
@@ -122,7 +122,7 @@ def test_decoder_layers_and_merger_put_each_pairs_tokens_on_its_frames(family):
         left = clip.boxes.boxes[frame][1] // c
         expected[:, left:left + gw] = positions[pair * gh * gw:(pair + 1) * gh * gw].view(gh, gw).float()
     assert torch.equal(grid, expected)
-    merger, embeds = merger_and_decoder_input(wrapper, x)
+    merger, embeds = projector_and_decoder_input(wrapper, x)
     np.testing.assert_allclose(merger.numpy(), embeds.numpy(), atol=1e-6)
 
 
