@@ -20,11 +20,6 @@ ERROR = "pytorch-grad-cam-vlm: error: "
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_qwen_dir):
-    return tiny_qwen_dir
-
-
-@pytest.fixture(scope="module")
 def mistral3_dir(tmp_path_factory):
     """A tiny Mistral 3, a family that takes one image per prompt."""
     folder = tmp_path_factory.mktemp("mistral3")
@@ -42,15 +37,15 @@ def photos(tmp_path_factory):
     return paths
 
 
-def test_the_report_splits_the_map_between_the_images_as_the_api_does(model_dir, photos, tmp_path, capsys):
+def test_the_report_splits_the_map_between_the_images_as_the_api_does(tiny_qwen_dir, photos, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["explain", "--model", model_dir, "--images", *photos, "--prompt", PROMPT, "--method", "GradCAM",
+    code = main(["explain", "--model", tiny_qwen_dir, "--images", *photos, "--prompt", PROMPT, "--method", "GradCAM",
                  "--layers", "1", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
     assert code == 0, capsys.readouterr().err
     [row] = json.loads((out / "report.json").read_text())
     assert row["image"] == ";".join(photos) and row["images"] == photos and row["layers"] == [1]
     assert all((out / name).is_file() for name in row["files"])
-    model, processor = load_model(model_dir, "qwen2_5_vl", torch.float32, torch.device("cpu"))
+    model, processor = load_model(tiny_qwen_dir, "qwen2_5_vl", torch.float32, torch.device("cpu"))
     wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
     with torch.no_grad():
         token = int(wrapper(wrapper.preprocess(photos)).argmax())
@@ -98,13 +93,13 @@ def test_a_llava_onevision_model_takes_the_images_as_the_api_does(photos, tmp_pa
      "Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 / SmolVLM, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision "
      "and Gemma 3 (without pan-and-scan)."),
 ])
-def test_bad_input_exits_with_one_line_and_writes_nothing(model_dir, mistral3_dir, photos, tmp_path, capsys, flags,
+def test_bad_input_exits_with_one_line_and_writes_nothing(tiny_qwen_dir, mistral3_dir, photos, tmp_path, capsys, flags,
                                                           message):
     long = tmp_path / "long.png"
     Image.fromarray(random_image(4, 1000)).save(long)
     names = dict(wide=photos[0], tall=photos[1], folder=str(tmp_path), long=str(long), mistral3=mistral3_dir)
     flags = [flag.format(**names) for flag in flags]
-    model = flags[flags.index("--model") + 1] if "--model" in flags else model_dir
+    model = flags[flags.index("--model") + 1] if "--model" in flags else tiny_qwen_dir
     flags = [f for i, f in enumerate(flags) if f != "--model" and (i == 0 or flags[i - 1] != "--model")]
     out = tmp_path / "out"
     code = main(["explain", "--model", model, "--prompt", PROMPT, "--out", str(out), *flags])

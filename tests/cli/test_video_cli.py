@@ -24,13 +24,8 @@ FRAME = (60, 90)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_qwen_dir):
-    return tiny_qwen_dir
-
-
-@pytest.fixture(scope="module")
-def wrapper(model_dir):
-    model, processor = load_model(model_dir, "qwen2_5_vl", torch.float32, torch.device("cpu"))
+def wrapper(tiny_qwen_dir):
+    model, processor = load_model(tiny_qwen_dir, "qwen2_5_vl", torch.float32, torch.device("cpu"))
     return QwenVLWrapper(model, processor, prompt=PROMPT)
 
 
@@ -78,10 +73,10 @@ def reference_pairs(wrapper, pictures, fps, indices=None, total=None):
     return wrapper.processor.tokenizer.decode([token]), pair_maps_on_frames(maps[0], wrapper.video)
 
 
-def test_a_folder_of_frames_writes_the_strip_gif_pair_maps_and_report(capsys, tmp_path, model_dir, wrapper, media):
+def test_a_folder_of_frames_writes_the_strip_gif_pair_maps_and_report(capsys, tmp_path, tiny_qwen_dir, wrapper, media):
     out = tmp_path / "out"
-    code, stdout, stderr = run(capsys, "explain", "--model", model_dir, "--video", media / "clip", "--prompt", PROMPT,
-                               "--method", "GradCAM", "--layers", "1", "--out", out)
+    code, stdout, stderr = run(capsys, "explain", "--model", tiny_qwen_dir, "--video", media / "clip", "--prompt",
+                               PROMPT, "--method", "GradCAM", "--layers", "1", "--out", out)
     assert code == 0, stderr
     assert "Explained 5 frames of" in stdout and "(3 frame pairs) with GradCAM at decoder layer 1" in stdout
     [row] = json.loads((out / "report.json").read_text())
@@ -101,10 +96,10 @@ def test_a_folder_of_frames_writes_the_strip_gif_pair_maps_and_report(capsys, tm
         assert strip.size[0] == 5 * 256
 
 
-def test_a_video_file_is_sampled_at_fps(capsys, tmp_path, model_dir, wrapper, media):
+def test_a_video_file_is_sampled_at_fps(capsys, tmp_path, tiny_qwen_dir, wrapper, media):
     out = tmp_path / "out"
-    code, _, stderr = run(capsys, "explain", "--model", model_dir, "--video", media / "clip.avi", "--prompt", PROMPT,
-                          "--method", "GradCAM", "--layers", "1", "--fps", 5, "--out", out)
+    code, _, stderr = run(capsys, "explain", "--model", tiny_qwen_dir, "--video", media / "clip.avi", "--prompt",
+                          PROMPT, "--method", "GradCAM", "--layers", "1", "--fps", 5, "--out", out)
     assert code == 0, stderr
     [row] = json.loads((out / "report.json").read_text())
     # 12 frames at 10 fps, sampled at 5 fps: 6 frames, from the first to the last
@@ -146,9 +141,9 @@ def test_a_video_file_is_sampled_at_fps(capsys, tmp_path, model_dir, wrapper, me
     (dict(video=None, image="{media}/one/a.png", fps="2"),
      "--fps and --max-frames say how to sample a --video; leave them out with --image."),
 ])
-def test_bad_video_input_gets_one_line_exit_2_and_nothing_written(capsys, tmp_path, model_dir, media, change,
+def test_bad_video_input_gets_one_line_exit_2_and_nothing_written(capsys, tmp_path, tiny_qwen_dir, media, change,
                                                                    message):
-    options = {"model": model_dir, "video": "{media}/clip", "prompt": PROMPT, **change}
+    options = {"model": tiny_qwen_dir, "video": "{media}/clip", "prompt": PROMPT, **change}
     argv = ["explain", "--out", tmp_path / "out"]
     for key, value in options.items():
         if value is not None:
