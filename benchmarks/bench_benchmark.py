@@ -2,12 +2,14 @@
 
     python benchmarks/bench_benchmark.py                       # README's example on the demo model, then mid-size
     python benchmarks/bench_benchmark.py --models demo --n 4   # quicker
+    python benchmarks/bench_benchmark.py --models demo --whole-processes    # each run as a command of its own
     python benchmarks/bench_benchmark.py --gil                 # does scipy's SuperLU release the GIL?
     python benchmarks/bench_benchmark.py --overlap             # imputation beside the model: threads, processes
     python benchmarks/bench_benchmark.py --batch-sizes 1,4,8,16,32,56   # one row's images per batch size
     python benchmarks/bench_benchmark.py --batch-sizes 1,2,4,8,16 --mid-sizes 112,168,224,336 --mid-images 16
     python benchmarks/bench_benchmark.py --gpu 3b --rows 100   # on CUDA: GPU imputation, 100 rows of a 3B model
     python benchmarks/bench_benchmark.py --gpu tiny --device cpu --rows 10 --before-rows 5   # that, checked on a CPU
+    python benchmarks/bench_benchmark.py --against 824a007      # README's example here against another commit
 
 "before": the runner with ``batch_size=1`` and ``imputation_threads=1`` (every perturbed image through the model on
 its own, the imputation systems solved one after the other, as grad-cam's metric classes do); "after": the defaults
@@ -20,6 +22,11 @@ Models: the demo model on ``--n`` demo samples (112x112), and the mid-size rando
 (8 decoder layers of width 512, 8 vision blocks of width 256) on ``--mid-n`` demo samples upscaled to 448x448 (no
 answers: its target is its own next token), at ``--mid-layers`` (its 5 x 7 rows per sample at every layer would take
 hours on two CPU cores).
+
+``--against REV``: README's example (the demo model, ``--n`` samples, the defaults) at this checkout and at commit
+``REV`` (a git worktree), each as its own process importing its own package, taking turns ``--repeats`` times; the
+wall seconds of each ``run`` (model load included, imports not) and this checkout's cost as a share of REV's, from the
+medians. It answers "how much did a change add?" within one run.
 
 ``--gpu 3b`` (or 7b; tiny checks the script on a CPU) measures on ``--device``:
 1. ROAD's imputation of one row (9 percentiles, MoRF and LeRF: 18 masks of a token-grid map) at each of ``--sizes``:
@@ -98,6 +105,25 @@ def timed_run(options: BenchmarkOptions):
         return wall, cpu, list(csv.DictReader(f))
 
 
+def timed_process(options: BenchmarkOptions):
+    """:func:`timed_run` as a whole process: the ``benchmark`` command with ``options``, the model load and the
+    imports included (CPU seconds: the child's)."""
+    import resource
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pytorch_grad_cam_vlm", "benchmark", "--model", options.model, "--data",
+               options.data, "--out", options.out, "--methods", options.methods, "--layers", options.layers]
+    for flag, value in (("--batch-size", options.batch_size), ("--imputation-threads", options.imputation_threads)):
+        command += [flag, str(value)] if value is not None else []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.path.join(options.out, "per_sample.csv")) as f:
+        return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, list(csv.DictReader(f))
+
+
 def largest_difference(rows_a, rows_b) -> float:
     """The largest absolute difference of the numeric cells of two per-sample tables with the same rows."""
     worst = 0.0
@@ -131,11 +157,51 @@ def speed(args) -> None:
             options = BenchmarkOptions(model=model, data=data, out=os.path.join(folder, f"{name[:4]}_{label}"),
                                        methods=METHODS, layers=layers, batch_size=batch_size,
                                        imputation_threads=threads)
-            results[label] = timed_run(options)
+            results[label] = timed_process(options) if args.whole_processes else timed_run(options)
         (wall_b, cpu_b, rows_b), (wall_a, cpu_a, rows_a) = results["before"], results["after"]
         print(f"| {name} | {wall_b:.1f} | {cpu_b:.1f} | {wall_a:.1f} | {cpu_a:.1f} | {wall_b / wall_a:.2f}x | "
               f"{cpu_b / cpu_a:.2f}x | {largest_difference(rows_b, rows_a):.1e} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+
+
+def against(args) -> None:
+    """README's example at this checkout and at ``args.against``, alternately, each a process of its own."""
+    import statistics
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = tempfile.mkdtemp(prefix="bench_against_")
+    other = os.path.join(folder, "checkout")
+    subprocess.run(["git", "-C", here, "worktree", "add", "--detach", other, args.against], check=True,
+                   capture_output=True)
+    data = write_demo_dataset(os.path.join(folder, "demo"), args.n)
+    checkouts = {"this checkout": here, args.against: other}
+    seconds = {label: [] for label in checkouts}
+    print(f"README's example: demo model, {args.n} samples, methods {METHODS}, every layer, the defaults; load average "
+          f"{os.getloadavg()[0]:.2f} at the start\n\n| run | checkout | package | wall (s) |\n|---|---|---|---|")
+    try:
+        for repeat in range(args.repeats):
+            for label, root in checkouts.items():
+                worker = ("import json, os, sys, time; import pytorch_grad_cam_vlm as p; "
+                          "from pytorch_grad_cam_vlm.benchmark.runner import BenchmarkOptions, run; "
+                          "o = BenchmarkOptions(model='demo', data=sys.argv[1], out=sys.argv[2], methods=sys.argv[3], "
+                          "layers='all'); t = time.perf_counter(); run(o); "
+                          "print(json.dumps([time.perf_counter() - t, os.path.dirname(p.__file__)]))")
+                out = os.path.join(folder, f"out_{repeat}_{len(seconds[label])}_{label.replace(' ', '_')}")
+                done = subprocess.run([sys.executable, "-c", worker, data, out, METHODS], capture_output=True,
+                                      text=True, check=True, env=dict(os.environ, PYTHONPATH=root), cwd=root)
+                wall, package = json.loads(done.stdout.strip().splitlines()[-1])
+                if not package.startswith(root):
+                    raise RuntimeError(f"{label} imported the package from {package}, not from {root}.")
+                seconds[label].append(wall)
+                print(f"| {repeat + 1} | {label} | {os.path.relpath(package, folder)} | {wall:.1f} |", flush=True)
+    finally:
+        subprocess.run(["git", "-C", here, "worktree", "remove", "--force", other], capture_output=True)
+    mine, theirs = (statistics.median(seconds[label]) for label in checkouts)
+    print(f"\nmedians: this checkout {mine:.1f} s, {args.against} {theirs:.1f} s: this checkout costs "
+          f"{mine / theirs:.3f}x ({100 * (mine / theirs - 1):+.1f} %); load average {os.getloadavg()[0]:.2f} at the "
+          "end")
 
 
 def gil() -> None:
@@ -396,11 +462,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="448,1024", help="--gpu's imputation image sides")
     parser.add_argument("--profile", action="store_true", help="--gpu: profile the after run (cProfile)")
     parser.add_argument("--no-serial", action="store_true", help="--gpu: leave out the one-thread direct solver")
+    parser.add_argument("--whole-processes", action="store_true", help="time each run as the benchmark command in a "
+                        "process of its own, the model load included")
+    parser.add_argument("--against", help="a git commit: README's example here and there, taking turns, and exit")
+    parser.add_argument("--repeats", type=int, default=2, help="--against's runs of each checkout")
     args = parser.parse_args()
     if args.gpu:
         device = torch.device(args.device)
         gpu_imputation(device, [int(v) for v in args.sizes.split(",")], serial=not args.no_serial)
         gpu_rows(args.gpu, device, args.rows, args.before_rows, args.profile)
+    elif args.against:
+        against(args)
     elif args.gil:
         gil()
     elif args.overlap:
