@@ -14,6 +14,7 @@ import numpy as np
 
 from pytorch_grad_cam_vlm.cli.common import (_positive_int, add_loading_arguments, find_images, output_stems,
                                              write_report)
+from pytorch_grad_cam_vlm.cli.several_images import check_several_family
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.auto import candidate_methods
@@ -60,6 +61,8 @@ def run_rank(args: argparse.Namespace) -> int:
     if family not in PROMPT_FAMILIES:
         raise InputError(f"rank asks a question, and a {family} model takes none: use a "
                          f"{', '.join(sorted({row.name for row in PROMPT_FAMILIES.values()}))} model.")
+    if args.query_image:
+        check_several_family(family, "--query-image")
     check_out_dir(args.out)
     model, processor = load_model(model_path, family, resolve_dtype(args.dtype, device), device, args.allow_pickle,
                                   args.trust_remote_code)
@@ -103,8 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="answer scoring: the question that --answer answers")
     parser.add_argument("--answer", nargs="+", help="answer scoring: the answer whose probability scores each image; "
                                                     "several answers rank the answers for one --image")
-    parser.add_argument("--query-image", help="an image asked beside each ranked image, first in the prompt (Qwen "
-                                              "families, which take several images)")
+    parser.add_argument("--query-image", help="an image asked beside each ranked image, first in the prompt (the "
+                                              "families that take several images in one prompt)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help=f"the yes/no question around {{caption}} (default {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--yes-no", nargs=2, default=list(YES_NO), metavar=("YES", "NO"),

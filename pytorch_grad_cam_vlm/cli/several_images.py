@@ -59,10 +59,10 @@ def run_several(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_several_family(family: str) -> None:
-    """Refuse ``--images`` on a family that takes one image per prompt."""
+def check_several_family(family: str, option: str = "--images") -> None:
+    """Refuse ``option`` (several images in one prompt) on a family that takes one image per prompt."""
     if family not in SEVERAL_IMAGES_MODEL_TYPES:
-        raise InputError(f"--images: a {family} model takes one image per prompt; several images in one prompt work "
+        raise InputError(f"{option}: a {family} model takes one image per prompt; several images in one prompt work "
                          f"with {SEVERAL_IMAGES_FAMILIES}.")
 
 

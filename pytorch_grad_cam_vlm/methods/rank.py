@@ -34,7 +34,8 @@ from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, auto_batch_size
 from pytorch_grad_cam_vlm.models.answer_text import VISION_TOKENS
-from pytorch_grad_cam_vlm.models.qwen_vl import QwenVLWrapper, check_prompt
+from pytorch_grad_cam_vlm.models.multi_image import takes_several
+from pytorch_grad_cam_vlm.models.qwen_vl import check_prompt
 
 # The question of retrieval code built on Qwen-VL, and the words its instruction-tuned models answer with (the first
 # word of an answer has no leading space: Qwen's tokenizer gives "Yes" and " Yes" their own ids). A convention, not a
@@ -174,9 +175,8 @@ def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: S
     without a query image)."""
     if len(images) == 0:
         raise ValueError("Nothing to rank: pass at least one image.")
-    if query_image is not None and not isinstance(wrapper, QwenVLWrapper):
-        raise ValueError(f"A query image goes beside each image in one prompt, and {type(wrapper).__name__} takes one "
-                         "image per prompt: use a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 model.")
+    if query_image is not None:
+        takes_several(wrapper)  # the query image goes beside each image in one prompt
     xs, boxes = [], []
     for image, name in zip(images, names):
         try:
@@ -259,9 +259,10 @@ def rank_images(wrapper: torch.nn.Module, images: Sequence[ImageInput], caption:
     asked through ``template``), or by the probability of ``answer`` to ``question``; each image's map explains its
     score through :func:`~pytorch_grad_cam_vlm.methods.auto.explain` (``explain_options``: ``method``, ``layers``,
     ``fractions``, ``fill``, ``seed``, ``options``). ``names`` label the images (default ``image 0``, ...). Every
-    input is checked before the model runs; the wrapper's own prompt and answer are kept. A ``query_image`` (Qwen
-    families) goes first in every prompt, each image second on one canvas; each map is the image's part of the
-    canvas's map, its check the canvas map's."""
+    input is checked before the model runs; the wrapper's own prompt and answer are kept. A ``query_image`` (the
+    families that take several images in one prompt,
+    :data:`~pytorch_grad_cam_vlm.models.multi_image.SEVERAL_IMAGES_FAMILIES`) goes first in every prompt, each image
+    second on one canvas; each map is the image's part of the canvas's map, its check the canvas map's."""
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images.")

@@ -91,3 +91,21 @@ def test_a_query_image_goes_beside_each_ranked_image(folder, tmp_path, capsys):
     for row in rows:
         assert row["score"] == pytest.approx(ranking.scores[row["index"]], abs=1e-6)
     assert np.load(out / "ranking_maps.npz")[rows[0]["map"]].shape == (112, 112)
+
+
+def test_a_query_image_on_a_one_image_family_is_refused_before_loading(folder, tmp_path, capsys, monkeypatch):
+    from pytorch_grad_cam_vlm import build_tiny_mistral3
+    from pytorch_grad_cam_vlm.cli import rank as rank_cli
+
+    build_tiny_mistral3(tmp_path / "mistral3", seed=0)
+    capsys.readouterr()  # the save's progress bars
+    monkeypatch.setattr(rank_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert main(["rank", "--model", str(tmp_path / "mistral3"), "--image", str(folder), "--query-image",
+                 str(folder / sorted(os.listdir(folder))[0]), "--prompt", QUESTION, "--answer", "circle", "--out",
+                 str(out)] + CHEAP) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pytorch-grad-cam-vlm: error: --query-image: a mistral3 model takes one image per prompt; several "
+                   "images in one prompt work with Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3 "
+                   "/ SmolVLM, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision and Gemma 3 (without pan-and-scan)."]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["mistral3"]

@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import PROMPT, model_state, random_image
 
-from pytorch_grad_cam_vlm import (Gemma3Wrapper, Idefics3Wrapper, InternVLWrapper, LlavaWrapper, Qwen3VLWrapper,
-                                  QwenVLWrapper, build_tiny_gemma3, build_tiny_idefics3, build_tiny_internvl,
-                                  build_tiny_llava, build_tiny_qwen3_vl, load_demo_model, make_demo_samples)
+from pytorch_grad_cam_vlm import (Gemma3Wrapper, Idefics3Wrapper, InternVLWrapper, LlavaWrapper, Mistral3Wrapper,
+                                  Qwen3VLWrapper, QwenVLWrapper, build_tiny_gemma3, build_tiny_idefics3,
+                                  build_tiny_internvl, build_tiny_llava, build_tiny_mistral3, build_tiny_qwen3_vl,
+                                  load_demo_model, make_demo_samples)
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.rank import (DEFAULT_TEMPLATE, binary_entropy, rank_captions, rank_images,
                                                yes_no_prompt)
@@ -196,8 +197,26 @@ def test_a_query_image_beside_each_image_scores_as_the_processor_with_both(demo)
     assert ranking.rgb[1].shape[:2] == (height, width) == samples[2].image.shape[:2]
 
 
-def test_a_query_image_needs_a_family_that_takes_several(tmp_path):
+def test_a_query_image_beside_each_image_on_a_tiled_family_scores_and_maps_as_its_canvas(tmp_path):
     model, processor = build_tiny_llava(tmp_path / "llava", seed=0)
     wrapper = LlavaWrapper(model, processor, prompt=PROMPT)
-    with pytest.raises(ValueError, match="LlavaWrapper takes one image per prompt: use a Qwen2-VL"):
+    query, images = random_image(40, 56, seed=1), [random_image(48, 32, seed=2), random_image(36, 36, seed=3)]
+    ranking = rank_images(wrapper, images, question=QUESTION, answer="red", query_image=query, **CHEAP)
+    assert wrapper.image_boxes is None and wrapper.prompt == PROMPT
+    asked = LlavaWrapper(model, processor, prompt=QUESTION, answer="red")
+    for i, image in enumerate(images):
+        x = asked.preprocess([query, image])  # the canvas of both (its logits: test_multi_image's processor path)
+        with torch.no_grad():
+            np.testing.assert_allclose(ranking.scores[i], float(asked(x)[0, 0].exp()), atol=1e-6)
+        alone = explain(asked, x, [AnswerTarget()], **CHEAP)
+        top, left, height, width = asked.image_boxes.boxes[1]
+        np.testing.assert_allclose(ranking.maps[i], alone.maps[0][top:top + height, left:left + width], atol=1e-5)
+        assert ranking.rgb[i].shape[:2] == (height, width)
+
+
+def test_a_query_image_needs_a_family_that_takes_several(tmp_path):
+    model, processor = build_tiny_mistral3(tmp_path / "mistral3", seed=0)
+    wrapper = Mistral3Wrapper(model, processor, prompt=PROMPT)
+    with pytest.raises(ValueError, match="Mistral3Wrapper takes one image per prompt; several images in one prompt "
+                                         "work with Qwen2-VL"):
         rank_images(wrapper, [random_image(32, 32)], question=QUESTION, answer="red", query_image=random_image(32, 32))
