@@ -130,8 +130,9 @@ def query_attention_on_grid(output, wrapper: torch.nn.Module, head_fusion: HeadF
 
 def image_row_on_grid(row: torch.Tensor, wrapper: torch.nn.Module) -> torch.Tensor:
     """A value per sequence position ``(B, S)`` to ``(B, 1, h, w)`` on the image grid of the wrapper's latest forward
-    pass: the wrapper's own placement where it has ``image_row_to_grid`` (LLaVA, Gemma 3, Idefics3, InternVL, which
-    place several images' tokens on one canvas as their ``view`` says), else the image tokens in raster order."""
+    pass: the wrapper's own placement where it has ``image_row_to_grid`` (the families that place several images'
+    tokens, tiles or a video's frames on one canvas, as their decoder maps), else the image tokens in raster order
+    (one image's grid: Mistral 3, Gemma 4, CLIP's patches)."""
     if hasattr(wrapper, "image_row_to_grid"):
         return wrapper.image_row_to_grid(row)
     _, keys, (h, w) = token_geometry(wrapper)

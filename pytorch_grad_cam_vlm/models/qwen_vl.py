@@ -337,6 +337,11 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         raise ValueError(f"A vision hidden state of {hidden.shape[0]} rows fits neither the {b * gh * gw} patches "
                          f"nor the {b * gh * gw // (m * m)} merged cells of the latest forward pass.")
 
+    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
+        """A value per sequence position ``(B, S)`` (an attention row) on the grid of image tokens ``(B, 1, h, w)``,
+        placed as decoder maps are: on each image's box, or each frame pair's frames, of a canvas."""
+        return self.reshape_transform(row.unsqueeze(-1))
+
     def ablation_layer(self):
         """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
         positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""

@@ -153,3 +153,31 @@ def test_bad_arguments_get_a_clear_error(wrapper, reported, tmp_path):
         AttentionMap(model=siglip_wrapper, target_layers=[siglip_wrapper.vision_layers[0]])
     with pytest.raises(TypeError, match=r"need a wrapper that says where its query token.*token_geometry\(\)"):
         AttentionMap(model=siglip, target_layers=[siglip_wrapper.vision_layers[0]])
+
+
+def test_attention_map_on_two_images_puts_each_images_attention_on_its_box(qwen_wrapper):
+    """Several images in one prompt: the last token's attention to each image's tokens (reported by the model on the
+    processor's inputs with both images) lies on that image's box of the canvas, nothing outside the boxes."""
+    wrapper, cell = qwen_wrapper, qwen_wrapper.token_cell
+    images = [random_image(2 * cell, 3 * cell, seed=1), random_image(3 * cell, 2 * cell, seed=2)]
+    processor, model = wrapper.processor, wrapper.model
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": wrapper.prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, return_tensors="pt").to(model.device)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    positions = (inputs["input_ids"][0].cpu() == image_token).nonzero().flatten()
+    with eager(model), torch.no_grad():
+        weights = model(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0).cpu()[positions]
+    x = wrapper.preprocess(images)
+    with AttentionMap(model=wrapper, target_layers=[wrapper.decoder_layers[1]]) as cam:
+        maps = cam(input_tensor=x, targets=None)
+        raw = cam.activations_and_grads.activations[0][0, 0]
+    expected, start = torch.zeros(x.shape[2] // cell, x.shape[3] // cell), 0
+    for top, left, height, width in wrapper.image_boxes.boxes:
+        h, w = height // cell, width // cell
+        expected[top // cell:top // cell + h, left // cell:left // cell + w] = weights[start:start + h * w].view(h, w)
+        start += h * w
+    assert start == len(weights)
+    torch.testing.assert_close(raw, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(maps, scale_cam_image(scale_cam_image(expected[None].numpy(), (x.shape[3], x.shape[2]))),
+                               atol=1e-6)

@@ -2,11 +2,12 @@
 equal the processor's with both images, reshape_transform puts each image's patches and tokens at its box, the map
 splits between the images (explain's split: each image's share and its own deletion check), and bad input gets one
 clear error."""
+import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import (PROMPT, changed_cells, first_block_inputs, model_state, perturb_cell, projector_and_decoder_input,
-                      random_image)
+from conftest import (PROMPT, VLM_METHODS, changed_cells, check_method_on_decoder_and_vision, first_block_inputs,
+                      model_state, perturb_cell, projector_and_decoder_input, random_image)
 from PIL import Image
 from test_idefics3 import GLOBAL_IMAGE_BOUND
 from test_idefics3 import shapes_image as idefics3_image
@@ -14,7 +15,7 @@ from test_internvl import THUMBNAIL_BOUND
 from test_internvl import shapes_image as internvl_image
 from test_llava import BASE_IMAGE_BOUND
 from test_llava import shapes_image as llava_image
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import AblationCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, Idefics3Wrapper, ImageSplit,
@@ -120,6 +121,53 @@ def test_gradcam_runs_on_the_canvas_and_splits_between_the_images(family):
     shares = mass_shares(maps, wrapper.image_boxes)
     np.testing.assert_allclose(shares[0], [first.sum() / (first.sum() + second.sum()),
                                            second.sum() / (first.sum() + second.sum())], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", VLM_METHODS, ids=lambda m: m.__name__)
+def test_every_gradcam_method_runs_on_the_canvas_of_two_images(method, tiny_qwen):
+    """grad-cam's methods take the canvas as any input: the wrapper's layout holds both images' tokens, so the
+    gradient methods, the score methods and AblationCAM's token ablation need nothing more."""
+    model, processor = tiny_qwen
+    wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
+    x = wrapper.preprocess(list(two_images(wrapper.token_cell)))
+    check_method_on_decoder_and_vision(method, model, wrapper, x, wrapper.decoder_layers[2],
+                                       "vision blocks and mergers are not supported")
+
+
+def test_ablationcam_on_the_canvas_equals_ablating_each_channel_at_both_images_tokens_by_hand(family):
+    """AblationCAM's weights on two images: the target's relative drop when one channel of the decoder layer's
+    output is zeroed at every image token of both images (grad-cam's formula), the map the weighted channels."""
+    model, processor, wrapper_cls = family
+    wrapper = wrapper_cls(model, processor, prompt=PROMPT)
+    x = wrapper.preprocess(list(two_images(wrapper.token_cell)))
+    layer, target = wrapper.decoder_layers[1], ClassifierOutputTarget(3)
+    with AblationCAM(model=wrapper, target_layers=[layer], reshape_transform=wrapper.reshape_transform,
+                     ablation_layer=wrapper.ablation_layer()) as cam:
+        maps = cam(input_tensor=x, targets=[target])
+    kept = {}
+    handle = layer.register_forward_hook(lambda module, args, output: kept.setdefault("hidden", output[0]
+                                         if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        clean = float(wrapper(x)[0, 3])
+    handle.remove()
+    hidden, positions = kept["hidden"].detach(), wrapper.layout.vision_positions
+    drops = []
+    for channel in range(hidden.shape[-1]):
+        def zeroed(module, args, output, channel=channel):
+            out = (output[0] if isinstance(output, tuple) else output).clone()
+            out[:, positions, channel] = 0
+            return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+        handle = layer.register_forward_hook(zeroed)
+        with torch.no_grad():
+            drops.append((clean - float(wrapper(x)[0, 3])) / clean)
+        handle.remove()
+    weighted = (hidden * torch.tensor(drops).view(1, 1, -1)).sum(-1, keepdim=True)
+    grid = torch.relu(wrapper.reshape_transform(weighted))[0, 0].numpy()
+    expected = cv2.resize(grid, (x.shape[3], x.shape[2]))
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    np.testing.assert_allclose(maps[0], expected, atol=1e-4)
+    first, second = image_maps(maps, wrapper.image_boxes)
+    assert first.max() > 0 and second.max() > 0  # both images' tokens were ablated and weighted
 
 
 def test_boxes_and_shares_by_hand():

@@ -4,8 +4,8 @@ puts each frame pair's patches and tokens on both of its frames, and a map split
 import numpy as np
 import pytest
 import torch
-from conftest import (PROMPT, changed_cells, first_block_inputs, model_state, perturb_cell, projector_and_decoder_input,
-                      random_image)
+from conftest import (PROMPT, VLM_METHODS, changed_cells, check_method_on_decoder_and_vision, first_block_inputs,
+                      model_state, perturb_cell, projector_and_decoder_input, random_image)
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -173,6 +173,29 @@ def test_gradcam_and_explain_run_on_the_canvas(family):
     assert pair_shares(result.model_maps, clip).sum() == pytest.approx(1)
 
 
+@pytest.mark.parametrize("method", VLM_METHODS, ids=lambda m: m.__name__)
+def test_every_gradcam_method_runs_on_a_video(method, tiny_qwen):
+    """grad-cam's methods take the video's canvas as any input (its layout holds every pair's tokens), and each frame
+    holds its pair's map."""
+    model, processor = tiny_qwen
+    wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
+    x = wrapper.preprocess_video(list(video(4)))
+    check_method_on_decoder_and_vision(method, model, wrapper, x, wrapper.decoder_layers[2],
+                                       "vision blocks and mergers are not supported")
+    extra = {"ablation_layer": wrapper.ablation_layer()} if method.__name__ == "AblationCAM" else {}
+    with method(model=wrapper, target_layers=[wrapper.decoder_layers[1]], reshape_transform=wrapper.reshape_transform,
+                **extra) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(3)])
+    clip = wrapper.video
+    # The SVD methods' projections round per position (1e-6), KPCA's float32 kernel per pair of positions (2e-4
+    # measured).
+    tolerance = 1e-3 if method.__name__ == "KPCA_CAM" else 1e-6
+    for frame, pair in enumerate(clip.pair_of_frame):
+        top, left, h, w = clip.boxes.boxes[frame]
+        np.testing.assert_allclose(maps[0, top:top + h, left:left + w], pair_maps(maps, clip)[0, pair],
+                                   atol=tolerance)
+
+
 @pytest.mark.parametrize("frames, message", [
     (lambda: [random_image(*FRAME)], "A video needs at least 2 frames (Qwen's video encoder takes frames in pairs), "
                                      "got 1: explain a single frame as an image with wrapper.preprocess(frame)."),
@@ -213,3 +236,27 @@ def test_a_family_without_video_support_is_refused(tmp_path):
     assert str(error.value) == ("Glm4vWrapper does not take video here; videos work with Qwen2-VL, Qwen2.5-VL, "
                                 "Qwen3-VL and Qwen3.5 models. Explain the frames one at a time as images.")
     assert wrapper.video is None
+
+
+def test_attention_map_puts_each_pairs_attention_on_both_its_frames(tiny_qwen):
+    from pytorch_grad_cam_vlm.methods.attention import AttentionMap
+    from pytorch_grad_cam_vlm.models.state import eager_attention
+
+    model, processor = tiny_qwen
+    wrapper = QwenVLWrapper(model, processor, prompt=PROMPT)
+    frames = video(4)
+    inputs = processor_inputs(processor, frames)
+    positions = (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(processor.video_token)).nonzero()
+    with eager_attention(model), torch.no_grad():
+        weights = model(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0)[positions.flatten()]
+    x = wrapper.preprocess_video(list(frames))
+    clip, cell = wrapper.video, wrapper.token_cell
+    with AttentionMap(model=wrapper, target_layers=[wrapper.decoder_layers[1]]) as cam:
+        cam(input_tensor=x, targets=None)
+        raw = cam.activations_and_grads.activations[0][0, 0]
+    per_pair = len(weights) // (len(frames) // 2)
+    for frame, pair in enumerate(clip.pair_of_frame):
+        top, left, h, w = (v // cell for v in clip.boxes.boxes[frame])
+        assert h * w == per_pair
+        torch.testing.assert_close(raw[top:top + h, left:left + w].flatten(),
+                                   weights[pair * per_pair:(pair + 1) * per_pair], atol=1e-6, rtol=0)
