@@ -8,6 +8,7 @@ exactly what ``QwenVLWrapper.forward`` returns and what every map in this packag
 
     python usage_examples/train_demo_model.py            # writes pytorch_grad_cam_vlm/demo_model
     python usage_examples/train_demo_model.py --out DIR --steps 300
+    python usage_examples/train_demo_model.py --asked-colors all --init demo --out DIR   # reads its colour word
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from pytorch_grad_cam_vlm import QwenVLWrapper, patchify
-from pytorch_grad_cam_vlm.demo import ASKED_COLORS, CANVAS, DEMO_MODEL_DIR, WORDS, make_demo_samples, make_sample, prompt_for
+from pytorch_grad_cam_vlm.demo import (ASKED_COLORS, CANVAS, COLORS, DEMO_MODEL_DIR, WORDS, embedded_model_path,
+                                       make_demo_samples, make_sample, prompt_for)
 from pytorch_grad_cam_vlm.benchmark.localization import answer_accuracy
 from pytorch_grad_cam_vlm.models.tiny.qwen_vl import build_processor, tiny_config
 
@@ -37,16 +39,17 @@ class Batches:
     """Training batches: text inputs per asked colour (built once by the processor), images normalised like the
     processor does, answers as token ids."""
 
-    def __init__(self, model, processor, seed: int):
+    def __init__(self, model, processor, seed: int, asked_colors=ASKED_COLORS):
         self.rng = np.random.default_rng([0, seed])  # split "train" of demo.make_demo_samples
-        wrappers = [QwenVLWrapper(model, processor, prompt_for(color)) for color in ASKED_COLORS]
+        self.asked_colors = asked_colors
+        wrappers = [QwenVLWrapper(model, processor, prompt_for(color)) for color in asked_colors]
         self.text = {w.prompt: w.layout_for(CANVAS, CANVAS) for w in wrappers}
         self.grid = wrappers[0].layout_for(CANVAS, CANVAS).grid_thw
         self.wrapper = wrappers[0]
         self.token_id = processor.tokenizer.convert_tokens_to_ids
 
     def next(self, batch_size: int):
-        samples = [make_sample(self.rng) for _ in range(batch_size)]
+        samples = [make_sample(self.rng, self.asked_colors) for _ in range(batch_size)]
         images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
         x = (images - self.wrapper.image_mean) / self.wrapper.image_std
         keys = self.text[samples[0].prompt].text_inputs.keys()
@@ -64,11 +67,14 @@ def logits(model, batches: Batches, x: torch.Tensor, inputs) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def train(out: str, steps: int, batch_size: int, lr: float, seed: int, label_smoothing: float) -> None:
+def train(out: str, steps: int, batch_size: int, lr: float, seed: int, label_smoothing: float,
+          asked_colors=ASKED_COLORS, init: str = "") -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     model, processor = build_untrained(seed)
-    batches = Batches(model, processor, seed)
+    if init:  # a warm start: a trained model's weights (the demo model's knows shapes and where objects lie)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(embedded_model_path(init))
+    batches = Batches(model, processor, seed, asked_colors)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
@@ -99,12 +105,16 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", default="", help="start from this model's weights (e.g. demo) instead of random ones")
+    parser.add_argument("--asked-colors", default=",".join(ASKED_COLORS),
+                        help="comma-separated colours a question may name, or 'all' (default: the demo's, red)")
     args = parser.parse_args()
+    asked = tuple(COLORS) if args.asked_colors == "all" else tuple(args.asked_colors.split(","))
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.label_smoothing)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.label_smoothing, asked, args.init)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.out).eval()
     processor = AutoProcessor.from_pretrained(args.out)
-    samples = make_demo_samples(200, seed=0, split="test")
+    samples = make_demo_samples(200, seed=0, split="test", asked_colors=asked)
     accuracy = answer_accuracy(QwenVLWrapper(model, processor, samples[0].prompt), samples)
     print(f"held-out accuracy (200 test samples): {accuracy:.3f}")
 
