@@ -40,7 +40,8 @@ def tasks() -> Dict[str, tuple]:
 
     found = {"demo": (demo.load_demo_model, demo.make_demo_samples),
              "crosses": (crosses.load_crosses_model, crosses.make_crosses_samples),
-             "pairs": (pairs.load_pairs_model, pairs.make_pairs_samples)}
+             "pairs": (pairs.load_pairs_model, pairs.make_pairs_samples),
+             "colors": (demo.load_colors_model, demo.make_colors_samples)}
     return {name: task for name, task in found.items() if installed(name)}
 
 

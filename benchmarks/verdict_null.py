@@ -14,7 +14,13 @@ map with no choice among layers), the default's map inverted (``1 - map``), a bl
 all-black image of the same size for the answer the model predicts there. ``default, image-reliant``: the default's
 maps of images whose answer depends on the image (:mod:`~pytorch_grad_cam_vlm.metrics.reliance` gives no warning); a map of
 an answer that comes from the prompt is rightly not "ok". Each map's check score and total are
-stored with the null's :data:`MAX_NULL` totals on its image (the first K of them are the null of size K).
+stored with the null's :data:`MAX_NULL` totals on its image (the first K of them are the null of size K), and with
+whether it points at the evidence (its maximum on the picture within the model's pointing tolerance of an evidence
+box, ``hit``) or at a distractor (``distractor``). ``RandomCAM, one layer, off the evidence`` and ``..., on the
+evidence`` split RandomCAM's single-layer maps by ``hit``: a random combination of a layer's channels still follows
+the objects, and one whose maximum lies on the evidence points where the model looked, which is what "ok" says.
+
+    python benchmarks/verdict_null.py pairs 40        # also onevision, internvl: the five development models
 """
 from __future__ import annotations
 
@@ -27,13 +33,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from auto_layer import held_out, markdown, sample_case
+from auto_layer import geometry, held_out, markdown, sample_case
+from dev_models_gap import score
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import CHANCE_MARGIN, NULL_MAPS, check_maps, null_maps, null_margin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_NULL = 16
-KINDS = ("default", "default, image-reliant", "RandomCAM", "RandomCAM, one layer", "inverted", "blank", "black image")
+KINDS = ("default", "default, image-reliant", "RandomCAM", "RandomCAM, one layer",
+         "RandomCAM, one layer, off the evidence", "RandomCAM, one layer, on the evidence", "inverted", "blank",
+         "black image")
+SPLIT_BY_HIT = {"RandomCAM, one layer, off the evidence": 0, "RandomCAM, one layer, on the evidence": 1}
 # Flagged share each kind must reach (at least) or stay under (the default's maps), issue 26's goals.
 GOALS = {"default, image-reliant": ("<=", 0.05), "RandomCAM, one layer": (">=", 0.90), "inverted": (">=", 0.90),
          "blank": (">=", 1.0)}
@@ -49,9 +59,11 @@ def null_totals(wrapper, x, target, clean) -> list:
 
 def measure(name: str, n: int, seed: int) -> list:
     model, processor, samples = held_out(name, n, seed)
+    tolerance = geometry(name)[1]
     rows = []
     for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
         wrapper, x, target = sample_case(model, processor, sample)
+        frame = wrapper.image_frame(sample.image.shape[:2], tuple(x.shape[2:]))
         default = explain(wrapper, x, [target], null=0)
         clean = default.reliance[0].clean
         np.random.seed(i)  # grad-cam's RandomCAM draws its weights from numpy's global generator
@@ -63,16 +75,19 @@ def measure(name: str, n: int, seed: int) -> list:
         black = explain(wrapper, black_x, None, null=0)
         black_nulls = null_totals(wrapper, black_x, black.targets[0], black.reliance[0].clean)
         one_layer = check_maps(wrapper, x, random.candidate_maps[0, 0], target, clean=clean)
-        cases = [("default", default.checks[0], nulls, clean), ("RandomCAM", random.checks[0], nulls, clean),
-                 ("inverted", inverted, nulls, clean), ("blank", blank, nulls, clean),
-                 ("black image", black.checks[0], black_nulls, black.reliance[0].clean)]
-        cases += [("RandomCAM, one layer", check, nulls, clean) for check in one_layer]
+        cases = [("default", default.checks[0], nulls, clean, good), ("RandomCAM", random.checks[0], nulls, clean,
+                                                                      random.model_maps[0]),
+                 ("inverted", inverted, nulls, clean, 1 - good), ("blank", blank, nulls, clean, None),
+                 ("black image", black.checks[0], black_nulls, black.reliance[0].clean, None)]
+        cases += [("RandomCAM, one layer", check, nulls, clean, cam)
+                  for check, cam in zip(one_layer, random.candidate_maps[0, 0])]
         if not default.reliance[0].prompt_only:
-            cases.append(("default, image-reliant", default.checks[0], nulls, clean))
-        for kind, check, null, image_clean in cases:
+            cases.append(("default, image-reliant", default.checks[0], nulls, clean, good))
+        for kind, check, null, image_clean, cam in cases:
+            hits = score(frame.to_image(cam), sample, tolerance) if cam is not None and np.ptp(cam) > 0 else {}
             rows.append(dict(model=name, sample=i, kind=kind, score=check.score, total=check.total, clean=image_clean,
-                             failed_before=int(check.blank or check.inverted),
-                             null=";".join(f"{v:.6g}" for v in null)))
+                             failed_before=int(check.blank or check.inverted), hit=hits.get("pointing", ""),
+                             distractor=hits.get("distractor", ""), null=";".join(f"{v:.6g}" for v in null)))
     return rows
 
 
@@ -80,6 +95,13 @@ def flagged(rows: list, k: int, threshold: float) -> float:
     """Share of ``rows`` that fail: blank, inverted, or a margin below ``threshold`` against the first ``k`` nulls."""
     return float(np.mean([r["failed_before"] or not null_margin(r["total"], r["null"][:k], r["clean"]) >= threshold
                           for r in rows])) if rows else float("nan")
+
+
+def ok_on_evidence(rows: list) -> float:
+    """Of ``rows``' maps that get "ok" (the defaults' null and threshold), the share that point at the evidence;
+    NaN where none is "ok" or the rows carry no ``hit``."""
+    hits = [float(r["hit"]) for r in rows if r.get("hit", "") != "" and not flagged([r], NULL_MAPS, CHANCE_MARGIN)]
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 def summarise() -> None:
@@ -91,11 +113,16 @@ def summarise() -> None:
                                  failed_before=int(r["failed_before"]), null=np.array([float(v) for v in r["null"].split(";")])))
     models = list(dict.fromkeys(r["model"] for r in rows))
     groups = {(m, kind): [r for r in rows if r["model"] == m and r["kind"] == kind] for m in models for kind in KINDS}
+    for kind, hit in SPLIT_BY_HIT.items():  # rows measured before the hit column have none: these groups stay empty
+        for m in models:
+            groups[(m, kind)] = [r for r in groups[(m, "RandomCAM, one layer")] if r.get("hit", "") != ""
+                                 and float(r["hit"]) == hit]
     table = []  # the chosen K and threshold, before and after
     for (m, kind), group in groups.items():
         table.append(dict(model=m, maps=kind, n=len(group), flagged_before=float(np.mean([r["failed_before"]
                                                                                         for r in group])),
                           flagged_after=flagged(group, NULL_MAPS, CHANCE_MARGIN),
+                          ok_on_evidence=ok_on_evidence(group),
                           goal=" ".join(map(str, GOALS[kind])) if kind in GOALS else ""))
     sweep = []  # every K and threshold: the worst case over the models of each goal
     for k in NULL_SIZES:
@@ -104,6 +131,8 @@ def summarise() -> None:
             for kind, (side, goal) in GOALS.items():
                 rates = [flagged(groups[(m, kind)], k, t) for m in models]
                 row[kind] = max(rates) if side == "<=" else min(rates)
+            off = "RandomCAM, one layer, off the evidence"  # not a goal of the issue: what "ok" should reject
+            row[off] = min(flagged(groups[(m, off)], k, t) for m in models if groups[(m, off)])
             row["meets_goals"] = all(row[kind] <= goal if side == "<=" else row[kind] >= goal
                                      for kind, (side, goal) in GOALS.items())
             sweep.append(row)
@@ -115,6 +144,8 @@ def summarise() -> None:
     text = markdown(table, f"# Does the verdict beat chance?\n\nHeld-out samples: {counts}. Flagged: the verdict is "
                            "not \"ok\". Before: blank or inverted fails; after: also a total below "
                            f"{CHANCE_MARGIN} null spreads above the mean of {NULL_MAPS} null maps (the defaults). "
+                           "ok_on_evidence: of the maps that get \"ok\", the share whose maximum lies on the "
+                           "evidence. "
                            "Written by `python benchmarks/verdict_null.py MODEL N` (CPU).")
     text += "\n" + markdown([dict(r, meets_goals="yes" if r["meets_goals"] else "") for r in sweep],
                             "## Every null size and threshold\n\nWorst case over the models: the highest flagged "

@@ -1,9 +1,10 @@
-"""Visual reliance (:mod:`pytorch_grad_cam_vlm.metrics.reliance`) on the trained demo models, to set its threshold:
+"""Visual reliance (:mod:`pytorch_grad_cam_vlm.metrics.reliance`) on the trained development models, to set its threshold:
 the share of the answer's logit lost when the whole image is replaced by its mean colour and when it is blurred, on
 held-out samples; on the same samples with the image tokens zeroed at the projector's output (a model that answers
 from the prompt alone); and on an all-black image.
 
     python benchmarks/visual_reliance.py 100           # held-out samples per model; writes visual_reliance.md
+    python benchmarks/visual_reliance.py 100 demo,crosses,pairs,onevision,internvl,colors   # the models (default: all)
 """
 from __future__ import annotations
 
@@ -14,19 +15,24 @@ import numpy as np
 import torch
 
 from auto_layer import held_out, markdown, sample_case
+from pytorch_grad_cam_vlm.layers import PROJECTOR, layer_modules
 from pytorch_grad_cam_vlm.metrics.reliance import RELIANCE_THRESHOLD, visual_reliance
+
+MODELS = "demo,crosses,pairs,onevision,internvl,colors"
 
 
 def zero_projector(wrapper):
     """A hook that zeroes the projector's output: the decoder sees no image. Returns its handle."""
-    return wrapper.merger.register_forward_hook(lambda module, args, output: output * 0)
+    projector, = layer_modules(wrapper, [PROJECTOR])
+    return projector.register_forward_hook(lambda module, args, output: output * 0)
 
 
 def main() -> None:
     n = int(sys.argv[1])
+    models = sys.argv[2] if len(sys.argv) > 2 else MODELS
     torch.set_num_threads(1)
     rows = []
-    for name in ("demo", "crosses"):
+    for name in models.split(","):
         model, processor, samples = held_out(name, n)
         shares = {"held-out images": [], "image tokens zeroed": [], "all-black image": []}
         for sample in samples:
@@ -47,10 +53,10 @@ def main() -> None:
             rows.append(dict(model=name, images=case, n=len(values), min=float(values.min()),
                              p05=float(np.percentile(values, 5)), median=float(np.median(values)),
                              warned=float(np.mean(values < RELIANCE_THRESHOLD))))
-    header = ("# Visual reliance on the trained demo models\n\n"
+    header = ("# Visual reliance on the trained development models\n\n"
               "The larger of |drop| / |clean logit| when the whole image is replaced by its mean colour and when it "
               f"is blurred, for the answer's logit; `warned`: share below the threshold {RELIANCE_THRESHOLD}. Written "
-              f"by `python benchmarks/visual_reliance.py {n}` (CPU, 1 thread).")
+              f"by `python benchmarks/visual_reliance.py {n} {models}` (CPU, 1 thread).")
     text = markdown(rows, header)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "visual_reliance.md"), "w") as f:
         f.write(text)
