@@ -4,10 +4,13 @@ its ``full`` and ``peak`` (``--fast``) choices, against one GradCAM call at a mi
 the forward images per call (counted by a hook on the wrapper). Writes benchmarks/bench_auto.csv.
 
 Models: the mid-size random Qwen2.5-VL of bench_smooth.py (8 decoder layers of width 512, 8 vision blocks of width
-256) and the trained demo models, whose processors are widened to accept 448x448 (they were trained at their own
-canvas size; the cost does not depend on the weights).
+256) and the trained development models: the Qwen ones (demo, crosses, pairs) with processors widened to accept
+448x448 (they were trained at their own canvas size; the cost does not depend on the weights), the tiled ones
+(onevision, internvl) on the canvas their own processing makes of the 448x448 image (``canvas`` column).
 
     python benchmarks/bench_auto.py [--repeats 3] [--threads N] [--models "mid-size random,3b"] [--occlusion]
+    python benchmarks/bench_auto.py --repeats 1 --occlusion \
+        --models "mid-size random,demo,crosses,pairs,onevision,internvl"
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from auto_layer import tasks
+from auto_layer import tasks, tiled_tasks, wrap
 from pytorch_grad_cam_vlm import QwenVLWrapper, build_tiny_model, occlusion_map
 from pytorch_grad_cam_vlm.methods.auto import explain
 
 SIZE = 448
+PROMPT = "What shape is the red object?"
 
 
 def at_size(processor, size: int):
@@ -73,14 +77,18 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model, processor = load(name)
-        wrapper = QwenVLWrapper(model, at_size(processor, SIZE), prompt="What shape is the red object?")
+        if name in tiled_tasks():  # a canvas of tiles, as the family's own processing makes it of the image
+            wrapper = wrap(model, processor, PROMPT)
+        else:
+            wrapper = QwenVLWrapper(model, at_size(processor, SIZE), prompt=PROMPT)
         x = wrapper.preprocess(image)
-        assert x.shape[2:] == (SIZE, SIZE), x.shape
+        assert name in tiled_tasks() or x.shape[2:] == (SIZE, SIZE), x.shape
         with torch.no_grad():
             token = int(wrapper(x).argmax())
         target = [ClassifierOutputTarget(token)]
         layer = wrapper.decoder_layers[len(wrapper.decoder_layers) // 2]
-        row = dict(model=name, decoder_layers=len(wrapper.decoder_layers), threads=torch.get_num_threads())
+        row = dict(model=name, decoder_layers=len(wrapper.decoder_layers), threads=torch.get_num_threads(),
+                   canvas=f"{x.shape[2]}x{x.shape[3]}")
 
         def forward():
             with torch.no_grad():
@@ -100,6 +108,7 @@ def main() -> None:
             row[f"{choice}_per_forward"] = row[f"{choice}_s"] / row["forward_s"]
         if args.occlusion:
             row["occlusion_s"] = best_time(lambda: occlusion_map(wrapper, x, token, window=28, stride=14), 1)
+            row["staged_per_occlusion"] = row["staged_s"] / row["occlusion_s"]
         rows.append(row)
         print(row, flush=True)
     with open(args.out, "w", newline="") as f:
@@ -119,7 +128,7 @@ def load(name: str):
         from bench_gpu import build_model
 
         return build_model("3b", torch.device("cpu"), torch.bfloat16)
-    load_model, _ = tasks()[name]
+    load_model, _ = {**tasks(), **tiled_tasks()}[name]
     return load_model()
 
 
