@@ -181,9 +181,18 @@ def make_colors_samples(n: int, seed: int = 0, split: str = "test") -> List[Demo
 def load_colors_model(dtype: torch.dtype = torch.float32):
     """The shipped colors model (the demo model trained further on questions about every colour, with
     :data:`COLORS_RECIPE`) and its processor, the model in eval mode."""
-    from pytorch_grad_cam_vlm.demo.pairs import load_trained
-
     return load_trained(EMBEDDED_MODELS["colors"], "Qwen2_5_VLForConditionalGeneration", COLORS_RECIPE, dtype)
+
+
+def load_trained(path: str, model_class: str, recipe: str, dtype: torch.dtype = torch.float32):
+    """A development model (``transformers.<model_class>``) and its processor from ``path`` with
+    ``from_pretrained``, the model in eval mode; a missing folder is refused with the recipe that makes it."""
+    import transformers
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"No model in {path}: retrain it with `python usage_examples/{recipe}`.")
+    model = getattr(transformers, model_class).from_pretrained(path, dtype=dtype)
+    return model.eval(), transformers.AutoProcessor.from_pretrained(path)
 
 
 def load_demo_model(dtype: torch.dtype = torch.float32, path: str = DEMO_MODEL_DIR):

@@ -25,7 +25,6 @@ deterministically on the CPU; ``benchmarks/dev_models_gap.py --models pairs`` me
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.demo import (CELL, COLORS, EMBEDDED_MODELS, OBJECT_SIZE, SHAPES, WORDS as DEMO_WORDS,
-                                       DemoSample, _shape_mask, place_boxes, prompt_for)
+                                       DemoSample, _shape_mask, load_trained, place_boxes, prompt_for)
 
 PAIRS_MODEL_DIR = EMBEDDED_MODELS["pairs"]
 CANVAS_HEIGHT = 112  # pixels: a 4x6 grid of 28-pixel tokens, as the crosses task's
@@ -113,17 +112,6 @@ def held_out_stream(draw: Callable[[np.random.Generator], DemoSample], n: int, s
 def make_pairs_samples(n: int, seed: int = 0, split: str = "test") -> List[PairSample]:
     """``n`` samples of the pairs task (:func:`held_out_stream`), every one with both objects."""
     return held_out_stream(make_pairs_sample, n, seed, split)
-
-
-def load_trained(path: str, model_class: str, recipe: str, dtype: torch.dtype = torch.float32):
-    """A development model (``transformers.<model_class>``) and its processor from ``path`` with
-    ``from_pretrained``, the model in eval mode; a missing folder is refused with the recipe that makes it."""
-    import transformers
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"No model in {path}: retrain it with `python usage_examples/{recipe}`.")
-    model = getattr(transformers, model_class).from_pretrained(path, dtype=dtype)
-    return model.eval(), transformers.AutoProcessor.from_pretrained(path)
 
 
 def load_pairs_model(dtype: torch.dtype = torch.float32, path: str = PAIRS_MODEL_DIR):

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.demo import (COLORS, EMBEDDED_MODELS, SHAPES, WORDS as DEMO_WORDS,
-                                       DemoSample, place_boxes, prompt_for)
-from pytorch_grad_cam_vlm.demo.pairs import held_out_stream, load_trained, paint_scene
+                                       DemoSample, load_trained, place_boxes, prompt_for)
+from pytorch_grad_cam_vlm.demo.pairs import held_out_stream, paint_scene
 
 CELL = 16  # pixels of one object's cell: 2x2 image tokens of a tile
 OBJECT_SIZE = 12
