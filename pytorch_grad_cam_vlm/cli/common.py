@@ -294,14 +294,16 @@ def check_change(check: MapCheck, clean: float) -> tuple:
 
 def check_note(check: MapCheck, clean: float) -> str:
     """The deletion check as a panel label says it, on the clean score's scale with fixed precision: ``top 20% off:
-    -34.2% · bottom: -2.0%``, then ``· inverted`` when the bottom costs more, ``· chance`` when the map does
-    not beat the null (:attr:`MapCheck.beats_chance`); ``blank``."""
+    -34.2% · bottom: -2.0%``, then ``· untestable`` when the check cannot tell maps apart on the image
+    (:attr:`MapCheck.untestable`), ``· inverted`` when the bottom costs more, ``· chance`` when the map does not beat
+    the null (:attr:`MapCheck.beats_chance`); ``blank``."""
     if check.blank:
         return "blank"
     fraction = DEFAULT_FRACTIONS[len(check.top_removed) - 1]
     top, bottom = (round(100 * v, 1) + 0 for v in check_change(check, clean))  # + 0: no "-0.0"
     return f"top {fraction:.0%} off: {top:+.1f}% · bottom: {bottom:+.1f}%" + (
-        " · inverted" if check.inverted else " · chance" if check.failed else "")
+        " · untestable" if check.untestable else " · inverted" if check.inverted else " · chance" if check.failed
+        else "")
 
 
 def margin_cell(check: MapCheck) -> Optional[float]:

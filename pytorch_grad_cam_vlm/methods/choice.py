@@ -62,13 +62,14 @@ def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     first = check_maps(model, x, maps, target, fractions[:1], window_scores=windows, **options)
     order = ranked(np.array([c.total for c in first[:len(first) - null]]))[:STAGED_KEPT] + nulls
     rest = check_maps(model, x, maps[order], target, fractions[1:], window_scores=windows, **options)
-    checks = [MapCheck(c.score, c.top_removed, c.bottom_removed, c.blank, c.peak_drop, partial=not c.blank)
-              for c in first]
+    checks = [MapCheck(c.score, c.top_removed, c.bottom_removed, c.blank, c.peak_drop, partial=not c.blank,
+                       clean=c.clean) for c in first]
     for i, later in zip(order, rest):
         if later.blank:
             continue
         top, bottom = first[i].top_removed + later.top_removed, first[i].bottom_removed + later.bottom_removed
-        checks[i] = MapCheck(float(np.mean(np.subtract(bottom, top))), top, bottom, False, first[i].peak_drop)
+        checks[i] = MapCheck(float(np.mean(np.subtract(bottom, top))), top, bottom, False, first[i].peak_drop,
+                             clean=first[i].clean)
     if null:
         checks = with_null_margins(checks[:-null], checks[-null:], options["clean"])
     return best_index([c if not c.partial else None for c in checks]), checks

@@ -24,6 +24,10 @@ same image, once per image whatever the number of maps checked. A map's ``null_m
 spreads (standard deviations) its ``total`` lies above the null's mean; the verdict is ``"ok"`` only at
 :data:`CHANCE_MARGIN` or more (``"chance"`` below it).
 
+Where the check cannot tell maps apart on an image, the verdict says ``"untestable"`` instead of judging the map
+(:attr:`MapCheck.untestable`): no removal moved the target, or removing the map's least relevant share already costs
+the target as much as its most relevant share does.
+
 Removed pixels get the fill ``"mean"`` (0 in the normalised input: the processor's mean colour, as occlusion
 greys) or ``"blur"`` (the image blurred by a Gaussian of :data:`BLUR_SIGMA` pixels, which keeps low frequencies).
 Measured against ROAD on the demo model: ``benchmarks/deletion_check_vs_road.md``.
@@ -62,6 +66,13 @@ CHANCE_MARGIN = 1.5
 # The least spread a null is given, as a share of max(1, |clean target|): on the demo model a third of the answers do
 # not move under any removal (the null's totals spread 1e-4 logits, float noise), where a margin means nothing.
 NULL_SPREAD_FLOOR = 1e-3
+# A check that cannot tell maps apart says so ("untestable") instead of judging the map: where no removal it made moved
+# the target by NULL_SPREAD_FLOOR of max(1, |clean|) (demo: answers no removal moves), or where removing the map's
+# least relevant share at the first fraction already costs the target FRAGILE_SHARE of max(1, |clean|), as its most
+# relevant share does (pairs: any grey 5 % of the canvas collapses a shared-shape answer from 7.5 to below -0.8
+# logits, so the top-minus-bottom score's sign is noise). Measured on the five development models:
+# benchmarks/verdict_null.md.
+FRAGILE_SHARE = 0.5
 FILLS = ("mean", "blur")
 BLUR_SIGMA = 8.0
 # Batch sizes, measured with benchmarks/bench_benchmark.py --batch-sizes (CPU time per image, 1 torch thread;
@@ -99,6 +110,7 @@ class MapCheck:
     estimated: bool = False  # the first-order estimate (:func:`first_order_checks`), not measured
     partial: bool = False  # measured at the first fraction only (``explain``'s first stage): not the check's score
     null_margin: Optional[float] = None  # (total - the null's mean) / the null's spread; None: no null measured
+    clean: Optional[float] = None  # the target on the whole image; None: not recorded (no "untestable" verdict)
 
     @property
     def total(self) -> float:
@@ -106,9 +118,35 @@ class MapCheck:
         return self.score + self.peak_drop
 
     @property
+    def untestable(self) -> bool:
+        """The check cannot tell this map from another on this image: no removal it made moved the target by
+        :data:`NULL_SPREAD_FLOOR` of max(1, |clean|), or removing the map's least relevant share (first fraction)
+        already cost the target :data:`FRAGILE_SHARE` of max(1, |clean|), as removing its most relevant share did."""
+        if self.blank or self.clean is None or self.partial or self.estimated:
+            return False
+        scale = max(1.0, abs(self.clean))
+        return self.unmoved or min(self.clean - self.top_removed[0],
+                                   self.clean - self.bottom_removed[0]) >= FRAGILE_SHARE * scale
+
+    @property
+    def unmoved(self) -> bool:
+        """No removal of the check moved the target by :data:`NULL_SPREAD_FLOOR` of max(1, |clean|) (False when the
+        clean value was not recorded)."""
+        return self.clean is not None and not self.blank and bool(
+            self.largest_change() < NULL_SPREAD_FLOOR * max(1.0, abs(self.clean)))
+
+    def largest_change(self, clean: Optional[float] = None) -> float:
+        """The largest change of the target from ``clean`` (default: the recorded clean value) among this check's
+        removals: the map's top and bottom shares and its peak window (NaN when blank)."""
+        clean = self.clean if clean is None else clean
+        if self.blank:
+            return float("nan")
+        return float(max([abs(clean - v) for v in self.top_removed + self.bottom_removed] + [abs(self.peak_drop)]))
+
+    @property
     def inverted(self) -> bool:
-        """Removing the map's top hurts the target less than removing its bottom."""
-        return not self.blank and self.score < 0
+        """Removing the map's top hurts the target less than removing its bottom (on a check that can tell)."""
+        return not self.blank and not self.untestable and self.score < 0
 
     @property
     def beats_chance(self) -> Optional[bool]:
@@ -117,13 +155,15 @@ class MapCheck:
 
     @property
     def failed(self) -> bool:
-        """Blank, inverted, or no better than maps of no information: a map not to trust."""
-        return self.blank or self.inverted or self.beats_chance is False
+        """Blank, untestable, inverted, or no better than maps of no information: a map not to trust."""
+        return self.blank or self.untestable or self.inverted or self.beats_chance is False
 
     @property
     def verdict(self) -> str:
-        """``"blank"``, ``"inverted"``, ``"chance"`` (does not beat the null) or ``"ok"``."""
-        return "blank" if self.blank else "inverted" if self.inverted else "chance" if self.failed else "ok"
+        """``"blank"``, ``"untestable"`` (the check cannot tell maps apart on this image), ``"inverted"``,
+        ``"chance"`` (does not beat the null) or ``"ok"``."""
+        return ("blank" if self.blank else "untestable" if self.untestable else "inverted" if self.inverted
+                else "chance" if self.failed else "ok")
 
 
 def map_rng(seed: int, cam: np.ndarray) -> np.random.Generator:
@@ -254,7 +294,7 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
         start, peak = at
         top, bottom = scores[start:start + 2 * n:2], scores[start + 1:start + 2 * n:2]
         checks.append(MapCheck(float(np.mean(bottom - top)), [float(v) for v in top], [float(v) for v in bottom],
-                               False, float(clean - window_scores[peak])))
+                               False, float(clean - window_scores[peak]), clean=float(clean)))
     return with_null_margins(checks[:-null], checks[-null:], clean) if null else checks
 
 
@@ -364,6 +404,13 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
         return None
     if check.blank:
         what = f"{name}: {label} is blank (the map is flat: it shows nothing)"
+    elif check.untestable:
+        scale = max(1.0, abs(check.clean))
+        what = (f"{name}: {label} cannot be checked on this image (" + (
+            f"no removal the check made moved the target by {NULL_SPREAD_FLOOR * scale:.2g}" if check.unmoved else
+            f"removing even its least relevant pixels drops the target by "
+            f"{check.clean - check.bottom_removed[0]:.3g}, as its most relevant do by "
+            f"{check.clean - check.top_removed[0]:.3g}: the answer breaks under any removal") + ")")
     elif not check.inverted:
         what = (f"{name}: {label} does not beat chance (its check total is {check.null_margin:.2g} spreads above the "
                 f"mean of random token maps' on this image, below {CHANCE_MARGIN:g})")

@@ -81,9 +81,7 @@ def part_change(clean: float, checks: Sequence[MapCheck]) -> float:
     """The largest change of the target, from its ``clean`` value, among the images ``checks`` scored: each map's top
     and bottom shares removed and its peak window removed (0 when every map was blank). Maps a staged or peak choice
     left unchecked come as ``None`` and are skipped."""
-    scored = [c for c in checks if c is not None and not c.blank]
-    changes = [abs(clean - v) for c in scored for v in list(c.top_removed) + list(c.bottom_removed)]
-    changes += [abs(c.peak_drop) for c in scored]
+    changes = [c.largest_change(clean) for c in checks if c is not None and not c.blank]
     return float(np.nanmax(changes)) if changes and not np.all(np.isnan(changes)) else 0.0
 
 

@@ -9,8 +9,8 @@ from conftest import answer_survives_a_blank_image, random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.methods.choice import choose_map
-from pytorch_grad_cam_vlm.metrics.deletion_check import (CHANCE_MARGIN, NULL_SPREAD_FLOOR, MapCheck, check_maps,
-                                                         failure_warning, map_rng, null_maps, null_margin,
+from pytorch_grad_cam_vlm.metrics.deletion_check import (CHANCE_MARGIN, FRAGILE_SHARE, NULL_SPREAD_FLOOR, MapCheck,
+                                                         check_maps, failure_warning, map_rng, null_maps, null_margin,
                                                          ranked_map)
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
@@ -65,6 +65,50 @@ def test_the_verdict_needs_the_margin():
     assert null_margin(8.6 + 1e-4, [8.6] * 8, clean=8.6) == pytest.approx(1e-4 / (NULL_SPREAD_FLOOR * 8.6))
 
 
+def test_a_check_that_cannot_tell_maps_apart_says_untestable():
+    # Nothing moves (demo: an answer no removal moves): every change below the floor of max(1, |clean|).
+    unmoved = MapCheck(-6e-4, [8.6331, 8.6329], [8.6325, 8.6323], False, 3e-4, null_margin=-0.1, clean=8.633)
+    assert unmoved.unmoved and unmoved.untestable and unmoved.verdict == "untestable" and unmoved.failed
+    assert unmoved.largest_change() == pytest.approx(8.633 - 8.6323)
+    assert failure_warning("a.png", "GradCAM at layer 3", unmoved) == (
+        f"a.png: GradCAM at layer 3 cannot be checked on this image (no removal the check made moved the target by "
+        f"{NULL_SPREAD_FLOOR * 8.633:.2g}).")
+    # Everything moves (pairs: any grey 5 % collapses the answer): the bottom costs as much as the top.
+    fragile = MapCheck(-0.915, [-1.04, -0.79], [-1.8, -1.85], False, 8.27, null_margin=4.0, clean=7.52)
+    assert not fragile.unmoved and fragile.untestable and fragile.verdict == "untestable" and not fragile.inverted
+    assert failure_warning("a.png", "GradCAM at layer 3", fragile) == (
+        "a.png: GradCAM at layer 3 cannot be checked on this image (removing even its least relevant pixels drops the "
+        "target by 9.32, as its most relevant do by 8.56: the answer breaks under any removal).")
+    # An inverted map: its top costs little, its bottom much; a good one the other way round; both testable.
+    inverted = MapCheck(-8.0, [7.4, 7.3], [-0.5, -0.7], False, 0.1, null_margin=-3.0, clean=7.52)
+    good = MapCheck(8.0, [-0.5, -0.7], [7.4, 7.3], False, 8.0, null_margin=5.0, clean=7.52)
+    assert inverted.verdict == "inverted" and good.verdict == "ok" and not inverted.untestable
+    # The bottom's drop just below FRAGILE_SHARE of max(1, |clean|) keeps the check's own verdict.
+    below = MapCheck(-0.1, [0.0], [7.52 - FRAGILE_SHARE * 7.52 + 1e-3], False, 7.0, clean=7.52)
+    assert not below.untestable and below.verdict == "inverted"
+    assert MapCheck(-0.915, [-1.04], [-1.8], False, 8.27).verdict == "inverted"  # no clean recorded: as before
+
+
+def test_check_maps_records_the_clean_value_and_finds_untestable_images():
+    class AnyRemovalBreaks(torch.nn.Module):  # logit 10 while no pixel is the fill (0), else -1
+        def forward(self, x):
+            intact = (x != 0).flatten(1).all(1).float()
+            return torch.stack([11 * intact - 1, torch.zeros_like(intact)], 1)
+
+    class Blind(torch.nn.Module):  # the image does not matter
+        def forward(self, x):
+            return torch.full((len(x), 2), 5.0)
+
+    x = torch.rand(1, 3, 28, 28) + 0.1
+    cam = np.zeros((28, 28), np.float32)
+    cam[:7, :7] = 1
+    target = ClassifierOutputTarget(0)
+    for model, unmoved in ((AnyRemovalBreaks(), False), (Blind(), True)):
+        check, = check_maps(model, x, cam[None], target)
+        assert check.clean == float(model(x)[0, 0]) and check.unmoved is unmoved
+        assert check.verdict == "untestable"
+
+
 def test_the_staged_choice_gives_the_margins_of_the_full_check(wrapper):
     """The null rides along both stages: the kept maps' margins equal those of checking everything at once."""
     x = wrapper.preprocess(random_image(56, 84, seed=4))
@@ -112,6 +156,7 @@ def test_maps_with_no_information_are_flagged_on_both_trained_models(name):
                             null=6)
         random_flagged += sum(c.failed for c in checks[:-2])
         random_maps += len(random)
-        assert checks[-2].verdict in ("inverted", "chance") and checks[-1].verdict == "blank"
+        # the inverted map fails: inverted, no better than chance, or untestable where no removal moves the answer
+        assert checks[-2].verdict in ("inverted", "chance", "untestable") and checks[-1].verdict == "blank"
     assert default_flagged <= PINNED[name]["default"] + 1
     assert random_flagged / random_maps >= PINNED[name]["random"] - 0.1
