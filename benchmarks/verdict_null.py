@@ -58,6 +58,7 @@ def null_totals(wrapper, x, target, clean) -> list:
 
 
 def measure(name: str, n: int, seed: int) -> list:
+    """One row per map of ``n`` held-out samples of model ``name`` (see the module's docstring)."""
     model, processor, samples = held_out(name, n, seed)
     tolerance = geometry(name)[1]
     rows = []
@@ -86,7 +87,8 @@ def measure(name: str, n: int, seed: int) -> list:
         for kind, check, null, image_clean, cam in cases:
             hits = score(frame.to_image(cam), sample, tolerance) if cam is not None and np.ptp(cam) > 0 else {}
             rows.append(dict(model=name, sample=i, kind=kind, score=check.score, total=check.total, clean=image_clean,
-                             failed_before=int(check.blank or check.inverted), hit=hits.get("pointing", ""),
+                             failed_before=int(check.blank or check.untestable or check.inverted),
+                             untestable=int(check.untestable), hit=hits.get("pointing", ""),
                              distractor=hits.get("distractor", ""), null=";".join(f"{v:.6g}" for v in null)))
     return rows
 
@@ -122,6 +124,8 @@ def summarise() -> None:
         table.append(dict(model=m, maps=kind, n=len(group), flagged_before=float(np.mean([r["failed_before"]
                                                                                         for r in group])),
                           flagged_after=flagged(group, NULL_MAPS, CHANCE_MARGIN),
+                          untestable=float(np.mean([int(r.get("untestable") or 0) for r in group])) if group
+                          else float("nan"),
                           ok_on_evidence=ok_on_evidence(group),
                           goal=" ".join(map(str, GOALS[kind])) if kind in GOALS else ""))
     sweep = []  # every K and threshold: the worst case over the models of each goal
@@ -142,10 +146,12 @@ def summarise() -> None:
         writer.writerows(sweep)
     counts = ", ".join(f"{m} {len(groups[(m, 'default')])}" for m in models)
     text = markdown(table, f"# Does the verdict beat chance?\n\nHeld-out samples: {counts}. Flagged: the verdict is "
-                           "not \"ok\". Before: blank or inverted fails; after: also a total below "
+                           "not \"ok\". Before: blank, untestable or inverted fails; after: also a total below "
                            f"{CHANCE_MARGIN} null spreads above the mean of {NULL_MAPS} null maps (the defaults). "
                            "ok_on_evidence: of the maps that get \"ok\", the share whose maximum lies on the "
-                           "evidence. "
+                           "evidence. untestable: the share the check cannot test (no removal moves the target, or "
+                           "removing the map's least relevant 5 % costs as much as its most relevant: "
+                           "MapCheck.untestable), counted among the flagged. "
                            "Written by `python benchmarks/verdict_null.py MODEL N` (CPU).")
     text += "\n" + markdown([dict(r, meets_goals="yes" if r["meets_goals"] else "") for r in sweep],
                             "## Every null size and threshold\n\nWorst case over the models: the highest flagged "
