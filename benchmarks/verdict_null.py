@@ -1,6 +1,6 @@
 """Does the check's verdict tell a map from chance? How often maps of no information, and the default's own maps, get
 ``"ok"`` on held-out samples of the trained demo models, before (blank or inverted fails) and after the null
-(:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`: a map's total must lie ``CHANCE_MARGIN`` of the
+(:func:`~pytorch_grad_cam_vlm.metrics.null.null_maps`: a map's total must lie ``CHANCE_MARGIN`` of the
 null's spreads above its mean), and how that depends on the null's size K and the threshold (issue 26, item 4).
 
     python benchmarks/verdict_null.py demo 40         # model, held-out samples[, seed]; writes verdict_null_demo.csv
@@ -36,7 +36,8 @@ from tqdm import tqdm
 from auto_layer import geometry, held_out, markdown, sample_case
 from dev_models_gap import score
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import CHANCE_MARGIN, NULL_MAPS, check_maps, null_maps, null_margin
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
+from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_MAPS, null_maps, null_margin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_NULL = 16

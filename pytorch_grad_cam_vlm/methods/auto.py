@@ -25,8 +25,9 @@ from pytorch_grad_cam_vlm.methods.catalog import cam_options, is_smooth, resolve
 from pytorch_grad_cam_vlm.methods.choice import choose_map
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, NULL_MAPS, MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, failure_warning
 from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit, split_map
+from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.metrics.reliance import VisualReliance, visual_reliance
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
 from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several
@@ -178,7 +179,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     :func:`~pytorch_grad_cam_vlm.metrics.reliance.visual_reliance`) adds two images. ``options`` go to each
     method's constructor (a Smooth method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"`` before the sweep passes and
     ``"check"`` before the check (a progress bar's label). ``null`` maps of no information
-    (:func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps`) are checked once per image with the candidates,
+    (:func:`~pytorch_grad_cam_vlm.metrics.null.null_maps`) are checked once per image with the candidates,
     ``2 * F + 1`` images each, and each complete check's ``null_margin`` says how far its map beats them (0: none,
     and no ``"chance"`` verdict)."""
     image_frames = None

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, PEAK_WINDOW, MapCheck, check_maps,
-                                                         null_maps, peak_drops, target_scores, token_cell,
-                                                         with_null_margins)
+                                                         peak_drops, target_scores, with_null_margins)
+from pytorch_grad_cam_vlm.metrics.null import null_maps, token_cell
 
 CHOICES = ("staged", "full", "peak")
 # How many maps the staged choice checks at the remaining fractions (benchmarks/auto_cheap.md).
@@ -36,7 +36,7 @@ def choose_map(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     (see the module's docstring), and one :class:`MapCheck` per map: complete for the kept map (and, ``"full"``,
     every map), ``partial`` for maps scored at the first fraction only, ``None`` where ``"peak"`` measured only the
     peak window. ``clean``: the target on ``x`` when already known (it saves one image). ``null`` > 0: that many
-    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.null_maps` (token cells of ``cell`` pixels) are checked in
+    :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` (token cells of ``cell`` pixels) are checked in
     full with the maps, once, and every complete check gets its ``null_margin``. ``peak_window``: the side in pixels
     of the window removed around each map's peak."""
     if choice not in CHOICES:

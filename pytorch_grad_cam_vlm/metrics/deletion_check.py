@@ -18,11 +18,9 @@ pointing game and a reader look at) and records ``peak_drop = target(image) - ta
 score + peak_drop`` ranks a map among others of the same image: it is what ``explain``'s ``auto`` maximises. Maps of
 one image that peak at the same pixel share that image, and the clean image is scored once.
 
-How far a map beats chance: the same check of :data:`NULL_MAPS` maps with no information at the smoothness of a
-token map (:func:`null_maps`: random values per token cell, scaled up bilinearly as grad-cam scales a map), on the
-same image, once per image whatever the number of maps checked. A map's ``null_margin`` is how many of the null's
-spreads (standard deviations) its ``total`` lies above the null's mean; the verdict is ``"ok"`` only at
-:data:`CHANCE_MARGIN` or more (``"chance"`` below it).
+How far a map beats chance: the same check of maps with no information on the same image
+(:mod:`pytorch_grad_cam_vlm.metrics.null`); the verdict is ``"ok"`` only where a map's ``null_margin`` reaches
+:data:`~pytorch_grad_cam_vlm.metrics.null.CHANCE_MARGIN` (``"chance"`` below it).
 
 Where the check cannot tell maps apart on an image, the verdict says ``"untestable"`` instead of judging the map
 (:attr:`MapCheck.untestable`): no removal moved the target, or removing the map's least relevant share already costs
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
+from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_SPREAD_FLOOR, null_maps, null_margin, token_cell
 
 # Small shares find the object a map points at: an object of the demo tasks covers 3-5 % of the canvas. Measured on
 # both trained demo models (`python benchmarks/auto_layer.py --n 40 --fractions F`, first 40 / 30 held-out samples):
@@ -52,20 +51,6 @@ DEFAULT_FRACTIONS = (0.05, 0.2)
 # Occlusion's window (metrics.localization.occlusion_map): one merged vision token of Qwen-VL, about an object of the
 # demo tasks; the one window size measured (benchmarks/auto_rules.md).
 PEAK_WINDOW = 28
-# The null (issue 26): NULL_MAPS maps of no information per image (2 * F + 1 = 5 images each), and how many of their
-# spreads above their mean a map's total must lie for "ok". Measured on 40 + 25 held-out samples of the demo and
-# crosses models (benchmarks/verdict_null.md, worst case over the two): at every K the default's maps are flagged
-# 0.10 (demo: 3 of 30 image-reliant samples where no removal moves the logit by 1e-3) up to a threshold, then more;
-# the largest such threshold flags RandomCAM's single-layer maps 0.695 / 0.710 / 0.710 / 0.720 of the time at
-# K = 4 / 6 / 8 / 12 (thresholds 1.25 / 1.5 / 1.75 / 1.75): K = 6 is the smallest within 0.02 of the best. Blank,
-# inverted and all-black-image maps: 1.00 flagged on both models. Their token grids are small (4x4, 4x6 cells), so a
-# random map hits the evidence about 1 time in 8: a map that removes the evidence cannot lie more than ~2.6 spreads
-# above such a null, and RandomCAM's maps that hit it check exactly as the default's do (docs/auto.md).
-NULL_MAPS = 6
-CHANCE_MARGIN = 1.5
-# The least spread a null is given, as a share of max(1, |clean target|): on the demo model a third of the answers do
-# not move under any removal (the null's totals spread 1e-4 logits, float noise), where a margin means nothing.
-NULL_SPREAD_FLOOR = 1e-3
 # A check that cannot tell maps apart says so ("untestable") instead of judging the map: where no removal it made moved
 # the target by NULL_SPREAD_FLOOR of max(1, |clean|) (demo: answers no removal moves), or where removing the map's
 # least relevant share at the first fraction already costs the target FRAGILE_SHARE of max(1, |clean|), as its most
@@ -119,9 +104,9 @@ class MapCheck:
 
     @property
     def untestable(self) -> bool:
-        """The check cannot tell this map from another on this image: no removal it made moved the target by
-        :data:`NULL_SPREAD_FLOOR` of max(1, |clean|), or removing the map's least relevant share (first fraction)
-        already cost the target :data:`FRAGILE_SHARE` of max(1, |clean|), as removing its most relevant share did."""
+        """The check cannot tell this map from another on this image: no removal it made moved the target
+        (:attr:`unmoved`), or removing the map's least relevant share (first fraction) already cost the target
+        :data:`FRAGILE_SHARE` of max(1, |clean|), as removing its most relevant share did."""
         if self.blank or self.clean is None or self.partial or self.estimated:
             return False
         scale = max(1.0, abs(self.clean))
@@ -130,8 +115,9 @@ class MapCheck:
 
     @property
     def unmoved(self) -> bool:
-        """No removal of the check moved the target by :data:`NULL_SPREAD_FLOOR` of max(1, |clean|) (False when the
-        clean value was not recorded)."""
+        """No removal of the check moved the target by
+        :data:`~pytorch_grad_cam_vlm.metrics.null.NULL_SPREAD_FLOOR` of max(1, |clean|) (False when the clean value
+        was not recorded)."""
         return self.clean is not None and not self.blank and bool(
             self.largest_change() < NULL_SPREAD_FLOOR * max(1.0, abs(self.clean)))
 
@@ -150,7 +136,8 @@ class MapCheck:
 
     @property
     def beats_chance(self) -> Optional[bool]:
-        """``null_margin`` reaches :data:`CHANCE_MARGIN` (``None`` when no null was measured)."""
+        """``null_margin`` reaches :data:`~pytorch_grad_cam_vlm.metrics.null.CHANCE_MARGIN` (``None`` when no null
+        was measured)."""
         return None if self.null_margin is None else bool(self.null_margin >= CHANCE_MARGIN)
 
     @property
@@ -221,10 +208,11 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     :func:`auto_batch_size`): ``2 * F`` forward images per map that is not blank, one per distinct peak
     (``peak_window`` pixels removed around it) not already in ``window_scores`` (peak pixel -> target with its window
     removed; filled in, to share between calls on the same image), and the clean image unless its score ``clean``
-    is given. Ties are broken in the order of :func:`map_rng`. ``null`` > 0 checks that many :func:`null_maps` of
-    token cells of ``cell`` pixels (default ``model.token_cell``) in the same batches, ``2 * F + 1`` more images
-    each, and sets every map's ``null_margin`` (:func:`with_null_margins`). A ``region`` ``(H, W)`` bool (one image
-    of several in one prompt) confines the check to its pixels: the fractions are shares of the region, the peak is
+    is given. Ties are broken in the order of :func:`map_rng`. ``null`` > 0 checks that many
+    :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` of token cells of ``cell`` pixels (default
+    ``model.token_cell``) in the same batches, ``2 * F + 1`` more images each, and sets every map's ``null_margin``
+    (:func:`with_null_margins`). A ``region`` ``(H, W)`` bool (one image of
+    several in one prompt) confines the check to its pixels: the fractions are shares of the region, the peak is
     the map's maximum there and its window is removed there only (``window_scores`` then holds this region's
     windows alone). Returns one :class:`MapCheck` per map."""
     maps = np.asarray(maps, dtype=np.float32)
@@ -298,35 +286,11 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     return with_null_margins(checks[:-null], checks[-null:], clean) if null else checks
 
 
-def token_cell(model: torch.nn.Module, cell: Optional[int] = None) -> int:
-    """``cell``, else the side in pixels of one token's cell of ``model`` (a wrapper's ``token_cell``)."""
-    cell = getattr(model, "token_cell", None) if cell is None else cell
-    if not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"The null needs the side in pixels of a token's cell: pass cell=..., got {cell!r}.")
-    return cell
-
-
-def null_maps(shape: Tuple[int, int], cell: int, count: int = NULL_MAPS, seed: int = 0) -> np.ndarray:
-    """``count`` maps ``(count, H, W)`` of no information at the smoothness of a token map: uniform random values on a
-    grid of ``cell``-pixel cells, scaled up to ``shape`` bilinearly (as grad-cam scales a map up, ``cv2.resize``).
-    The first ``k`` maps of a call do not depend on ``count``."""
-    grid = np.random.default_rng(seed).random((count, -(-shape[0] // cell), -(-shape[1] // cell)))
-    return torch.nn.functional.interpolate(torch.from_numpy(grid.astype(np.float32))[:, None], size=tuple(shape),
-                                           mode="bilinear", align_corners=False)[:, 0].numpy()
-
-
-def null_margin(total: float, null_totals: Sequence[float], clean: float) -> float:
-    """``(total - mean) / spread`` of ``null_totals`` (spread: their standard deviation, ``ddof=1``, at least
-    :data:`NULL_SPREAD_FLOOR` of ``max(1, |clean|)``); NaN for a blank map's NaN total."""
-    null_totals = np.asarray(null_totals, dtype=np.float64)
-    spread = max(float(np.std(null_totals, ddof=1)), NULL_SPREAD_FLOOR * max(1.0, abs(clean)))
-    return float((total - np.mean(null_totals)) / spread)
-
-
 def with_null_margins(checks: Sequence[Optional[MapCheck]], null: Sequence[MapCheck],
                       clean: float) -> List[Optional[MapCheck]]:
-    """``checks`` with their :func:`null_margin` against the totals of ``null`` (complete checks of :func:`null_maps`
-    of the same image, whose target is ``clean``). Partial, estimated and missing checks are left as they are."""
+    """``checks`` with their :func:`~pytorch_grad_cam_vlm.metrics.null.null_margin` against the totals of ``null``
+    (complete checks of :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` of the same image, whose target is
+    ``clean``). Partial, estimated and missing checks are left as they are."""
     totals = [c.total for c in null]
     return [c if c is None or c.partial or c.estimated else replace(c, null_margin=null_margin(c.total, totals, clean))
             for c in checks]

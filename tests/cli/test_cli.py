@@ -17,7 +17,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam_vlm import QwenVLWrapper
 from pytorch_grad_cam_vlm.cli import common, main
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import NULL_MAPS, check_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
+from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.models.registry import load_model
 from pytorch_grad_cam_vlm.visualize import figure_size, words_strip
 

@@ -8,7 +8,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam_vlm.methods import choice
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.choice import STAGED_KEPT, choose_map
-from pytorch_grad_cam_vlm.metrics.deletion_check import NULL_MAPS, check_maps, null_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
+from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS, null_maps
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 

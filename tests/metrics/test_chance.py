@@ -9,9 +9,9 @@ from conftest import answer_survives_a_blank_image, random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.methods.choice import choose_map
-from pytorch_grad_cam_vlm.metrics.deletion_check import (CHANCE_MARGIN, FRAGILE_SHARE, NULL_SPREAD_FLOOR, MapCheck,
-                                                         check_maps, failure_warning, map_rng, null_maps, null_margin,
-                                                         ranked_map)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (FRAGILE_SHARE, MapCheck, check_maps, failure_warning,
+                                                         map_rng, ranked_map)
+from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_SPREAD_FLOOR, null_maps, null_margin
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 
