@@ -4,9 +4,9 @@ its ``full`` and ``peak`` (``--fast``) choices, against one GradCAM call at a mi
 the forward images per call (counted by a hook on the wrapper). Writes benchmarks/bench_auto.csv.
 
 Models: the mid-size random Qwen2.5-VL of bench_smooth.py (8 decoder layers of width 512, 8 vision blocks of width
-256) and the trained development models: the Qwen ones (demo, crosses, pairs) with processors widened to accept
-448x448 (they were trained at their own canvas size; the cost does not depend on the weights), the tiled ones
-(onevision, internvl) on the canvas their own processing makes of the 448x448 image (``canvas`` column).
+256) and the trained development models, whose processors are widened to keep 448x448 (they were trained at their
+own canvas size; the cost does not depend on the weights): the Qwen ones (demo, crosses, pairs) take it as it is, the
+tiled ones (onevision, internvl) as a 448x448 canvas of their 32-pixel tiles (:func:`tiled_at_size`).
 
     python benchmarks/bench_auto.py [--repeats 3] [--threads N] [--models "mid-size random,3b"] [--occlusion]
     python benchmarks/bench_auto.py --repeats 1 --occlusion \
@@ -38,6 +38,20 @@ def at_size(processor, size: int):
     """A copy of ``processor`` whose resize keeps ``size x size`` images as they are."""
     processor = copy.deepcopy(processor)
     processor.image_processor.size = {"shortest_edge": size * size, "longest_edge": size * size}
+    return processor
+
+
+def tiled_at_size(model, processor, size: int):
+    """A copy of a tiled development model's ``processor`` that lays a ``size x size`` image on a ``size x size``
+    canvas of its 32-pixel tiles: LLaVA-OneVision's one grid pinpoint (``model``'s config follows, as the model reads
+    it there), InternVL's tiling up to ``(size / 32) ** 2`` tiles (it keeps its thumbnail)."""
+    processor = copy.deepcopy(processor)
+    image_processor = processor.image_processor
+    if hasattr(image_processor, "image_grid_pinpoints"):
+        image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints = [[size, size]]
+    else:
+        image_processor.crop_to_patches, image_processor.min_patches = True, 1
+        image_processor.max_patches = (size // image_processor.size["height"]) ** 2
     return processor
 
 
@@ -77,12 +91,12 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model, processor = load(name)
-        if name in tiled_tasks():  # a canvas of tiles, as the family's own processing makes it of the image
-            wrapper = wrap(model, processor, PROMPT)
+        if name in tiled_tasks():  # a canvas of tiles, widened as the Qwen processors are to keep 448x448
+            wrapper = wrap(model, tiled_at_size(model, processor, SIZE), PROMPT)
         else:
             wrapper = QwenVLWrapper(model, at_size(processor, SIZE), prompt=PROMPT)
         x = wrapper.preprocess(image)
-        assert name in tiled_tasks() or x.shape[2:] == (SIZE, SIZE), x.shape
+        assert x.shape[2:] == (SIZE, SIZE), x.shape
         with torch.no_grad():
             token = int(wrapper(x).argmax())
         target = [ClassifierOutputTarget(token)]
