@@ -302,8 +302,7 @@ def check_note(check: MapCheck, clean: float) -> str:
     fraction = DEFAULT_FRACTIONS[len(check.top_removed) - 1]
     top, bottom = (round(100 * v, 1) + 0 for v in check_change(check, clean))  # + 0: no "-0.0"
     return f"top {fraction:.0%} off: {top:+.1f}% · bottom: {bottom:+.1f}%" + (
-        " · untestable" if check.untestable else " · inverted" if check.inverted else " · chance" if check.failed
-        else "")
+        "" if check.verdict == "ok" else f" · {check.verdict}")
 
 
 def margin_cell(check: MapCheck) -> Optional[float]:

@@ -109,17 +109,21 @@ class MapCheck:
         :data:`FRAGILE_SHARE` of max(1, |clean|), as removing its most relevant share did."""
         if self.blank or self.clean is None or self.partial or self.estimated:
             return False
-        scale = max(1.0, abs(self.clean))
         return self.unmoved or min(self.clean - self.top_removed[0],
-                                   self.clean - self.bottom_removed[0]) >= FRAGILE_SHARE * scale
+                                   self.clean - self.bottom_removed[0]) >= FRAGILE_SHARE * self.scale
+
+    @property
+    def scale(self) -> float:
+        """``max(1, |clean|)``: what the untestable verdict's thresholds are shares of (NaN when not recorded)."""
+        return float("nan") if self.clean is None else max(1.0, abs(self.clean))
 
     @property
     def unmoved(self) -> bool:
         """No removal of the check moved the target by
-        :data:`~pytorch_grad_cam_vlm.metrics.null.NULL_SPREAD_FLOOR` of max(1, |clean|) (False when the clean value
+        :data:`~pytorch_grad_cam_vlm.metrics.null.NULL_SPREAD_FLOOR` of :attr:`scale` (False when the clean value
         was not recorded)."""
-        return self.clean is not None and not self.blank and bool(
-            self.largest_change() < NULL_SPREAD_FLOOR * max(1.0, abs(self.clean)))
+        return (self.clean is not None and not self.blank
+                and bool(self.largest_change() < NULL_SPREAD_FLOOR * self.scale))
 
     def largest_change(self, clean: Optional[float] = None) -> float:
         """The largest change of the target from ``clean`` (default: the recorded clean value) among this check's
@@ -211,10 +215,10 @@ def check_maps(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target
     is given. Ties are broken in the order of :func:`map_rng`. ``null`` > 0 checks that many
     :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` of token cells of ``cell`` pixels (default
     ``model.token_cell``) in the same batches, ``2 * F + 1`` more images each, and sets every map's ``null_margin``
-    (:func:`with_null_margins`). A ``region`` ``(H, W)`` bool (one image of
-    several in one prompt) confines the check to its pixels: the fractions are shares of the region, the peak is
-    the map's maximum there and its window is removed there only (``window_scores`` then holds this region's
-    windows alone). Returns one :class:`MapCheck` per map."""
+    (:func:`with_null_margins`). A ``region`` ``(H, W)`` bool (one image of several in one prompt) confines the
+    check to its pixels: the fractions are shares of the region, the peak is the map's maximum there and its window
+    is removed there only (``window_scores`` then holds this region's windows alone). Returns one :class:`MapCheck`
+    per map."""
     maps = np.asarray(maps, dtype=np.float32)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"check_maps takes one image (1, 3, H, W), got "
@@ -369,9 +373,8 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
     if check.blank:
         what = f"{name}: {label} is blank (the map is flat: it shows nothing)"
     elif check.untestable:
-        scale = max(1.0, abs(check.clean))
         what = (f"{name}: {label} cannot be checked on this image (" + (
-            f"no removal the check made moved the target by {NULL_SPREAD_FLOOR * scale:.2g}" if check.unmoved else
+            f"no removal the check made moved the target by {NULL_SPREAD_FLOOR * check.scale:.2g}" if check.unmoved else
             f"removing even its least relevant pixels drops the target by "
             f"{check.clean - check.bottom_removed[0]:.3g}, as its most relevant do by "
             f"{check.clean - check.top_removed[0]:.3g}: the answer breaks under any removal") + ")")
