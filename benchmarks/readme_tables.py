@@ -86,8 +86,22 @@ def faithfulness_best_table() -> str:
     return text[:text.index("\n\nEach method at its best layer")].strip()
 
 
+def auto_cost_table() -> str:
+    """What ``explain``'s default costs at 448x448 on the CPU, against one GradCAM call, one forward pass and
+    occlusion, measured in the same run per model (benchmarks/bench_auto_occlusion.csv, bench_auto_3b.csv)."""
+    lines = ["| model | forward images | x one GradCAM call | x one forward pass | x occlusion's time "
+             "| `--fast`: x GradCAM |", "|---|---|---|---|---|---|"]
+    for row in read_csv("bench_auto_occlusion.csv") + read_csv("bench_auto_3b.csv"):
+        occlusion = row.get("staged_per_occlusion", "")
+        occlusion = f"1/{1 / float(occlusion):.1f}" if occlusion else "–"
+        name = {"3b": "Qwen2.5-VL-3B-shaped (random, bf16)"}.get(row["model"], row["model"])
+        lines.append(f"| {name} | {row['staged_images']} | {float(row['staged_per_gradcam']):.1f} | "
+                     f"{float(row['staged_per_forward']):.1f} | {occlusion} | {float(row['peak_per_gradcam']):.1f} |")
+    return "\n".join(lines)
+
+
 TABLES: Dict[str, Callable[[], str]] = {"auto_layer": auto_layer_table, "faithfulness_demo": faithfulness_table,
-                                        "faithfulness_best": faithfulness_best_table}
+                                        "faithfulness_best": faithfulness_best_table, "auto_cost": auto_cost_table}
 
 
 def render(text: str) -> str:

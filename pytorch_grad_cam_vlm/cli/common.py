@@ -241,6 +241,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 answer_change=[answer_change(subject.wrapper, x, cam).share
                                for cam in result.candidate_maps[0, m, positions]],
                 verdict=[c.verdict for c in checks], null_margin=[margin_cell(c) for c in checks],
+                stability=[None if c.stability is None else round(c.stability, 3) for c in checks],
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                 f"{','.join(map(str, result.candidate_layers))}", visual_reliance=round(reliance.share, 6),
                 blur_reliance=round(reliance.blur_share, 6), image_drop=round(reliance.drop, 6),

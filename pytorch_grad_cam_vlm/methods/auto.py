@@ -12,7 +12,7 @@ follows each model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -21,7 +21,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.image import ImageInput
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules, layer_name
-from pytorch_grad_cam_vlm.methods.catalog import cam_options, is_smooth, resolve_method
+from pytorch_grad_cam_vlm.methods.catalog import cam_options, draws_at_random, is_smooth, resolve_method
 from pytorch_grad_cam_vlm.methods.choice import choose_map
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
@@ -29,6 +29,7 @@ from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCh
 from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit, split_map
 from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.metrics.reliance import VisualReliance, visual_reliance
+from pytorch_grad_cam_vlm.metrics.sanity import pearson
 from pytorch_grad_cam_vlm.models.frame import ImageFrame, Size, prepare_images
 from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several
 
@@ -151,7 +152,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
             fractions: Sequence[float] = DEFAULT_FRACTIONS, fill: str = "mean", batch_size: Optional[int] = None,
             seed: int = 0, options: Optional[dict] = None,
             image_size: Optional[Union[Size, Sequence[Size]]] = None, choice: str = "staged",
-            stage: Optional[Callable[[str], None]] = None, null: int = NULL_MAPS, split: bool = True) -> Explanation:
+            stage: Optional[Callable[[str], None]] = None, null: int = NULL_MAPS, split: bool = True,
+            redraw: bool = True) -> Explanation:
     """Maps of ``x`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the model predicts), from
     each candidate method at each candidate layer of ``wrapper.layers`` (and its projector), scored by the deletion
     check, the highest ``total`` per image kept.
@@ -177,11 +179,14 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     methods.choice.STAGED_KEPT` at the other fractions; ``"full"`` every map at every fraction; ``"peak"`` the peak
     windows alone and the kept map in full (``--fast``). Each image's visual reliance (``reliance``,
     :func:`~pytorch_grad_cam_vlm.metrics.reliance.visual_reliance`) adds two images. ``options`` go to each
-    method's constructor (a Smooth method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"`` before the sweep passes and
-    ``"check"`` before the check (a progress bar's label). ``null`` maps of no information
+    method's constructor (a Smooth method's ``n_samples``, ...). ``stage``, when given, is called with ``"maps"``
+    before the sweep passes and ``"check"`` before the check (a progress bar's label). ``null`` maps of no information
     (:func:`~pytorch_grad_cam_vlm.metrics.null.null_maps`) are checked once per image with the candidates,
     ``2 * F + 1`` images each, and each complete check's ``null_margin`` says how far its map beats them (0: none,
-    and no ``"chance"`` verdict)."""
+    and no ``"chance"`` verdict). ``redraw``: a method whose maps are random draws (RandomCAM, the Smooth methods:
+    :func:`~pytorch_grad_cam_vlm.methods.catalog.draws_at_random`) runs a second time, and each of its checks records
+    its map's correlation (Pearson) with the second draw (``stability``; ``"unstable"`` below
+    :data:`~pytorch_grad_cam_vlm.metrics.deletion_check.STABILITY_FLOOR`); deterministic methods run once."""
     image_frames = None
     if isinstance(x, MultiImage):
         if image_size is not None:
@@ -199,7 +204,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     else:
         chosen_layers = select_layers(n_layers, layers, wrapper.last_layer_blank, projector)
     target_layers = layer_modules(wrapper, chosen_layers)
-    maps, clean = [], [None] * len(x)
+    maps, clean, stability = [], [None] * len(x), []
     if stage:
         stage("maps")
     for cls in classes:
@@ -210,6 +215,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                 targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
             if not is_smooth(cls):  # the clean image's target, from the same pass (a Smooth method's is noisy)
                 clean = [float(target(row)) for target, row in zip(targets, cam.outputs.detach())]
+        stability.append(redrawn_stability(cls, wrapper, target_layers, constructor_options, x, checked, maps[-1])
+                         if redraw and draws_at_random(cls) else np.full(maps[-1].shape[:2], None))
     candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
     names = [cls.__name__ for cls in classes]
     checks, chosen, reliance = [], [], []
@@ -219,6 +226,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
         index, flat = choose_map(wrapper, x[b:b + 1], candidate_maps[b].reshape(-1, *candidate_maps.shape[3:]),
                                  targets[b], choice, fractions, fill, batch_size, seed, clean[b], null,
                                  wrapper.token_cell if null else None)
+        flat = [c if c is None or s is None else replace(c, stability=float(s))
+                for c, s in zip(flat, np.stack(stability, axis=1)[b].ravel())]
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
         chosen.append(divmod(index, len(chosen_layers)))
         reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
@@ -231,3 +240,14 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                        checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
                        targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=splits)
+
+
+def redrawn_stability(cls: type, wrapper: torch.nn.Module, target_layers: list, options: dict, x: torch.Tensor,
+                      targets: list, maps: np.ndarray) -> np.ndarray:
+    """``(B, L)``: the Pearson correlation of each of ``maps`` ``(B, L, H, W)`` (a sweep of ``cls``) with a second
+    sweep of the same method (a Smooth method with a ``seed`` draws the second with ``seed + 1``)."""
+    if options.get("seed") is not None:
+        options = dict(options, seed=options["seed"] + 1)
+    with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **options) as cam:
+        again = cam(input_tensor=x, targets=targets)
+    return np.array([[pearson(a, b) for a, b in zip(first, second)] for first, second in zip(maps, again)])

@@ -50,6 +50,14 @@ def is_smooth(method_cls: type) -> bool:
     return issubclass(method_cls, SmoothGrad)
 
 
+def draws_at_random(method_cls: type) -> bool:
+    """Whether two runs of ``method_cls`` give different maps: grad-cam's RandomCAM (random channel weights) and the
+    Smooth twins (random noise), which ``explain`` runs twice to measure a map's ``stability``."""
+    from pytorch_grad_cam import RandomCAM
+
+    return issubclass(method_cls, RandomCAM) or is_smooth(method_cls)
+
+
 def uses_gradients(method_cls: type, options: dict) -> bool:
     """Whether the method backpropagates: grad-cam sets it in each constructor, so it is read from an instance on
     a one-weight stand-in model, before the real model is loaded."""

@@ -58,6 +58,14 @@ PEAK_WINDOW = 28
 # logits, so the top-minus-bottom score's sign is noise). Measured on the five development models:
 # benchmarks/verdict_null.md.
 FRAGILE_SHARE = 0.5
+# A map drawn at random (RandomCAM's channel weights, a Smooth method's noise) must come out nearly the same when its
+# method runs again: below this correlation (Pearson) of the two draws its verdict is "unstable". RandomCAM's maps
+# follow the objects often enough to pass the deletion check (benchmarks/verdict_null.md). Chosen on the five
+# development models (benchmarks/verdict_stability.md, 200 held-out samples each): the lowest floor of 0.5-0.9 at
+# which RandomCAM's single-layer maps are flagged (this or the check's verdict) >= 0.9 on every model, with room:
+# 0.921-0.959 at 0.7 (0.885 at 0.5), while SmoothGradCAMPlusPlus's (n_samples 50, 40 samples) are unstable 0.013-0.106
+# per layer (0.025-0.150 of its chosen maps; at 0.9: 0.013-0.175 and 0.025-0.250).
+STABILITY_FLOOR = 0.7
 FILLS = ("mean", "blur")
 BLUR_SIGMA = 8.0
 # Batch sizes, measured with benchmarks/bench_benchmark.py --batch-sizes (CPU time per image, 1 torch thread;
@@ -96,6 +104,7 @@ class MapCheck:
     partial: bool = False  # measured at the first fraction only (``explain``'s first stage): not the check's score
     null_margin: Optional[float] = None  # (total - the null's mean) / the null's spread; None: no null measured
     clean: Optional[float] = None  # the target on the whole image; None: not recorded (no "untestable" verdict)
+    stability: Optional[float] = None  # correlation with a second draw of its method; None: not redrawn
 
     @property
     def total(self) -> float:
@@ -134,6 +143,12 @@ class MapCheck:
         return float(max([abs(clean - v) for v in self.top_removed + self.bottom_removed] + [abs(self.peak_drop)]))
 
     @property
+    def unstable(self) -> bool:
+        """A second draw of the map's method gave another map: :attr:`stability` below :data:`STABILITY_FLOOR` (or
+        NaN: one of the two draws is flat)."""
+        return not self.blank and self.stability is not None and not self.stability >= STABILITY_FLOOR
+
+    @property
     def inverted(self) -> bool:
         """Removing the map's top hurts the target less than removing its bottom (on a check that can tell)."""
         return not self.blank and not self.untestable and self.score < 0
@@ -146,15 +161,15 @@ class MapCheck:
 
     @property
     def failed(self) -> bool:
-        """Blank, untestable, inverted, or no better than maps of no information: a map not to trust."""
-        return self.blank or self.untestable or self.inverted or self.beats_chance is False
+        """Blank, unstable, untestable, inverted, or no better than maps of no information: a map not to trust."""
+        return self.blank or self.unstable or self.untestable or self.inverted or self.beats_chance is False
 
     @property
     def verdict(self) -> str:
-        """``"blank"``, ``"untestable"`` (the check cannot tell maps apart on this image), ``"inverted"``,
-        ``"chance"`` (does not beat the null) or ``"ok"``."""
-        return ("blank" if self.blank else "untestable" if self.untestable else "inverted" if self.inverted
-                else "chance" if self.failed else "ok")
+        """``"blank"``, ``"unstable"`` (another draw of its method differs), ``"untestable"`` (the check cannot
+        tell maps apart on this image), ``"inverted"``, ``"chance"`` (does not beat the null) or ``"ok"``."""
+        return ("blank" if self.blank else "unstable" if self.unstable else "untestable" if self.untestable
+                else "inverted" if self.inverted else "chance" if self.failed else "ok")
 
 
 def map_rng(seed: int, cam: np.ndarray) -> np.random.Generator:
@@ -372,6 +387,10 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
         return None
     if check.blank:
         what = f"{name}: {label} is blank (the map is flat: it shows nothing)"
+    elif check.unstable:
+        what = (f"{name}: {label} is unstable (a second run of its method gave a map of correlation "
+                f"{check.stability:.2f} with it, below {STABILITY_FLOOR:g}: the map is a random draw, not an "
+                "explanation; a Smooth method needs a larger n_samples)")
     elif check.untestable:
         what = (f"{name}: {label} cannot be checked on this image (" + (
             f"no removal the check made moved the target by {NULL_SPREAD_FLOOR * check.scale:.2g}" if check.unmoved else

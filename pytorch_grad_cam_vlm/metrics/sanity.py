@@ -15,14 +15,19 @@ import numpy as np
 import torch
 
 
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps' pixel values; NaN when either map is flat."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps' pixels (average ranks for ties); NaN when either map is flat."""
     from scipy.stats import rankdata
 
-    ra, rb = rankdata(np.ravel(a)), rankdata(np.ravel(b))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return pearson(rankdata(np.ravel(a)), rankdata(np.ravel(b)))
 
 
 def cascade_modules(wrapper) -> List[torch.nn.Module]:
