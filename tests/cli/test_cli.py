@@ -72,6 +72,27 @@ def reference(wrapper, image, method=GradCAM, layers=(1,), **options):
     return wrapper.processor.tokenizer.decode([index]), float(probabilities[index]), np.stack(maps)
 
 
+def test_a_random_method_reports_its_stability(capsys, tmp_path, model_dir, image_dir, wrapper):
+    """``--method RandomCAM``: the report's ``stability`` is the correlation of the map with a second draw, by hand
+    (numpy's generator seeded as the command finds it), and its verdict says ``unstable``."""
+    from pytorch_grad_cam import RandomCAM
+
+    from pytorch_grad_cam_vlm.metrics.deletion_check import STABILITY_FLOOR
+
+    image = os.path.join(image_dir, "a.jpg")
+    np.random.seed(2)
+    code, _, _ = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT, "--method",
+                     "randomcam", "--layers", "1", "--out", tmp_path / "out")
+    assert code == 0
+    [row] = json.loads((tmp_path / "out" / "report.json").read_text())
+    np.random.seed(2)
+    token, _, first = reference(wrapper, image, method=RandomCAM)
+    _, _, second = reference(wrapper, image, method=RandomCAM)
+    stability = float(np.corrcoef(first[0].ravel(), second[0].ravel())[0, 1])
+    assert row["stability"] == [pytest.approx(stability, abs=1e-3)]
+    assert stability < STABILITY_FLOOR and row["verdict"] == ["unstable"]  # this seed's two draws: -0.56
+
+
 def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir, image_dir, wrapper):
     out = tmp_path / "out"
     code, stdout, _ = run(capsys, "explain", "--model", model_dir, "--image", image_dir, "--prompt", PROMPT,
@@ -98,6 +119,7 @@ def test_explain_folder_writes_grids_maps_and_report(capsys, tmp_path, model_dir
         assert row["verdict"] == [c.verdict for c in checks]
         assert row["null_margin"] == [None if np.isnan(c.null_margin) else pytest.approx(c.null_margin, abs=1e-3)
                                       for c in checks]
+        assert row["stability"] == [None] * 4  # GradCAM is deterministic: not redrawn
         chosen = row["layers"][int(np.nanargmax([c.total for c in checks]))]  # every mode adds auto's overlay
         suffix = "projector" if chosen == "projector" else f"layer{chosen}"
         assert row["files"] == [f"{stem}_GradCAM_grid.png", f"{stem}_GradCAM_maps.npy",
