@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from auto_layer import geometry, held_out, markdown, sample_case
+from auto_layer import geometry, held_out, markdown, sample_case, write_csv
 from dev_models_gap import score
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
@@ -167,10 +167,7 @@ def main() -> None:
         name, n = sys.argv[1], int(sys.argv[2])
         torch.set_num_threads(1)
         rows = measure(name, n, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-        with open(os.path.join(HERE, f"verdict_null_{name}.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(os.path.join(HERE, f"verdict_null_{name}.csv"), rows)
     summarise()
 
 
