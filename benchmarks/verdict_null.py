@@ -157,19 +157,26 @@ def summarise() -> None:
     text += "\n" + markdown([dict(r, meets_goals="yes" if r["meets_goals"] else "") for r in sweep],
                             "## Every null size and threshold\n\nWorst case over the models: the highest flagged "
                             "share of the default's maps, the lowest of the others (verdict_null.csv).")
-    with open(os.path.join(HERE, "verdict_null.md"), "w") as f:
+    write_summary("verdict_null.md", text)
+
+
+def write_summary(file_name: str, text: str) -> None:
+    """``text`` into benchmarks/``file_name``, and printed."""
+    with open(os.path.join(HERE, file_name), "w") as f:
         f.write(text)
     print(text)
 
 
-def main() -> None:
+def command(prefix: str, measure, summarise, third_default: int) -> None:
+    """``python SCRIPT MODEL N [THIRD]``: ``measure(MODEL, N, THIRD)``'s rows into benchmarks/``prefix``_MODEL.csv
+    (one torch thread), then ``summarise()``; with no arguments, ``summarise()`` alone."""
     if len(sys.argv) > 2:
         name, n = sys.argv[1], int(sys.argv[2])
         torch.set_num_threads(1)
-        rows = measure(name, n, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-        write_csv(os.path.join(HERE, f"verdict_null_{name}.csv"), rows)
+        rows = measure(name, n, int(sys.argv[3]) if len(sys.argv) > 3 else third_default)
+        write_csv(os.path.join(HERE, f"{prefix}_{name}.csv"), rows)
     summarise()
 
 
 if __name__ == "__main__":
-    main()
+    command("verdict_null", measure, summarise, 0)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from auto_layer import held_out, markdown, sample_case, write_csv
+from auto_layer import held_out, markdown, sample_case
+from verdict_null import command, write_summary
 from verdict_null import flagged as flagged_by_margin
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import STABILITY_FLOOR
@@ -106,19 +106,8 @@ def summarise() -> None:
                            "maps); `flagged<F`: either. `draws_differ`: samples whose chosen RandomCAM map's total "
                            "differs from verdict_null's (0: the same first draws). The floor in use: "
                            f"{STABILITY_FLOOR:g} (`STABILITY_FLOOR`).")
-    with open(os.path.join(HERE, "verdict_stability.md"), "w") as f:
-        f.write(text)
-    print(text)
-
-
-def main() -> None:
-    if len(sys.argv) > 2:
-        name, n = sys.argv[1], int(sys.argv[2])
-        torch.set_num_threads(1)
-        rows = measure(name, n, int(sys.argv[3]) if len(sys.argv) > 3 else 40)
-        write_csv(os.path.join(HERE, f"verdict_stability_{name}.csv"), rows)
-    summarise()
+    write_summary("verdict_stability.md", text)
 
 
 if __name__ == "__main__":
-    main()
+    command("verdict_stability", measure, summarise, 40)
