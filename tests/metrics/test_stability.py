@@ -5,7 +5,7 @@ draw (``MapCheck.stability``), equal to a by-hand second sweep; below ``STABILIT
 ``n_samples`` are not, at the rates measured (benchmarks/verdict_stability.md)."""
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import assert_no_hooks_left, random_image
 from pytorch_grad_cam import RandomCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -51,6 +51,8 @@ def test_randomcam_stability_equals_a_by_hand_second_draw(wrapper):
                                                     redraw=False).candidate_checks[0][0])
     deterministic = explain(wrapper, x, [target], method="GradCAMPlusPlus", null=0)
     assert all(c.stability is None and not c.unstable for c in deterministic.candidate_checks[0][0])
+    assert_no_hooks_left(wrapper.model, "the redraw", "tiny Qwen")
+    assert all(p.grad is None for p in wrapper.parameters())
 
 
 def test_a_seeded_smooth_method_is_redrawn_with_the_next_seed(wrapper):
