@@ -29,12 +29,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.image import ImageInput
+from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
 from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, auto_batch_size
 from pytorch_grad_cam_vlm.models.answer_text import VISION_TOKENS
-from pytorch_grad_cam_vlm.models.multi_image import takes_several
+from pytorch_grad_cam_vlm.models.frame import ImageFrame
+from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several, takes_several
 from pytorch_grad_cam_vlm.models.qwen_vl import check_prompt
 
 # The question of retrieval code built on Qwen-VL, and the words its instruction-tuned models answer with (the first
@@ -57,7 +58,7 @@ class Query:
 @dataclass
 class Ranking:
     """Ranked items (images for :func:`rank_images`, captions or answers for :func:`rank_captions`), in input order:
-    each one's name, query, score, entropy, the map that explains its score (on its image's grid), the method and
+    each one's name, query, score, entropy, the map that explains its score (on the image itself), the method and
     layer :func:`explain` chose and the map's deletion check; ``order`` holds the indices best first."""
 
     names: List[str]
@@ -65,11 +66,11 @@ class Ranking:
     scoring: str  # "yes/no" or "answer"
     scores: np.ndarray  # (N,) float64 in [0, 1]
     entropies: np.ndarray  # (N,) bits
-    maps: List[np.ndarray]  # (H_i, W_i) float32 in [0, 1]
+    maps: List[np.ndarray]  # (H_i, W_i) float32 in [0, 1] on image i as passed (NaN where the model saw none of it)
     methods: List[str]
     layers: list
     checks: List[MapCheck]
-    rgb: List[np.ndarray]  # (H_i, W_i, 3) in [0, 1]: the image each map lies on
+    rgb: List[np.ndarray]  # (H_i, W_i, 3) in [0, 1]: image i as passed, which its map lies on
 
     @property
     def order(self) -> np.ndarray:
@@ -168,23 +169,41 @@ def _target(yes_no: Optional[Tuple[int, int]]):
     return AnswerTarget() if yes_no is None else ContrastiveTarget(*yes_no)
 
 
+@dataclass
+class _Inputs:
+    """The ranked images as the model takes them (``xs``), their canvas boxes beside a query image (``None``
+    without one), where each ranked image lies on its input (``frames``: on its box of the canvas) and the images."""
+
+    xs: List[torch.Tensor]
+    boxes: list
+    frames: List[ImageFrame]
+    pictures: List[np.ndarray]  # (H0, W0, 3) in [0, 1]
+
+
 def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: Sequence[str],
-                query_image: Optional[ImageInput] = None) -> Tuple[List[torch.Tensor], list]:
+                query_image: Optional[ImageInput] = None) -> _Inputs:
     """Every image through the wrapper's own preprocessing before any model work, a failure naming its image; with
-    a ``query_image``, each image beside it on one canvas. Returns the inputs and their canvas boxes (``None``
-    without a query image)."""
+    a ``query_image``, each image beside it on one canvas (a family that takes several images in one prompt)."""
     if len(images) == 0:
         raise ValueError("Nothing to rank: pass at least one image.")
     if query_image is not None:
         takes_several(wrapper)  # the query image goes beside each image in one prompt
-    xs, boxes = [], []
+    inputs = _Inputs([], [], [], [])
     for image, name in zip(images, names):
         try:
-            xs.append(wrapper.preprocess(image if query_image is None else [query_image, image]))
+            picture = load_rgb(image)
+            if query_image is None:
+                x = wrapper.preprocess(picture)
+                frame = wrapper.image_frame(picture.size[::-1], tuple(x.shape[-2:]))
+            else:  # the ranked image is the second of the prompt
+                x, (_, frame) = prepare_several(wrapper, MultiImage([query_image, picture]))
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{name}: {error}") from error
-        boxes.append(getattr(wrapper, "image_boxes", None))
-    return xs, boxes
+        inputs.xs.append(x)
+        inputs.boxes.append(getattr(wrapper, "image_boxes", None) if query_image is not None else None)
+        inputs.frames.append(frame)
+        inputs.pictures.append(np.asarray(picture, dtype=np.float32) / 255)
+    return inputs
 
 
 def _yes_no_ids(wrapper: torch.nn.Module, yes_no: Sequence[str]) -> Tuple[int, int]:
@@ -197,14 +216,13 @@ def _yes_no_ids(wrapper: torch.nn.Module, yes_no: Sequence[str]) -> Tuple[int, i
                          "for a lower-case vocabulary), or score a question and an answer instead.") from error
 
 
-def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequence[Query], names: Sequence[str],
-          yes_no: Optional[Tuple[int, int]], batch_size: Optional[int], explain_options: dict,
-          boxes: Optional[list] = None) -> Ranking:
-    """Score and explain item ``i`` (image ``xs[i]`` asked ``queries[i]``); items that share a query and an image
-    size go through the model together, ``batch_size`` (default: the deletion check's
-    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.auto_batch_size`) images at a time. Items on a canvas
-    beside a query image (``boxes[i]``) keep the map of their own box, the second."""
-    boxes = boxes or [None] * len(xs)
+def _rank(wrapper: torch.nn.Module, inputs: _Inputs, queries: Sequence[Query], names: Sequence[str],
+          yes_no: Optional[Tuple[int, int]], batch_size: Optional[int], explain_options: dict) -> Ranking:
+    """Score and explain item ``i`` (image ``inputs.xs[i]`` asked ``queries[i]``); items that share a query and an
+    image size go through the model together, ``batch_size`` (default: the deletion check's
+    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.auto_batch_size`) images at a time. Each map lies on its
+    image (``inputs.frames``); items on a canvas beside a query image keep the map of their own box, the second."""
+    xs, boxes = inputs.xs, inputs.boxes
     groups: Dict[tuple, List[int]] = {}
     for i, (x, query) in enumerate(zip(xs, queries)):
         groups.setdefault((query, tuple(x.shape[2:]), boxes[i]), []).append(i)
@@ -222,16 +240,16 @@ def _rank(wrapper: torch.nn.Module, xs: Sequence[torch.Tensor], queries: Sequenc
                 # the ranked image's map is its box of the canvas's; no split between it and the query image
                 result = explain(wrapper, x, [_target(yes_no)] * len(chunk), split=False, **explain_options)
                 for b, i in enumerate(chunk):
-                    maps[i], methods[i] = result.maps[b], result.methods[b]
+                    maps[i], methods[i] = result.model_maps[b], result.methods[b]
                     layers[i], checks[i] = result.layers[b], result.checks[b]
-    rgb = [wrapper.to_rgb(x)[0] for x in xs]
     for i, canvas_boxes in enumerate(boxes):
-        if canvas_boxes is not None:  # the ranked image's own frame: the second box, beside the query image
+        if canvas_boxes is not None:  # the ranked image's part: the second box, beside the query image
             top, left, height, width = canvas_boxes.boxes[1]
-            maps[i], rgb[i] = (a[top:top + height, left:left + width] for a in (maps[i], rgb[i]))
+            maps[i] = maps[i][top:top + height, left:left + width]
     return Ranking(names=list(names), queries=list(queries), scoring="answer" if yes_no is None else "yes/no",
-                   scores=scores, entropies=binary_entropy(scores), maps=maps, methods=methods, layers=layers,
-                   checks=checks, rgb=rgb)
+                   scores=scores, entropies=binary_entropy(scores),
+                   maps=[frame.to_image(m) for frame, m in zip(inputs.frames, maps)], methods=methods, layers=layers,
+                   checks=checks, rgb=inputs.pictures)
 
 
 def _queries(wrapper: torch.nn.Module, captions: Optional[Sequence[str]], question: Optional[str],
@@ -270,8 +288,8 @@ def rank_images(wrapper: torch.nn.Module, images: Sequence[ImageInput], caption:
                             None if question is None else [answer], template, yes_no)
     saved = getattr(wrapper, "image_boxes", None)  # preprocess sets it: the caller's canvas comes back after
     try:
-        xs, boxes = _preprocess(wrapper, images, names, query_image)
-        return _rank(wrapper, xs, queries * len(xs), names, ids, batch_size, explain_options, boxes)
+        inputs = _preprocess(wrapper, images, names, query_image)
+        return _rank(wrapper, inputs, queries * len(images), names, ids, batch_size, explain_options)
     finally:
         if hasattr(wrapper, "image_boxes"):
             wrapper.image_boxes = saved
@@ -287,5 +305,7 @@ def rank_captions(wrapper: torch.nn.Module, image: ImageInput, captions: Optiona
     if items is not None and len(items) == 0:
         raise ValueError("Nothing to rank: pass at least one caption or answer.")
     queries, ids = _queries(wrapper, captions, question, answers, template, yes_no)
-    x = _preprocess(wrapper, [image], ["the image"])[0][0]
-    return _rank(wrapper, [x] * len(queries), queries, list(items), ids, None, explain_options)
+    one = _preprocess(wrapper, [image], ["the image"])
+    inputs = _Inputs(one.xs * len(queries), one.boxes * len(queries), one.frames * len(queries),
+                     one.pictures * len(queries))
+    return _rank(wrapper, inputs, queries, list(items), ids, None, explain_options)

@@ -13,6 +13,7 @@ from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.rank import (DEFAULT_TEMPLATE, binary_entropy, rank_captions, rank_images,
                                                yes_no_prompt)
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
+from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several
 
 QUESTION = "What shape is the red object?"
 CHEAP = dict(method="GradCAM", layers="projector,1")  # two candidates: enough to exercise the choice per image
@@ -165,8 +166,9 @@ def test_every_prompt_taking_family_ranks_as_a_wrapper_asked_directly(family, tm
         with torch.no_grad():
             logits = direct(x)[0].double()
         np.testing.assert_allclose(ranking.scores[i], float(torch.softmax(logits[[yes, no]], -1)[0]), atol=1e-6)
-        alone = explain(direct, x, [ContrastiveTarget(yes, no)], method="GradCAM", layers="1")
-        np.testing.assert_allclose(ranking.maps[i], alone.maps[0], atol=1e-5)
+        alone = explain(direct, image, [ContrastiveTarget(yes, no)], method="GradCAM", layers="1")
+        np.testing.assert_allclose(ranking.maps[i], alone.maps[0], atol=1e-5)  # both on the image as passed
+        assert ranking.rgb[i].shape[:2] == ranking.maps[i].shape == image.shape[:2]
     answers = rank_captions(wrapper, images[0], question=PROMPT, answers=["red", "blue"], method="GradCAM",
                             layers="1")
     blue = wrapper_cls(model, processor, prompt=PROMPT, answer="blue")
@@ -195,6 +197,7 @@ def test_a_query_image_beside_each_image_scores_as_the_processor_with_both(demo)
     top, left, height, width = asked.image_boxes.boxes[1]
     np.testing.assert_allclose(ranking.maps[1], alone.maps[0][top:top + height, left:left + width], atol=1e-5)
     assert ranking.rgb[1].shape[:2] == (height, width) == samples[2].image.shape[:2]
+    np.testing.assert_allclose(ranking.rgb[1], samples[2].image / 255, atol=1e-6)  # the image as passed
 
 
 def test_a_query_image_beside_each_image_on_a_tiled_family_scores_and_maps_as_its_canvas(tmp_path):
@@ -210,8 +213,11 @@ def test_a_query_image_beside_each_image_on_a_tiled_family_scores_and_maps_as_it
             np.testing.assert_allclose(ranking.scores[i], float(asked(x)[0, 0].exp()), atol=1e-6)
         alone = explain(asked, x, [AnswerTarget()], **CHEAP)
         top, left, height, width = asked.image_boxes.boxes[1]
-        np.testing.assert_allclose(ranking.maps[i], alone.maps[0][top:top + height, left:left + width], atol=1e-5)
-        assert ranking.rgb[i].shape[:2] == (height, width)
+        # the image's box of the canvas map, carried onto the image as passed (the box is its tiles' letterbox)
+        _, frames = prepare_several(asked, MultiImage([query, image]))
+        expected = frames[1].to_image(alone.maps[0][top:top + height, left:left + width])
+        np.testing.assert_allclose(ranking.maps[i], expected, atol=1e-5)
+        assert ranking.maps[i].shape == ranking.rgb[i].shape[:2] == image.shape[:2] != (height, width)
 
 
 def test_a_query_image_needs_a_family_that_takes_several(tmp_path):
