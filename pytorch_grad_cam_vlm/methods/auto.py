@@ -228,9 +228,11 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                                  wrapper.token_cell if null else None)
         flat = [c if c is None or s is None else replace(c, stability=float(s))
                 for c, s in zip(flat, np.stack(stability, axis=1)[b].ravel())]
+        reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
+        if reliance[-1].prompt_only:  # no map of an answer that comes from the prompt is "ok": the warning says why
+            flat = [c if c is None else replace(c, prompt_only=True) for c in flat]
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
         chosen.append(divmod(index, len(chosen_layers)))
-        reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
     splits = None if boxes is None else [
         split_map(wrapper, x[b:b + 1], model_maps[b], boxes, targets[b], image_frames, fractions, fill, batch_size,

@@ -105,6 +105,7 @@ class MapCheck:
     null_margin: Optional[float] = None  # (total - the null's mean) / the null's spread; None: no null measured
     clean: Optional[float] = None  # the target on the whole image; None: not recorded (no "untestable" verdict)
     stability: Optional[float] = None  # correlation with a second draw of its method; None: not redrawn
+    prompt_only: bool = False  # the target hardly depends on the image (explain's visual reliance): untestable
 
     @property
     def total(self) -> float:
@@ -113,10 +114,15 @@ class MapCheck:
 
     @property
     def untestable(self) -> bool:
-        """The check cannot tell this map from another on this image: no removal it made moved the target
-        (:attr:`unmoved`), or removing the map's least relevant share (first fraction) already cost the target
-        :data:`FRAGILE_SHARE` of max(1, |clean|), as removing its most relevant share did."""
-        if self.blank or self.clean is None or self.partial or self.estimated:
+        """The check cannot tell this map from another on this image: the target hardly depends on the image
+        (:attr:`prompt_only`), no removal it made moved the target (:attr:`unmoved`), or removing the map's least
+        relevant share (first fraction) already cost the target :data:`FRAGILE_SHARE` of max(1, |clean|), as
+        removing its most relevant share did."""
+        if self.blank or self.partial or self.estimated:
+            return False
+        if self.prompt_only:
+            return True
+        if self.clean is None:
             return False
         return self.unmoved or min(self.clean - self.top_removed[0],
                                    self.clean - self.bottom_removed[0]) >= FRAGILE_SHARE * self.scale
@@ -393,6 +399,7 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
                 "explanation; a Smooth method needs a larger n_samples)")
     elif check.untestable:
         what = (f"{name}: {label} cannot be checked on this image (" + (
+            "the target hardly depends on the image: see its visual reliance" if check.prompt_only else
             f"no removal the check made moved the target by {NULL_SPREAD_FLOOR * check.scale:.2g}" if check.unmoved else
             f"removing even its least relevant pixels drops the target by "
             f"{check.clean - check.bottom_removed[0]:.3g}, as its most relevant do by "

@@ -1,12 +1,15 @@
-"""Visual reliance: equal to a by-hand computation, and a model that answers from its prompt alone is warned of."""
+"""Visual reliance: equal to a by-hand computation, and a model that answers from its prompt alone is warned of, its
+maps "untestable"."""
 import numpy as np
 import pytest
 import torch
 from conftest import random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from pytorch_grad_cam_vlm.layers import layer_name
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import filled
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps, filled
+from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.metrics.reliance import RELIANCE_THRESHOLD, VisualReliance, visual_reliance
 
 
@@ -41,6 +44,29 @@ def test_a_model_that_answers_from_the_prompt_alone_is_warned_of(wrapper):
         "image, and no map of it can be trusted.")
     result = explain(wrapper, x, [ClassifierOutputTarget(2)], method="GradCAM", layers=[0])
     assert not result.reliance[0].prompt_only and result.reliance[0].warning("a.png") is None
+
+
+def test_no_map_of_an_answer_from_the_prompt_is_ok(wrapper):
+    """The projector's output scaled down 100 times: the maps still show structure and the check alone calls two of
+    them "ok", but no removal moves the target by 1 % of its value (threshold 5 %), so every candidate's verdict is
+    "untestable", with the reason."""
+    x = wrapper.preprocess(random_image(56, 84, seed=5))
+    target = ClassifierOutputTarget(32)
+    handle = wrapper.merger.register_forward_hook(lambda module, args, output: output * 1e-2)
+    try:
+        result = explain(wrapper, x, [target], method="GradCAM", layers="projector,0,1", choice="full")
+        checks = [c for row in result.candidate_checks[0] for c in row if c is not None]
+        assert result.reliance[0].prompt_only and not all(c.blank for c in checks)
+        assert all(c.prompt_only and c.verdict == ("blank" if c.blank else "untestable") for c in checks)
+        assert result.warnings(["a.png"])[0] == (
+            f"a.png: GradCAM at {layer_name(result.layers[0])} cannot be checked on this image (the target hardly "
+            "depends on the image: see its visual reliance).")
+        # the same maps' own check, without the reliance: what the verdict would say of them
+        own = check_maps(wrapper, x, result.candidate_maps[0, 0], target, null=NULL_MAPS)
+        assert [c.verdict for c in own] == ["chance", "ok", "ok"]  # totals of 0.001-0.003 on a target of -0.36
+        assert [c.total for c in own] == pytest.approx([c.total for c in checks], abs=1e-6)
+    finally:
+        handle.remove()
 
 
 def test_the_threshold_is_on_the_larger_of_both_shares():
