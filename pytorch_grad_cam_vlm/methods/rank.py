@@ -93,7 +93,10 @@ class Ranking:
 
     def plot(self, path: str, title: Optional[str] = None, columns: int = 4) -> str:
         """The items in rank order, each its map's overlay labelled with rank, name, score, entropy and check, as a
-        PNG at ``path`` (images of other sizes centred on a white panel of the largest one). Returns ``path``."""
+        PNG at ``path`` (each image scaled to fit, centred on a white panel as large as the largest image). Returns
+        ``path``."""
+        import cv2
+
         from pytorch_grad_cam_vlm.visualize import DPI, overlay, panel_figure
 
         height, width = max(r.shape[0] for r in self.rgb), max(r.shape[1] for r in self.rgb)
@@ -101,6 +104,9 @@ class Ranking:
         for rank, i in enumerate(self.order):
             canvas = np.full((height, width, 3), 255, dtype=np.uint8)
             drawn = overlay(self.rgb[i], self.maps[i])
+            scale = min(height / drawn.shape[0], width / drawn.shape[1])  # the images are the users': any size
+            drawn = cv2.resize(drawn, (max(1, round(drawn.shape[1] * scale)), max(1, round(drawn.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
             top, left = (height - drawn.shape[0]) // 2, (width - drawn.shape[1]) // 2
             canvas[top:top + drawn.shape[0], left:left + drawn.shape[1]] = drawn
             panels.append((canvas, f"#{rank + 1} {self.names[i][:24]} · {self.scores[i]:.3f} · "
