@@ -218,6 +218,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
         stability.append(redrawn_stability(cls, wrapper, target_layers, constructor_options, x, checked, maps[-1])
                          if redraw and draws_at_random(cls) else np.full(maps[-1].shape[:2], None))
     candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
+    stability = np.stack(stability, axis=1)  # (B, M, L): None where the method was not redrawn
     names = [cls.__name__ for cls in classes]
     checks, chosen, reliance = [], [], []
     if stage:
@@ -227,7 +228,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                                  targets[b], choice, fractions, fill, batch_size, seed, clean[b], null,
                                  wrapper.token_cell if null else None)
         flat = [c if c is None or s is None else replace(c, stability=float(s))
-                for c, s in zip(flat, np.stack(stability, axis=1)[b].ravel())]
+                for c, s in zip(flat, stability[b].ravel())]
         reliance.append(visual_reliance(wrapper, x[b:b + 1], targets[b], clean[b], checks=flat))
         if reliance[-1].prompt_only:  # no map of an answer that comes from the prompt is "ok": the warning says why
             flat = [c if c is None else replace(c, prompt_only=True) for c in flat]

@@ -194,6 +194,10 @@ def _preprocess(wrapper: torch.nn.Module, images: Sequence[ImageInput], names: S
         raise ValueError("Nothing to rank: pass at least one image.")
     if query_image is not None:
         takes_several(wrapper)  # the query image goes beside each image in one prompt
+        try:
+            query_image = load_rgb(query_image)  # read once for all the images
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(f"the query image: {error}") from error
     inputs = _Inputs([], [], [], [])
     for image, name in zip(images, names):
         try:
