@@ -82,8 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--models", default="mid-size random,demo,crosses",
                         help="comma-separated: mid-size random, demo, crosses, 3b (Qwen2.5-VL-3B's published config, "
-                             "random bf16 weights: about 9 GB, 4.6 s per forward image and 8.5 minutes per default explain on "
-                             "the 2-core CPU, benchmarks/auto_cost.md)")
+                             "random bf16 weights: about 9 GB, 4.6 s per forward image and 8.5 minutes per default "
+                             "explain on the 2-core CPU, benchmarks/auto_cost.md)")
     parser.add_argument("--occlusion", action="store_true", help="also time occlusion (slow)")
     parser.add_argument("--choices", default="staged,full,peak",
                         help="comma-separated explain choices to time (full costs the 3b model about 12 more minutes)")
