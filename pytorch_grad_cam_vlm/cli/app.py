@@ -5,13 +5,16 @@ anywhere (Gradio's analytics, run history, MCP server and share link are off).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from pytorch_grad_cam_vlm.cli.common import PROG, _positive_int, add_loading_arguments
 from pytorch_grad_cam_vlm.errors import InputError
@@ -75,6 +78,21 @@ def open_explorer(args: argparse.Namespace, work_dir: str):
     return Explorer(model, processor, family, args.model, work_dir)
 
 
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt inside, as the page says, even where the shell started the app in
+    the background: a non-interactive shell starts background jobs with SIGINT ignored (POSIX), and Python then
+    installs no handler of its own. The handler before is put back after; off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def run_app(args: argparse.Namespace) -> int:
     """Serve the explorer until Ctrl-C (or ``--stop-after`` seconds), then remove its temporary folder."""
     warning = check_exposure(args.host, args.share, args.allow_public)
@@ -106,11 +124,12 @@ def run_app(args: argparse.Namespace) -> int:
         print(f"The explorer of {args.model} runs at {local_url}" + (f" and {share_url}" if share_url else "")
               + (f" for {args.stop_after} s" if args.stop_after else "") + "; Ctrl-C stops it.", flush=True)
         deadline = time.monotonic() + args.stop_after if args.stop_after else float("inf")
-        try:
-            while time.monotonic() < deadline:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
+        with interruptible():
+            try:
+                while time.monotonic() < deadline:
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
         print("The explorer stopped.", flush=True)
         return 0
     finally:

@@ -21,7 +21,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm import QwenVLWrapper
 from pytorch_grad_cam_vlm.cli import main
-from pytorch_grad_cam_vlm.cli.app import check_exposure, is_loopback
+from pytorch_grad_cam_vlm.cli.app import check_exposure, interruptible, is_loopback
 from pytorch_grad_cam_vlm.demo import load_demo_model, make_demo_samples
 from pytorch_grad_cam_vlm.methods.answers import explain_generated, generate_answer
 from pytorch_grad_cam_vlm.methods.auto import explain
@@ -281,6 +281,20 @@ def test_requests_to_the_model_run_one_at_a_time(demo, sample_png, tmp_path, mon
                                             ("0.0.0.0", False), ("192.168.1.20", False), ("example.org", False)])
 def test_only_loopback_counts_as_local(host, loopback):
     assert is_loopback(host) is loopback
+
+
+def test_ctrl_c_stops_the_app_when_the_shell_started_it_in_the_background():
+    """A non-interactive shell starts background jobs with SIGINT ignored, and Python keeps ignoring it: the app then
+    never stopped on Ctrl-C (found when the suite ran as `(pytest &)`: the server fixture's SIGINT went unheard)."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interruptible():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the signal arrives at once; a handler that ignored it would let this run out
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the handler before, put back
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_public_host_or_share_needs_allow_public(capsys):
