@@ -28,7 +28,7 @@ from auto_layer import held_out, markdown, sample_case
 from verdict_null import command, write_summary
 from verdict_null import flagged as flagged_by_margin
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import STABILITY_FLOOR
+from pytorch_grad_cam_vlm.metrics.map_check import STABILITY_FLOOR
 from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_MAPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))

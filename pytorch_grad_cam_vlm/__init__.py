@@ -20,9 +20,10 @@ from pytorch_grad_cam_vlm.methods.smooth_grad import (SmoothEigenCAM, SmoothEige
                                                       SmoothScoreCAM, SmoothShapleyCAM, SmoothXGradCAM, smooth)
 from pytorch_grad_cam_vlm.methods.sweep import LayerSweep, auto_layer, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget, WordTarget
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, check_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
 from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit
 from pytorch_grad_cam_vlm.metrics.localization import energy_in_box, occlusion_map, pointing_hit
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper
 from pytorch_grad_cam_vlm.models.clip import CLIPWrapper

@@ -11,7 +11,7 @@ from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.methods.auto import candidate_methods
 from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
 from pytorch_grad_cam_vlm.methods.classify import classify_and_explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import failure_warning
+from pytorch_grad_cam_vlm.metrics.map_check import failure_warning
 from pytorch_grad_cam_vlm.models.classifier import ClassifierWrapper, build_classifier, read_class_names
 from pytorch_grad_cam_vlm.models.registry import resolve_device
 from pytorch_grad_cam_vlm.output import check_out_dir, earlier_run

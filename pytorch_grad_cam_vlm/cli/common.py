@@ -21,7 +21,8 @@ from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, skip_last
 from pytorch_grad_cam_vlm.output import row_files, staged_output
 from pytorch_grad_cam_vlm.visualize import append_words, mode_layers, render

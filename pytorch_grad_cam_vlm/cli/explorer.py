@@ -25,7 +25,7 @@ from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_metho
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.metrics.answer_change import answer_change
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 from pytorch_grad_cam_vlm.models.registry import QWEN_MODEL_CLASSES, Subject, make_subject
 from pytorch_grad_cam_vlm.visualize import overlay, save_maps, save_overlay
 

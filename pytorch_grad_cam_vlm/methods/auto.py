@@ -25,8 +25,9 @@ from pytorch_grad_cam_vlm.methods.catalog import cam_options, draws_at_random, i
 from pytorch_grad_cam_vlm.methods.choice import choose_map
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS
 from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit, split_map
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck, failure_warning
 from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.metrics.reliance import VisualReliance, visual_reliance
 from pytorch_grad_cam_vlm.metrics.sanity import pearson
@@ -186,7 +187,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     and no ``"chance"`` verdict). ``redraw``: a method whose maps are random draws (RandomCAM, the Smooth methods:
     :func:`~pytorch_grad_cam_vlm.methods.catalog.draws_at_random`) runs a second time, and each of its checks records
     its map's correlation (Pearson) with the second draw (``stability``; ``"unstable"`` below
-    :data:`~pytorch_grad_cam_vlm.metrics.deletion_check.STABILITY_FLOOR`); deterministic methods run once."""
+    :data:`~pytorch_grad_cam_vlm.metrics.map_check.STABILITY_FLOOR`; each image's part of a split map, its part's
+    correlation); deterministic methods run once."""
     image_frames = None
     if isinstance(x, MultiImage):
         if image_size is not None:
@@ -204,7 +206,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     else:
         chosen_layers = select_layers(n_layers, layers, wrapper.last_layer_blank, projector)
     target_layers = layer_modules(wrapper, chosen_layers)
-    maps, clean, stability = [], [None] * len(x), []
+    maps, clean, redrawn = [], [None] * len(x), []
     if stage:
         stage("maps")
     for cls in classes:
@@ -215,10 +217,12 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                 targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
             if not is_smooth(cls):  # the clean image's target, from the same pass (a Smooth method's is noisy)
                 clean = [float(target(row)) for target, row in zip(targets, cam.outputs.detach())]
-        stability.append(redrawn_stability(cls, wrapper, target_layers, constructor_options, x, checked, maps[-1])
-                         if redraw and draws_at_random(cls) else np.full(maps[-1].shape[:2], None))
+        redrawn.append(redrawn_maps(cls, wrapper, target_layers, constructor_options, x, checked)
+                       if redraw and draws_at_random(cls) else None)
     candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
-    stability = np.stack(stability, axis=1)  # (B, M, L): None where the method was not redrawn
+    stability = np.stack([np.full(m.shape[:2], None) if again is None else
+                          np.array([[pearson(a, b) for a, b in zip(*pair)] for pair in zip(m, again)])
+                          for m, again in zip(maps, redrawn)], axis=1)  # (B, M, L): None where not redrawn
     names = [cls.__name__ for cls in classes]
     checks, chosen, reliance = [], [], []
     if stage:
@@ -237,7 +241,9 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
     splits = None if boxes is None else [
         split_map(wrapper, x[b:b + 1], model_maps[b], boxes, targets[b], image_frames, fractions, fill, batch_size,
-                  seed, clean[b], null, wrapper.token_cell if null else None) for b in range(len(x))]
+                  seed, clean[b], null, wrapper.token_cell if null else None,
+                  redrawn=None if redrawn[m] is None else redrawn[m][b, l], prompt_only=reliance[b].prompt_only)
+        for b, (m, l) in enumerate(chosen)]
     return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
                        methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
                        checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
@@ -245,12 +251,11 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                        targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=splits)
 
 
-def redrawn_stability(cls: type, wrapper: torch.nn.Module, target_layers: list, options: dict, x: torch.Tensor,
-                      targets: list, maps: np.ndarray) -> np.ndarray:
-    """``(B, L)``: the Pearson correlation of each of ``maps`` ``(B, L, H, W)`` (a sweep of ``cls``) with a second
-    sweep of the same method (a Smooth method with a ``seed`` draws the second with ``seed + 1``)."""
+def redrawn_maps(cls: type, wrapper: torch.nn.Module, target_layers: list, options: dict, x: torch.Tensor,
+                 targets: list) -> np.ndarray:
+    """``(B, L, H, W)``: a second sweep of ``cls`` (a method that draws at random) over ``x`` (a Smooth method with a
+    ``seed`` draws the second with ``seed + 1``), whose correlation with the first is each map's stability."""
     if options.get("seed") is not None:
         options = dict(options, seed=options["seed"] + 1)
     with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **options) as cam:
-        again = cam(input_tensor=x, targets=targets)
-    return np.array([[pearson(a, b) for a, b in zip(first, second)] for first, second in zip(maps, again)])
+        return cam(input_tensor=x, targets=targets)

@@ -21,8 +21,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, PEAK_WINDOW, MapCheck, check_maps,
-                                                         peak_drops, target_scores, with_null_margins)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (DEFAULT_FRACTIONS, PEAK_WINDOW, check_maps, peak_drops,
+                                                         target_scores, with_null_margins)
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 from pytorch_grad_cam_vlm.metrics.null import null_maps, token_cell
 
 CHOICES = ("staged", "full", "peak")

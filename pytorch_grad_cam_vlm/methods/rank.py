@@ -32,7 +32,8 @@ import torch
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.targets import AnswerTarget, ContrastiveTarget
-from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck, auto_batch_size
+from pytorch_grad_cam_vlm.metrics.deletion_check import auto_batch_size
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 from pytorch_grad_cam_vlm.models.answer_text import VISION_TOKENS
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import MultiImage, prepare_several, takes_several

@@ -10,13 +10,15 @@ check, evidence the map underrates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, MapCheck, check_maps, failure_warning
+from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS, check_maps
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.sanity import pearson
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes, box_masks, image_maps, mass_shares
 
@@ -45,15 +47,20 @@ class ImageSplit:
 def split_map(model: torch.nn.Module, x: torch.Tensor, cam: np.ndarray, boxes: ImageBoxes, target: Callable,
               frames: Optional[Sequence[ImageFrame]] = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
               fill: str = "mean", batch_size: Optional[int] = None, seed: int = 0, clean: Optional[float] = None,
-              null: int = 0, cell: Optional[int] = None) -> ImageSplit:
+              null: int = 0, cell: Optional[int] = None, redrawn: Optional[np.ndarray] = None,
+              prompt_only: bool = False) -> ImageSplit:
     """The :class:`ImageSplit` of ``cam`` ``(H, W)``, a map of the canvas ``x`` ``(1, 3, H, W)`` of the images at
     ``boxes``, for ``target``. ``frames`` carry each image's part onto the user's image (default: the part as it is).
-    The other arguments go to each image's
-    :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.check_maps` (``null`` > 0: that many null maps per image)."""
+    ``redrawn``: a second draw of ``cam``'s method (``(H, W)``), whose correlation with ``cam`` in each image is that
+    part's ``stability``; ``prompt_only``: the target hardly depends on the images (every part "untestable"). The
+    other arguments go to each image's :func:`~pytorch_grad_cam_vlm.metrics.deletion_check.check_maps` (``null`` > 0:
+    that many null maps per image)."""
     cam = np.asarray(cam, dtype=np.float32)
     frames = list(frames) if frames is not None else [ImageFrame.resized((h, w), (h, w)) for _, _, h, w in boxes.boxes]
-    checks = [check_maps(model, x, cam, target, fractions, fill, batch_size, seed, clean=clean, null=null, cell=cell,
-                         region=region)[0] for region in box_masks(boxes)]
+    checks = [replace(check_maps(model, x, cam, target, fractions, fill, batch_size, seed, clean=clean, null=null,
+                                 cell=cell, region=region)[0], prompt_only=prompt_only,
+                      stability=None if redrawn is None else pearson(cam[region], redrawn[region]))
+              for region in box_masks(boxes)]
     parts = image_maps(cam[None], boxes)
     return ImageSplit(boxes, mass_shares(cam[None], boxes)[0], checks,
                       [frame.to_image(part[0]) for frame, part in zip(frames, parts)], frames)

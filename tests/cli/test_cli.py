@@ -77,7 +77,7 @@ def test_a_random_method_reports_its_stability(capsys, tmp_path, model_dir, imag
     (numpy's generator seeded as the command finds it), and its verdict says ``unstable``."""
     from pytorch_grad_cam import RandomCAM
 
-    from pytorch_grad_cam_vlm.metrics.deletion_check import STABILITY_FLOOR
+    from pytorch_grad_cam_vlm.metrics.map_check import STABILITY_FLOOR
 
     image = os.path.join(image_dir, "a.jpg")
     np.random.seed(2)

@@ -113,7 +113,7 @@ def test_the_default_points_at_the_evidence_on_both_trained_models(name):
 
 def test_best_layer_is_the_highest_passing_total():
     from pytorch_grad_cam_vlm.methods.auto import Explanation
-    from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
+    from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
 
     # totals 0.9, 1.5 (but inverted) and 0.6: the highest total among the passing maps wins, not the highest score
     checks = [[MapCheck(0.2, [], [], False, 0.7), MapCheck(-1.0, [], [], False, 2.5),

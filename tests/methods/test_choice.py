@@ -38,6 +38,8 @@ def test_the_staged_choice_checks_the_best_partial_totals_in_full(wrapper):
             assert check.blank and not check.partial
         else:
             assert check.partial and check.total == pytest.approx(first[i].total, abs=1e-5)
+            assert check.verdict == "partial" and not check.failed  # half a check judges nothing
+    assert [checks[i].verdict for i in kept] == [full[i].verdict for i in kept]
     assert index == kept[int(np.argmax([full[i].total for i in kept]))]
 
 

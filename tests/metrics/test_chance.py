@@ -9,8 +9,8 @@ from conftest import answer_survives_a_blank_image, random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.methods.choice import choose_map
-from pytorch_grad_cam_vlm.metrics.deletion_check import (FRAGILE_SHARE, MapCheck, check_maps, failure_warning,
-                                                         map_rng, ranked_map)
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps, map_rng, ranked_map
+from pytorch_grad_cam_vlm.metrics.map_check import FRAGILE_SHARE, MapCheck, failure_warning
 from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_SPREAD_FLOOR, null_maps, null_margin
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
@@ -87,6 +87,20 @@ def test_a_check_that_cannot_tell_maps_apart_says_untestable():
     below = MapCheck(-0.1, [0.0], [7.52 - FRAGILE_SHARE * 7.52 + 1e-3], False, 7.0, clean=7.52)
     assert not below.untestable and below.verdict == "inverted"
     assert MapCheck(-0.915, [-1.04], [-1.8], False, 8.27).verdict == "inverted"  # no clean recorded: as before
+
+
+def test_a_check_not_made_in_full_judges_nothing():
+    """The staged choice's first stage (one fraction) and the first-order estimate are ranks, not checks: an
+    "inverted" first stage, an unmoved one or one below the null is not said to fail; blank and unstable still are."""
+    for half in ({"partial": True}, {"estimated": True}):
+        inverted = MapCheck(-8.0, [7.4], [-0.5], False, 0.1, null_margin=-3.0, clean=7.52, **half)
+        unmoved = MapCheck(-6e-4, [8.6331], [8.6325], False, 3e-4, clean=8.633, **half)
+        for check in (inverted, unmoved):
+            assert check.verdict == "partial" and not check.complete and not check.failed
+            assert not check.inverted and not check.untestable and failure_warning("a.png", "x", check) is None
+        assert MapCheck(float("nan"), [], [], True, float("nan"), **half).verdict == "blank"
+        assert MapCheck(1.0, [0.0], [1.0], False, 0.5, stability=0.2, **half).verdict == "unstable"
+    assert MapCheck(-8.0, [7.4], [-0.5], False, 0.1, clean=7.52).complete
 
 
 def test_check_maps_records_the_clean_value_and_finds_untestable_images():

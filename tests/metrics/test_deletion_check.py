@@ -5,9 +5,9 @@ import torch
 from conftest import random_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pytorch_grad_cam_vlm.metrics.deletion_check import (MapCheck, auto_batch_size, check_maps, failure_warning,
-                                                         filled, first_order_checks, map_rng, ranked_map,
-                                                         target_gradient)
+from pytorch_grad_cam_vlm.metrics.deletion_check import (auto_batch_size, check_maps, filled, first_order_checks,
+                                                         map_rng, ranked_map, target_gradient)
+from pytorch_grad_cam_vlm.metrics.map_check import MapCheck, failure_warning
 from pytorch_grad_cam_vlm.metrics.localization import map_peak
 
 BOX = (8, 4, 20, 14)  # x0, y0, x1, y1 of the region the toy model reads

@@ -40,7 +40,7 @@ def test_a_model_that_answers_from_the_prompt_alone_is_warned_of(wrapper):
     assert result.reliance[0].prompt_only and result.reliance[0].drop == pytest.approx(0, abs=1e-5)
     assert result.warnings(["a.png"])[-1] == (
         "a.png: the target hardly depends on the image (replacing the whole image by its mean colour changes it by "
-        "+0.0%, blurring it by +0.0%, removing parts of it by at most 0.0%): the answer comes from the prompt, not the "
+        "+0.0%, removing parts of it by at most 0.0%; blurring it by +0.0%): the answer comes from the prompt, not the "
         "image, and no map of it can be trusted.")
     result = explain(wrapper, x, [ClassifierOutputTarget(2)], method="GradCAM", layers=[0])
     assert not result.reliance[0].prompt_only and result.reliance[0].warning("a.png") is None
@@ -69,9 +69,14 @@ def test_no_map_of_an_answer_from_the_prompt_is_ok(wrapper):
         handle.remove()
 
 
-def test_the_threshold_is_on_the_larger_of_both_shares():
-    assert VisualReliance(2.0, 2.0, 2.0 - 0.5 * RELIANCE_THRESHOLD).prompt_only
-    assert not VisualReliance(2.0, 2.0, 2.0 - 4 * RELIANCE_THRESHOLD).prompt_only
+def test_the_threshold_is_on_the_whole_image_and_not_on_the_blur():
+    """The demo model's "triangle" (held-out sample 0 of benchmarks/verdict_null.py): a grey image and every removal
+    leave its logit at 8.63, its blur drops it to -0.85 by looking like another shape. The answer is the one the model
+    gives with no image: warned of, whatever the blur does."""
+    assert VisualReliance(2.0, 2.0 - 0.5 * RELIANCE_THRESHOLD, 2.0).prompt_only
+    assert not VisualReliance(2.0, 2.0 - 4 * RELIANCE_THRESHOLD, 2.0).prompt_only
+    assert VisualReliance(8.632889, 8.634178, -0.847097, 0.000522).prompt_only
+    assert VisualReliance(2.0, 2.0, 2.0 + 4).prompt_only
     assert not VisualReliance(-2.0, -1.0, -2.0).prompt_only  # the target rises without the image: it depends on it
     assert np.isnan(VisualReliance(0.0, 0.0, 0.0).share)
 
@@ -79,7 +84,7 @@ def test_the_threshold_is_on_the_larger_of_both_shares():
 def test_a_default_answer_that_parts_of_the_image_still_move_is_not_warned_of():
     """A model's default answer can survive a blank image (the demo model's "triangle"): when a part the check
     removed moves the target, the image matters and nothing is said."""
-    from pytorch_grad_cam_vlm.metrics.deletion_check import MapCheck
+    from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
     from pytorch_grad_cam_vlm.metrics.reliance import part_change
 
     checks = [MapCheck(0.3, [1.4], [1.9], False, 0.25), MapCheck(float("nan"), [], [], True, float("nan"))]

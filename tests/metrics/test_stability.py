@@ -13,7 +13,7 @@ from pytorch_grad_cam_vlm.layers import layer_modules
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.methods.catalog import draws_at_random, resolve_method
 from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
-from pytorch_grad_cam_vlm.metrics.deletion_check import STABILITY_FLOOR, MapCheck, failure_warning
+from pytorch_grad_cam_vlm.metrics.map_check import STABILITY_FLOOR, MapCheck, failure_warning
 
 
 def sweep(wrapper, cls, layers, x, target, **options):

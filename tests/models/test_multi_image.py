@@ -501,6 +501,44 @@ def test_explain_splits_the_chosen_map_between_the_images_each_on_its_own_pictur
         assert check == expected
 
 
+def test_each_images_part_of_a_random_map_carries_its_own_stability_and_the_prompt_only_verdict(gemma3):
+    """RandomCAM on two images: each part's stability is its region's correlation with a by-hand second draw (here
+    0.06 and 0.39, the whole map's 0.23): both parts "unstable", where before they carried none. GradCAM's parts are
+    "ok"; with the image tokens zeroed the answer comes from the prompt and no part's verdict is "ok"."""
+    from pytorch_grad_cam import RandomCAM
+
+    from pytorch_grad_cam_vlm.layers import PROJECTOR, layer_modules
+    from pytorch_grad_cam_vlm.metrics.sanity import pearson
+    from pytorch_grad_cam_vlm.methods.sweep import layer_sweep
+
+    target = ClassifierOutputTarget(3)
+    np.random.seed(5)  # grad-cam's RandomCAM draws its weights from numpy's global generator
+    result = explain(gemma3, MultiImage(GEMMA_IMAGES), [target], method="RandomCAM", layers="1", null=0)
+    np.random.seed(5)
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    draws = []
+    for _ in range(2):
+        with layer_sweep(RandomCAM)(model=gemma3, target_layers=layer_modules(gemma3, [1]),
+                                    reshape_transform=gemma3.reshape_transform) as cam:
+            draws.append(cam(input_tensor=x, targets=[target])[0, 0])
+    np.testing.assert_array_equal(result.model_maps[0], draws[0])
+    [split] = result.split
+    expected = [pearson(draws[0][region], draws[1][region]) for region in box_masks(split.boxes)]
+    assert [c.stability for c in split.checks] == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    assert result.checks[0].stability == pytest.approx(pearson(*draws), abs=1e-12)
+    assert [c.verdict for c in split.checks] == ["unstable", "unstable"] and max(expected) < 0.7
+    seeing = explain(gemma3, MultiImage(GEMMA_IMAGES), [target], method="GradCAM", layers="1", null=0)
+    assert [c.verdict for c in seeing.split[0].checks] == ["ok", "ok"]
+    projector, = layer_modules(gemma3, [PROJECTOR])
+    handle = projector.register_forward_hook(lambda module, args, output: output * 0)
+    try:
+        blind = explain(gemma3, MultiImage(GEMMA_IMAGES), [target], method="GradCAM", layers="1", null=0)
+    finally:
+        handle.remove()
+    assert blind.reliance[0].prompt_only
+    assert all(c.prompt_only and c.verdict in ("blank", "untestable") for c in blind.split[0].checks)
+
+
 def test_a_split_check_removes_only_its_images_pixels():
     """check_maps(region=...) on a model that sums its input: each removal takes exactly its share of the region's
     pixels (its top or bottom by the map), the peak's window is cut at the region's edge, nothing outside moves."""
