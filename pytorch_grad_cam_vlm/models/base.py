@@ -28,7 +28,7 @@ class ModelWrapper(torch.nn.Module):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type: Type[torch.nn.Module]  # what the subclass's ablation_layer() returns
+    ablation_layer_type: Type[torch.nn.Module]  # what ablation_layer() returns
     refuses_fullgrad = True  # FullGrad needs Conv2d/BatchNorm2d biases: CNN classifiers have them, transformers not
 
     def __init__(self, model: torch.nn.Module, processor, efficient_gradients: bool = True) -> None:
@@ -152,6 +152,12 @@ class ModelWrapper(torch.nn.Module):
         if bool(x.detach().abs().amax() > MAX_NORMALISED):
             raise ValueError(f"Image values reach {float(x.detach().abs().amax()):.4g}, far outside normalised "
                              "pixels (about -2..2.5): these look like raw 0..255 pixels; use wrapper.preprocess(image).")
+
+    def ablation_layer(self) -> torch.nn.Module:
+        """An ablation layer for grad-cam's AblationCAM on decoder layers, an :attr:`ablation_layer_type` of this
+        wrapper: it zeroes one channel at the image tokens' positions (a tiled family's: its ``view``'s).
+        ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
+        return self.ablation_layer_type(self)
 
     def _restore_layers(self) -> None:
         """grad-cam's AblationCAM swaps a layer for its ablation layer and, when that layer fails (an IndexError,

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
@@ -77,7 +77,7 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = TokenAblationLayer
+    ablation_layer_type = ViewAblationLayer
     views = VIEWS
     several_images = True  # preprocess takes a list of images for one prompt, without pan-and-scan
 
@@ -301,15 +301,7 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
-    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
-        """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
-        output) stands for."""
-        channels = self.model.config.text_config.hidden_size
-        if self.view == "crops" or (self.view == "combined" and index < channels):
-            return self.layout.crop_positions, index
-        return self.layout.whole_positions, index % channels
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
-        the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)
+    @property
+    def view_positions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The crops' token positions and the whole image's (without crops: the whole image's for both)."""
+        return self.layout.crop_positions, self.layout.whole_positions

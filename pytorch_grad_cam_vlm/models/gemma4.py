@@ -262,8 +262,3 @@ class Gemma4Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
         """The sequence positions and channel AblationCAM's channel ``index`` stands for: the soft tokens'."""
         return self.layout.vision_positions, index
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the soft tokens'
-        positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)

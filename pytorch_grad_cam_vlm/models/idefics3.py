@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
@@ -130,7 +130,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = TokenAblationLayer
+    ablation_layer_type = ViewAblationLayer
     views = VIEWS
     several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
@@ -376,17 +376,8 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
-    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
-        """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
-        output) stands for."""
-        channels = self.model.config.text_config.hidden_size
-        if not self.layout.split:
-            return self.layout.global_positions, index
-        if self.view == "tiles" or (self.view == "combined" and index < channels):
-            return self.layout.tile_positions, index
-        return self.layout.global_positions, index % channels
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
-        the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)
+    @property
+    def view_positions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The tiles' token positions and the global image's (unsplit: the one image's for both)."""
+        layout = self.layout
+        return (layout.tile_positions if layout.split else layout.global_positions), layout.global_positions

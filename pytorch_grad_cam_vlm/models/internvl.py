@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
@@ -125,7 +125,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = TokenAblationLayer
+    ablation_layer_type = ViewAblationLayer
     views = VIEWS
     several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
@@ -362,9 +362,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     def token_geometry(self) -> Tuple[int, torch.Tensor, Tuple[int, int]]:
         """For attention maps: the query position (the last), the thumbnail's token positions in raster order (a
         one-tile canvas: its tile's) and their grid."""
-        layout = self.layout
-        positions = layout.thumbnail_positions if layout.thumbnail else layout.tile_positions
-        return -1, positions, (self.token_grid, self.token_grid)
+        return -1, self.view_positions[1], (self.token_grid, self.token_grid)
 
     def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
         """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the
@@ -372,16 +370,9 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self._on_canvas(row[..., None].float(), "decoder").sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
-    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
-        """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
-        output) stands for."""
-        layout, channels = self.layout, self.model.config.text_config.hidden_size
-        if not layout.thumbnail or self.view == "tiles" or (self.view == "combined" and index < channels):
-            return layout.tile_positions, index
-        return layout.thumbnail_positions, index % channels
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
-        the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)
+    @property
+    def view_positions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The tiles' token positions and the thumbnail's (a one-tile canvas: its tile's for both)."""
+        layout = self.layout
+        return layout.tile_positions, layout.thumbnail_positions if layout.thumbnail else layout.tile_positions
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
                                                 input_boxes, pictures_layout, place_pictures, place_views,
@@ -79,7 +79,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = TokenAblationLayer
+    ablation_layer_type = ViewAblationLayer
     views = VIEWS
     several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
@@ -397,18 +397,9 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
-    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
-        """The sequence positions and channel AblationCAM's channel ``index`` (of :meth:`reshape_transform`'s
-        output) stands for."""
-        channels = self.model.config.text_config.hidden_size
-        if not self.layout.anyres:
-            return self.layout.base_positions, index
-        if self.view == "tiles" or (self.view == "combined" and index < channels):
-            return self.layout.tile_positions, index
-        return self.layout.base_positions, index % channels
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the positions of
-        the view's tokens. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)
+    @property
+    def view_positions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The tiles' token positions and the base image's (LLaVA 1.5: the image's for both)."""
+        layout = self.layout
+        return (layout.tile_positions if layout.anyres else layout.base_positions), layout.base_positions
 

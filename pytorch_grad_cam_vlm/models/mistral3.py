@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer, ViewAblationLayer
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
@@ -60,7 +60,7 @@ class Mistral3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = TokenAblationLayer
+    ablation_layer_type = ViewAblationLayer
     chat_text = Gemma3Wrapper.chat_text  # the template writes <s>, and so may the tokenizer: keep one
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
@@ -187,11 +187,6 @@ class Mistral3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
     def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
         """The sequence positions and channel AblationCAM's channel ``index`` stands for: the ``[IMG]`` tokens."""
         return self.layout.vision_positions, index
-
-    def ablation_layer(self) -> ViewAblationLayer:
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the ``[IMG]``
-        positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return ViewAblationLayer(self)
 
 
 def _blocks_reaching_projector(feature_layer, count: int) -> int:

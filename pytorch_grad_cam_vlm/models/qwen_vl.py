@@ -342,11 +342,6 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         placed as decoder maps are: on each image's box, or each frame pair's frames, of a canvas."""
         return self.reshape_transform(row.unsqueeze(-1))
 
-    def ablation_layer(self):
-        """An ablation layer for grad-cam's AblationCAM on decoder layers: zeroes one channel at the image
-        positions. ``AblationCAM(model=wrapper, ..., ablation_layer=wrapper.ablation_layer())``."""
-        return TokenAblationLayer(self)
-
 
 class QwenPromptSide:
     """:class:`QwenVLWrapper`'s prompt and answer side (the chat template around one image, the next-token logits,

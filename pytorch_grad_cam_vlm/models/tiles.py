@@ -41,6 +41,7 @@ class TileViews:
     each."""
 
     views: Tuple[str, ...]
+    view_positions: Tuple[torch.Tensor, torch.Tensor]  # (a property) the tiles' token positions, the whole image's
 
     @property
     def view(self) -> str:
@@ -63,3 +64,13 @@ class TileViews:
             return tiles
         resized = F.interpolate(whole, size=tuple(tiles.shape[2:]), mode="bilinear", align_corners=False)
         return torch.cat([tiles, resized], dim=1) if self.view == "combined" else resized
+
+    def ablation_target(self, index: int) -> Tuple[torch.Tensor, int]:
+        """The sequence positions and channel AblationCAM's channel ``index`` (of ``reshape_transform``'s output)
+        stands for: the tiles' tokens under the first of ``views`` and in ``"combined"``'s first ``C`` channels, the
+        whole-picture image's in the rest (``view_positions``: a canvas without tiles gives its one image's)."""
+        tiles, whole = self.view_positions
+        channels = self.model.config.text_config.hidden_size
+        if self.view == self.views[0] or (self.view == "combined" and index < channels):
+            return tiles, index
+        return whole, index % channels
