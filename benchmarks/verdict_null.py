@@ -36,7 +36,7 @@ from tqdm import tqdm
 from auto_layer import geometry, held_out, markdown, sample_case, write_csv
 from dev_models_gap import score
 from pytorch_grad_cam_vlm.methods.auto import explain
-from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
+from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps, with_null_margins
 from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_MAPS, null_maps, null_margin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,10 +52,10 @@ NULL_SIZES = (4, 6, 8, 12, 16)
 MARGINS = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
 
 
-def null_totals(wrapper, x, target, clean) -> list:
-    """The totals of :data:`MAX_NULL` null maps of ``x`` (seed 0, as ``explain``)."""
-    maps = null_maps(x.shape[2:], wrapper.token_cell, MAX_NULL, 0)
-    return [c.total for c in check_maps(wrapper, x, maps, target, clean=clean)]
+def null_checks(wrapper, x, target, clean) -> list:
+    """The checks of :data:`MAX_NULL` null maps of ``x`` (seed 0, as ``explain``: its null is the first
+    :data:`NULL_MAPS`)."""
+    return check_maps(wrapper, x, null_maps(x.shape[2:], wrapper.token_cell, MAX_NULL, 0), target, clean=clean)
 
 
 def measure(name: str, n: int, seed: int) -> list:
@@ -72,10 +72,10 @@ def measure(name: str, n: int, seed: int) -> list:
         random = explain(wrapper, x, [target], method="RandomCAM", null=0)
         good = default.model_maps[0]
         inverted, blank = check_maps(wrapper, x, np.stack([1 - good, np.full_like(good, 0.3)]), target, clean=clean)
-        nulls = null_totals(wrapper, x, target, clean)
+        nulls = null_checks(wrapper, x, target, clean)
         black_x = wrapper.preprocess(np.zeros((*x.shape[2:], 3), np.uint8))
         black = explain(wrapper, black_x, None, null=0)
-        black_nulls = null_totals(wrapper, black_x, black.targets[0], black.reliance[0].clean)
+        black_nulls = null_checks(wrapper, black_x, black.targets[0], black.reliance[0].clean)
         one_layer = check_maps(wrapper, x, random.candidate_maps[0, 0], target, clean=clean)
         cases = [("default", default.checks[0], nulls, clean, good), ("RandomCAM", random.checks[0], nulls, clean,
                                                                       random.model_maps[0]),
@@ -86,11 +86,14 @@ def measure(name: str, n: int, seed: int) -> list:
         if not default.reliance[0].prompt_only:
             cases.append(("default, image-reliant", default.checks[0], nulls, clean, good))
         for kind, check, null, image_clean, cam in cases:
+            if check.null_removal_drop is None:  # checked without explain's null: what its maps' removals cost
+                check, = with_null_margins([check], null[:NULL_MAPS], image_clean)
             hits = score(frame.to_image(cam), sample, tolerance) if cam is not None and np.ptp(cam) > 0 else {}
             rows.append(dict(model=name, sample=i, kind=kind, score=check.score, total=check.total, clean=image_clean,
-                             failed_before=int(check.blank or check.untestable or check.inverted),
-                             untestable=int(check.untestable), hit=hits.get("pointing", ""),
-                             distractor=hits.get("distractor", ""), null=";".join(f"{v:.6g}" for v in null)))
+                             failed_before=int(check.blank or check.untestable or check.incomplete or check.inverted),
+                             untestable=int(check.untestable), incomplete=int(check.incomplete),
+                             hit=hits.get("pointing", ""), distractor=hits.get("distractor", ""),
+                             null=";".join(f"{c.total:.6g}" for c in null)))
     return rows
 
 
@@ -127,6 +130,8 @@ def summarise() -> None:
                           flagged_after=flagged(group, NULL_MAPS, CHANCE_MARGIN),
                           untestable=float(np.mean([int(r.get("untestable") or 0) for r in group])) if group
                           else float("nan"),
+                          incomplete=float(np.mean([int(r.get("incomplete") or 0) for r in group])) if group
+                          else float("nan"),
                           ok_on_evidence=ok_on_evidence(group),
                           goal=" ".join(map(str, GOALS[kind])) if kind in GOALS else ""))
     sweep = []  # every K and threshold: the worst case over the models of each goal
@@ -147,12 +152,14 @@ def summarise() -> None:
         writer.writerows(sweep)
     counts = ", ".join(f"{m} {len(groups[(m, 'default')])}" for m in models)
     text = markdown(table, f"# Does the verdict beat chance?\n\nHeld-out samples: {counts}. Flagged: the verdict is "
-                           "not \"ok\". Before: blank, untestable or inverted fails; after: also a total below "
-                           f"{CHANCE_MARGIN} null spreads above the mean of {NULL_MAPS} null maps (the defaults). "
-                           "ok_on_evidence: of the maps that get \"ok\", the share whose maximum lies on the "
-                           "evidence. untestable: the share the check cannot test (no removal moves the target, or "
-                           "removing the map's least relevant 5 % costs as much as its most relevant: "
-                           "MapCheck.untestable), counted among the flagged. "
+                           "not \"ok\". Before: blank, untestable, incomplete or inverted fails; after: also a "
+                           f"total below {CHANCE_MARGIN} null spreads above the mean of {NULL_MAPS} null maps (the "
+                           "defaults). ok_on_evidence: of the maps that get \"ok\", the share whose maximum lies on "
+                           "the evidence. untestable: the share the check cannot test (no removal moves the target, "
+                           "or any removal breaks it: MapCheck.untestable); incomplete: the share whose least "
+                           "relevant 5 % breaks the target as its most relevant does while random token cells do not "
+                           "(MapCheck.incomplete: its least relevant pixels hold evidence too); both counted among "
+                           "the flagged. "
                            "Written by `python benchmarks/verdict_null.py MODEL N` (CPU).")
     text += "\n" + markdown([dict(r, meets_goals="yes" if r["meets_goals"] else "") for r in sweep],
                             "## Every null size and threshold\n\nWorst case over the models: the highest flagged "

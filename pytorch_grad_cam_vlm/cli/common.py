@@ -296,9 +296,9 @@ def check_change(check: MapCheck, clean: float) -> tuple:
 
 def check_note(check: MapCheck, clean: float) -> str:
     """The deletion check as a panel label says it, on the clean score's scale with fixed precision: ``top 20% off:
-    -34.2% · bottom: -2.0%``, then ``· untestable`` when the check cannot tell maps apart on the image
-    (:attr:`MapCheck.untestable`), ``· inverted`` when the bottom costs more, ``· chance`` when the map does not beat
-    the null (:attr:`MapCheck.beats_chance`); ``blank``."""
+    -34.2% · bottom: -2.0%``, then the verdict where it is not "ok" (:attr:`MapCheck.verdict`: ``· untestable``
+    when the check cannot tell maps apart on the image, ``· incomplete`` when the bottom holds evidence too,
+    ``· inverted`` when the bottom costs more, ``· chance`` when the map does not beat the null, ...); ``blank``."""
     if check.blank:
         return "blank"
     fraction = DEFAULT_FRACTIONS[len(check.top_removed) - 1]

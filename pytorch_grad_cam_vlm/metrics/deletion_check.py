@@ -208,10 +208,13 @@ def with_null_margins(checks: Sequence[Optional[MapCheck]], null: Sequence[MapCh
                       clean: float) -> List[Optional[MapCheck]]:
     """``checks`` with their :func:`~pytorch_grad_cam_vlm.metrics.null.null_margin` against the totals of ``null``
     (complete checks of :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` of the same image, whose target is
-    ``clean``). Partial, estimated and missing checks are left as they are."""
+    ``clean``) and the median drop of the target when a null map's top or bottom share at the first fraction is
+    removed (``null_removal_drop``: what removing random token cells costs). Partial, estimated and missing checks
+    are left as they are."""
     totals = [c.total for c in null]
-    return [c if c is None or c.partial or c.estimated else replace(c, null_margin=null_margin(c.total, totals, clean))
-            for c in checks]
+    drop = float(np.median([clean - v for c in null for v in (c.top_removed[0], c.bottom_removed[0])]))
+    return [c if c is None or not c.complete else
+            replace(c, null_margin=null_margin(c.total, totals, clean), null_removal_drop=drop) for c in checks]
 
 
 def peak_drops(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable, clean: float,

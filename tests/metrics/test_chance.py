@@ -1,6 +1,8 @@
 """The deletion check against chance (issue 26, item 4): the null's maps and scores equal a by-hand computation, the
 margin and verdict follow from them, explain's choices carry the margins, and on the trained demo models maps with no
 information are flagged at the measured rates while the default's maps pass."""
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -73,12 +75,25 @@ def test_a_check_that_cannot_tell_maps_apart_says_untestable():
     assert failure_warning("a.png", "GradCAM at layer 3", unmoved) == (
         f"a.png: GradCAM at layer 3 cannot be checked on this image (no removal the check made moved the target by "
         f"{NULL_SPREAD_FLOOR * 8.633:.2g}).")
-    # Everything moves (pairs: any grey 5 % collapses the answer): the bottom costs as much as the top.
+    # The bottom costs as much as the top (pairs held-out sample 8). With no null to tell, untestable; where random
+    # token cells of the same share break the answer too, untestable; where they do not (as on pairs, where the map's
+    # bottom 5 % lies on the second asked object), the map is incomplete.
     fragile = MapCheck(-0.915, [-1.04, -0.79], [-1.8, -1.85], False, 8.27, null_margin=4.0, clean=7.52)
     assert not fragile.unmoved and fragile.untestable and fragile.verdict == "untestable" and not fragile.inverted
     assert failure_warning("a.png", "GradCAM at layer 3", fragile) == (
         "a.png: GradCAM at layer 3 cannot be checked on this image (removing even its least relevant pixels drops the "
-        "target by 9.32, as its most relevant do by 8.56: the answer breaks under any removal).")
+        "target by 9.32, as its most relevant do by 8.56, and no null was measured to tell whether any removal does).")
+    breaks_anyway = replace(fragile, null_removal_drop=FRAGILE_SHARE * 7.52)
+    assert breaks_anyway.verdict == "untestable" and failure_warning("a.png", "GradCAM at layer 3", breaks_anyway) == (
+        "a.png: GradCAM at layer 3 cannot be checked on this image (removing even its least relevant pixels drops the "
+        "target by 9.32, as its most relevant do by 8.56, as random token cells do by 3.76: the answer breaks under "
+        "any removal).")
+    incomplete = replace(fragile, null_removal_drop=FRAGILE_SHARE * 7.52 - 1e-3)
+    assert incomplete.incomplete and not incomplete.untestable and not incomplete.inverted and incomplete.failed
+    assert incomplete.verdict == "incomplete" and failure_warning("a.png", "GradCAM at layer 3", incomplete) == (
+        "a.png: GradCAM at layer 3 is incomplete (removing even its least relevant pixels drops the target by 9.32, as "
+        "its most relevant do by 8.56, where random token cells drop it by 3.8: its least relevant pixels hold "
+        "evidence too).")
     # An inverted map: its top costs little, its bottom much; a good one the other way round; both testable.
     inverted = MapCheck(-8.0, [7.4, 7.3], [-0.5, -0.7], False, 0.1, null_margin=-3.0, clean=7.52)
     good = MapCheck(8.0, [-0.5, -0.7], [7.4, 7.3], False, 8.0, null_margin=5.0, clean=7.52)
@@ -121,6 +136,31 @@ def test_check_maps_records_the_clean_value_and_finds_untestable_images():
         check, = check_maps(model, x, cam[None], target)
         assert check.clean == float(model(x)[0, 0]) and check.unmoved is unmoved
         assert check.verdict == "untestable"
+        with_null, *nulls = check_maps(model, x, cam[None], target, null=4, cell=7)
+        assert with_null.verdict == "untestable"  # random token cells break it (or move it) too
+        assert with_null.null_removal_drop == pytest.approx(np.median(
+            [with_null.clean - v for n in check_maps(model, x, null_maps((28, 28), 7, 4, 0), target)
+             for v in (n.top_removed[0], n.bottom_removed[0])]))
+
+
+def test_a_map_whose_least_relevant_pixels_hold_evidence_is_incomplete():
+    """Two objects both needed for the answer (the pairs model's shared shape): a map hot on one and lowest on the
+    other. Removing either breaks the answer; the null's random token cells, which miss both, do not."""
+    class BothObjects(torch.nn.Module):  # logit 10 while both 2x2 objects are intact, else -1
+        def forward(self, x):
+            a, b = (x[:, :, :2, :2] != 0), (x[:, :, -2:, -2:] != 0)
+            intact = (a.flatten(1).all(1) & b.flatten(1).all(1)).float()
+            return torch.stack([11 * intact - 1, torch.zeros_like(intact)], 1)
+
+    x = torch.rand(1, 3, 40, 40) + 0.1
+    cam = np.full((40, 40), 0.5, np.float32) + np.random.RandomState(0).rand(40, 40).astype(np.float32) * 0.1
+    cam[:2, :2] = 1.0  # the first object: the map's top
+    cam[-2:, -2:] = 0.0  # the second: the map's bottom
+    check, = check_maps(BothObjects(), x, cam[None], ClassifierOutputTarget(0), fractions=(0.0025, 0.01),
+                        null=6, cell=4)
+    assert check.clean - check.top_removed[0] == pytest.approx(11) and check.clean - check.bottom_removed[0] == \
+        pytest.approx(11)
+    assert check.null_removal_drop < FRAGILE_SHARE * 10 and check.verdict == "incomplete"
 
 
 def test_the_staged_choice_gives_the_margins_of_the_full_check(wrapper):
