@@ -172,7 +172,8 @@ def failure_warning(name: str, label: str, check: MapCheck, best: Optional[str] 
             + ")")
     elif check.incomplete:
         what = (f"{name}: {label} is incomplete ({both_drops(check)}, where random token cells drop it by "
-                f"{check.null_removal_drop:.2g}: its least relevant pixels hold evidence too)")
+                f"{check.null_removal_drop:.2g}: its least relevant pixels hold evidence too; occlusion_map with "
+                "windows of the token cell removes each part in turn and finds it)")
     elif not check.inverted:
         what = (f"{name}: {label} does not beat chance (its check total is {check.null_margin:.2g} spreads above the "
                 f"mean of random token maps' on this image, below {CHANCE_MARGIN:g})")

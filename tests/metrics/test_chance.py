@@ -93,7 +93,7 @@ def test_a_check_that_cannot_tell_maps_apart_says_untestable():
     assert incomplete.verdict == "incomplete" and failure_warning("a.png", "GradCAM at layer 3", incomplete) == (
         "a.png: GradCAM at layer 3 is incomplete (removing even its least relevant pixels drops the target by 9.32, as "
         "its most relevant do by 8.56, where random token cells drop it by 3.8: its least relevant pixels hold "
-        "evidence too).")
+        "evidence too; occlusion_map with windows of the token cell removes each part in turn and finds it).")
     # An inverted map: its top costs little, its bottom much; a good one the other way round; both testable.
     inverted = MapCheck(-8.0, [7.4, 7.3], [-0.5, -0.7], False, 0.1, null_margin=-3.0, clean=7.52)
     good = MapCheck(8.0, [-0.5, -0.7], [7.4, 7.3], False, 8.0, null_margin=5.0, clean=7.52)
