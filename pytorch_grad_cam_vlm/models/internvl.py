@@ -187,16 +187,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
         if isinstance(image, (list, tuple)):
-            sizes = []
-
-            def one(picture: ImageInput) -> torch.Tensor:
-                rgb = load_rgb(picture)
-                sizes.append(rgb.size[::-1])
-                return self.preprocess(rgb)
-
-            x = preprocess_several(self, image, one)
-            self.source_sizes = tuple(sizes)
-            return x
+            return preprocess_several(self, image, self.preprocess)
         self.image_boxes = None
         rgb = load_rgb(image)
         image_processor, s = self.processor.image_processor, self.tile_size

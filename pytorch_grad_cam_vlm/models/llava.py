@@ -143,19 +143,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         prompt: each one's input side by side, which :attr:`image_boxes` (and :attr:`source_sizes`) remember until
         the next call."""
         if isinstance(image, (list, tuple)):
-            sizes = []
-
-            def one(picture: ImageInput) -> torch.Tensor:
-                rgb = load_rgb(picture)
-                sizes.append(rgb.size[::-1])
-                if self.family == "llava_onevision":  # a sample of two: the processor's several-image mode, untiled
-                    return self.processor.image_processor(images=[[rgb, rgb]], return_tensors="pt")[
-                        "pixel_values"][0].float()
-                return self.preprocess(rgb)
-
-            x = preprocess_several(self, image, one)
-            self.source_sizes = tuple(sizes)
-            return x
+            return preprocess_several(self, image, self._several_input)
         self.image_boxes = None
         rgb = load_rgb(image)
         encoded = self.processor.image_processor(images=[rgb], return_tensors="pt")
@@ -167,6 +155,13 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         rows, cols = canvas_h // self.tile_size, canvas_w // self.tile_size
         self.source_size = (height, width)
         return tiles_to_canvas(pixel_values[0, 1:1 + rows * cols], rows, cols)
+
+    def _several_input(self, rgb) -> torch.Tensor:
+        """One picture's input among several: OneVision's as the processor's several-image mode makes it (a sample
+        of two, untiled), the others' as :meth:`preprocess` makes one picture's."""
+        if self.family == "llava_onevision":
+            return self.processor.image_processor(images=[[rgb, rgb]], return_tensors="pt")["pixel_values"][0].float()
+        return self.preprocess(rgb)
 
     def processor_base_image(self, image: ImageInput) -> torch.Tensor:
         """The processor's own base image of ``image`` (anyres models), ``(1, 3, s, s)``: resized from the original

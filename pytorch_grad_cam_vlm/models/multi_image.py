@@ -88,17 +88,21 @@ def canvas(images: Sequence[torch.Tensor], boxes: ImageBoxes) -> torch.Tensor:
 
 def preprocess_several(wrapper: torch.nn.Module, images: Sequence[ImageInput],
                        preprocess_one: Callable[[ImageInput], torch.Tensor]) -> torch.Tensor:
-    """The canvas ``(1, 3, H, W)`` of ``images`` asked in one prompt, each made by ``preprocess_one`` (the family's
-    one-image preprocessing), and ``wrapper.image_boxes`` set to their boxes; an image the processor refuses is
-    named (``image 2 of 3: ...``) and leaves ``wrapper.image_boxes`` as it was."""
+    """The canvas ``(1, 3, H, W)`` of ``images`` asked in one prompt, each read once (``load_rgb``) and made by
+    ``preprocess_one`` (the family's one-image preprocessing); ``wrapper.image_boxes`` set to their boxes and
+    ``wrapper.source_sizes`` to the pictures' ``(h, w)`` (what tiled families lay each one out by). An image that
+    cannot be read or that the processor refuses is named (``image 2 of 3: ...``) and leaves ``wrapper.image_boxes``
+    as it was."""
     check_count(len(images))
     before = wrapper.image_boxes
     try:
-        inputs = per_image(images, preprocess_one)
+        pictures = per_image(images, load_rgb)
+        inputs = per_image(pictures, preprocess_one)
     finally:
         wrapper.image_boxes = before
     boxes = side_by_side([tuple(one.shape[2:]) for one in inputs])
     wrapper.image_boxes = boxes
+    wrapper.source_sizes = tuple(picture.size[::-1] for picture in pictures)
     return canvas(inputs, boxes)
 
 
