@@ -5,7 +5,7 @@ and the localization table over methods and decoder layers on the demo task.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,12 +16,15 @@ Box = Tuple[int, int, int, int]
 
 
 # ------------------------------------------------------------------------------------------------ reference
-def occlusion_map(wrapper: QwenVLWrapper, x: torch.Tensor, target_token_id: int, window: int = 28,
+def occlusion_map(wrapper: QwenVLWrapper, x: torch.Tensor, target: Union[int, Callable], window: int = 28,
                   stride: Optional[int] = None, batch_size: int = 64) -> np.ndarray:
     """The causal reference: grey out ``window``-pixel squares (every ``stride`` pixels, half a window by default)
-    and record how much the logit of ``target_token_id`` drops; each pixel gets the mean drop of the windows that
-    cover it. ``x`` is one normalised image ``(1, 3, H, W)``; grey is the processor's mean colour (0 once
-    normalised). Returns an ``(H, W)`` float32 map, positive where hiding the pixels lowers the answer's score."""
+    and record how much the target drops: the logit of a token id, or a grad-cam target called on each output row
+    (``ClassifierOutputTarget``, ``AnswerTarget``, ...); each pixel gets the mean drop of the windows that cover it.
+    ``x`` is one normalised image ``(1, 3, H, W)``; grey is the processor's mean colour (0 once normalised). Returns
+    an ``(H, W)`` float32 map, positive where hiding the pixels lowers the answer's score. Windows of the wrapper's
+    ``token_cell`` with ``stride`` equal to it remove each token cell once (the map a check calls "incomplete"
+    recommends)."""
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"occlusion_map takes one image (1, 3, H, W), got shape {tuple(x.shape)}.")
     stride = stride or max(1, window // 2)
@@ -31,16 +34,17 @@ def occlusion_map(wrapper: QwenVLWrapper, x: torch.Tensor, target_token_id: int,
     tops = _window_starts(height, window, stride)
     lefts = _window_starts(width, window, stride)
     corners = [(t, l) for t in tops for l in lefts]
+    score = (lambda row: row[target]) if isinstance(target, int) else target
     with torch.no_grad():
-        base = wrapper(x)[0, target_token_id].item()
+        base = float(score(wrapper(x)[0]))
         scores = []
         for start in range(0, len(corners), batch_size):
             chunk = corners[start:start + batch_size]
             occluded = x.repeat(len(chunk), 1, 1, 1)
             for i, (t, l) in enumerate(chunk):
                 occluded[i, :, t:t + window, l:l + window] = 0
-            scores.append(wrapper(occluded)[:, target_token_id].cpu())
-    drops = base - torch.cat(scores).numpy()
+            scores += [float(score(row)) for row in wrapper(occluded)]
+    drops = base - np.array(scores, dtype=np.float32)
     total = np.zeros((height, width), dtype=np.float64)
     count = np.zeros((height, width), dtype=np.float64)
     for (t, l), drop in zip(corners, drops):

@@ -21,7 +21,7 @@ class RegionScore(torch.nn.Module):
 
 def test_occlusion_map_peaks_on_the_region_the_score_reads():
     box = (56, 28, 84, 56)
-    cam = occlusion_map(RegionScore(box), torch.ones(1, 3, 112, 112), target_token_id=1)
+    cam = occlusion_map(RegionScore(box), torch.ones(1, 3, 112, 112), target=1)
     assert cam.shape == (112, 112)
     x, y = map_peak(cam)
     assert 56 <= x < 84 and 28 <= y < 56
@@ -31,9 +31,21 @@ def test_occlusion_map_peaks_on_the_region_the_score_reads():
     assert cam[0, 0] == 0
 
 
+def test_occlusion_map_takes_a_grad_cam_target():
+    """A grad-cam target (here the difference of the two outputs, as a contrastive target would be) is scored on each
+    occluded image's output row: at token-cell windows with no overlap, each cell's drop is that cell's sum."""
+    box = (28, 0, 56, 28)
+    x = torch.rand(1, 3, 56, 84, generator=torch.Generator().manual_seed(0))
+    cam = occlusion_map(RegionScore(box), x, lambda row: row[1] - row[0], window=28, stride=28)
+    by_id = occlusion_map(RegionScore(box), x, 1, window=28, stride=28)
+    np.testing.assert_allclose(cam, by_id, atol=1e-5)  # row[0] is 0: the same target
+    assert cam[0, 28] == pytest.approx(float(x[0, :, :28, 28:56].sum()), rel=1e-5) and cam[0, 0] == 0
+    assert cam[28:, :].max() == 0
+
+
 def test_occlusion_map_refuses_a_batch():
     with pytest.raises(ValueError, match="one image"):
-        occlusion_map(RegionScore((0, 0, 28, 28)), torch.ones(2, 3, 56, 56), target_token_id=1)
+        occlusion_map(RegionScore((0, 0, 28, 28)), torch.ones(2, 3, 56, 56), target=1)
 
 
 def test_pointing_hit_tolerance_and_blank_map():
