@@ -44,17 +44,17 @@ from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_layers
 from pytorch_grad_cam_vlm.methods import choice
 from pytorch_grad_cam_vlm.methods.choice import best_index, choose_map, ranked
 from pytorch_grad_cam_vlm.metrics.deletion_check import first_order_checks, target_gradient
+from pytorch_grad_cam_vlm.metrics.sanity import spearman
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEPT = (1, 2, 3, 4)
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
+def kept_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation (:func:`~pytorch_grad_cam_vlm.metrics.sanity.spearman`) of the pairs where neither is
+    NaN (blank maps' totals); NaN below three pairs."""
     keep = ~(np.isnan(a) | np.isnan(b))
-    if keep.sum() < 3:
-        return float("nan")
-    ra, rb = np.argsort(np.argsort(a[keep])), np.argsort(np.argsort(b[keep]))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return spearman(a[keep], b[keep]) if keep.sum() >= 3 else float("nan")
 
 
 def main() -> None:
@@ -102,7 +102,7 @@ def main() -> None:
             def first_order():
                 clean, gradient = target_gradient(wrapper, x, target)
                 estimates = np.array([c.total for c in first_order_checks(x, gradient, clean, maps)])
-                correlations.append(spearman(estimates, np.array([c.total for c in full])))
+                correlations.append(kept_spearman(estimates, np.array([c.total for c in full])))
                 order = ranked(estimates)[:3]  # the best 3 by estimate, their full checks read from the reference
                 return order[best_index([full[i] for i in order])], None
 
