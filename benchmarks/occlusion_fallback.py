@@ -41,9 +41,8 @@ def measure(name: str, n: int, seed: int) -> list:
         row = dict(model=name, sample=i, image_reliant=int(not reliance.prompt_only), default=check.verdict,
                    occlusion="", occlusion_hit="", occlusion_distractor="", windows=0)
         if check.failed and not reliance.prompt_only:
-            cam = occlusion_map(wrapper, x, target.category, window=window, stride=window)
-            occluded, = check_maps(wrapper, x, cam[None], target, null=NULL_MAPS, clean=reliance.clean,
-                                   cell=wrapper.token_cell)
+            cam = occlusion_map(wrapper, x, target, window=window, stride=window)
+            occluded, = check_maps(wrapper, x, cam[None], target, null=NULL_MAPS, clean=reliance.clean)
             hits = score(wrapper.image_frame(sample.image.shape[:2], tuple(x.shape[2:])).to_image(cam), sample,
                          tolerance)
             height, width = x.shape[2:]
