@@ -36,7 +36,7 @@ def measure(name: str, n: int, seed: int) -> list:
     rows = []
     for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
         wrapper, x, target = sample_case(model, processor, sample)
-        result = explain(wrapper, x, [target])
+        result = explain(wrapper, x, [target], fallback=False)  # the gradient candidates' choice alone
         reliance, check = result.reliance[0], result.checks[0]
         row = dict(model=name, sample=i, image_reliant=int(not reliance.prompt_only), default=check.verdict,
                    occlusion="", occlusion_hit="", occlusion_distractor="", windows=0)

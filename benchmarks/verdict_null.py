@@ -7,7 +7,8 @@ null's spreads above its mean), and how that depends on the null's size K and th
     python benchmarks/verdict_null.py crosses 40      # then summarises every verdict_null_<model>.csv present into
                                                       # verdict_null.csv and verdict_null.md
 
-Per sample, with the answer's logit as the target: ``explain``'s default map (staged choice), ``explain(...,
+Per sample, with the answer's logit as the target: ``explain``'s default map (staged choice, its null and its
+occlusion fallback where every gradient candidate fails), ``explain(...,
 method="RandomCAM")`` (its best candidate layer by the check, as ``--method RandomCAM`` gives; grad-cam's random
 weights seeded per sample) and, each apart, RandomCAM's map at every candidate layer (``RandomCAM, one layer``: a random
 map with no choice among layers), the default's map inverted (``1 - map``), a blank map, and the default map of an
@@ -66,7 +67,7 @@ def measure(name: str, n: int, seed: int) -> list:
     for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
         wrapper, x, target = sample_case(model, processor, sample)
         frame = wrapper.image_frame(sample.image.shape[:2], tuple(x.shape[2:]))
-        default = explain(wrapper, x, [target], null=0)
+        default = explain(wrapper, x, [target])  # its null as it runs: the occlusion fallback judged by it
         clean = default.reliance[0].clean
         np.random.seed(i)  # grad-cam's RandomCAM draws its weights from numpy's global generator
         random = explain(wrapper, x, [target], method="RandomCAM", null=0)
@@ -74,7 +75,7 @@ def measure(name: str, n: int, seed: int) -> list:
         inverted, blank = check_maps(wrapper, x, np.stack([1 - good, np.full_like(good, 0.3)]), target, clean=clean)
         nulls = null_checks(wrapper, x, target, clean)
         black_x = wrapper.preprocess(np.zeros((*x.shape[2:], 3), np.uint8))
-        black = explain(wrapper, black_x, None, null=0)
+        black = explain(wrapper, black_x, None)
         black_nulls = null_checks(wrapper, black_x, black.targets[0], black.reliance[0].clean)
         one_layer = check_maps(wrapper, x, random.candidate_maps[0, 0], target, clean=clean)
         cases = [("default", default.checks[0], nulls, clean, good), ("RandomCAM", random.checks[0], nulls, clean,

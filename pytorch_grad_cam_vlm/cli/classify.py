@@ -8,7 +8,8 @@ import sys
 
 from pytorch_grad_cam_vlm.cli.common import PROG, choose_layers, explain_batch, find_images, smooth_options
 from pytorch_grad_cam_vlm.errors import InputError
-from pytorch_grad_cam_vlm.methods.auto import candidate_methods
+from pytorch_grad_cam_vlm.layers import layer_name
+from pytorch_grad_cam_vlm.methods.auto import candidate_methods, is_auto
 from pytorch_grad_cam_vlm.methods.catalog import uses_gradients
 from pytorch_grad_cam_vlm.methods.classify import classify_and_explain
 from pytorch_grad_cam_vlm.metrics.map_check import failure_warning
@@ -43,9 +44,10 @@ def run_classify(args: argparse.Namespace) -> int:
     kept, stale = earlier_run(args.out, args.overwrite, args.resume)
 
     def explain_one(image: str, stem: str, staging: str, progress) -> dict:
-        result = classify_and_explain(wrapper, image, method=methods, layers=layers, options=smooth)
+        result = classify_and_explain(wrapper, image, method=methods, layers=layers, options=smooth,
+                                      fallback=is_auto(args.method))
         check = result["check"]
-        warning = failure_warning(image, f"{result['method']} at layer {result['layer']}", check) or ""
+        warning = failure_warning(image, f"{result['method']} at {layer_name(result['layer'])}", check) or ""
         if warning:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         prefix = f"{stem}_{result['method']}_layer{result['layer']}"

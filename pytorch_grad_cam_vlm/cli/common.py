@@ -17,7 +17,7 @@ import numpy as np
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import load_rgb, upscale_warning
 from pytorch_grad_cam_vlm.layers import Layer
-from pytorch_grad_cam_vlm.methods.auto import candidate_layers, explain
+from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, explain, is_auto
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, select_layers
@@ -213,11 +213,10 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     index, label, probability = subject.predict(x)
     with inner_progress_silenced(methods):
         result = explain(subject.wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options,
-                         choice=choice if mode == "single" else "full", stage=stage, image_size=picture.size[::-1])
-    m = result.candidate_methods.index(result.methods[0])
+                         choice=choice if mode == "single" else "full", stage=stage, image_size=picture.size[::-1],
+                         fallback=method_name == "auto")
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers, result.layers[0])
-    positions = [result.candidate_layers.index(k) for k in drawn]
-    checks = [result.candidate_checks[0][m][p] for p in positions]
+    model_maps, checks = drawn_maps(result, drawn)
     reliance = result.reliance[0]
     warnings = [w for w in [result.layer_warning(source, k) for k in drawn] + [reliance.warning(source)]
                 + [upscale_warning(source, picture.size[::-1], x.shape[2:])] if w]
@@ -225,7 +224,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     rgb = np.asarray(picture, dtype=np.float32) / 255  # drawn on the user's image, the maps carried onto it
     chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
-    files = render(out_dir, stem, mode, rgb, result.frames[0].to_image(result.candidate_maps[0, m, positions]), drawn,
+    files = render(out_dir, stem, mode, rgb, result.frames[0].to_image(model_maps), drawn,
                    method_name, label, notes=[check_note(c, reliance.clean) for c in checks], chosen=result.layers[0],
                    legend=CHECK_LEGEND,
                    title=chosen + (" · answer from the prompt: no map to trust" if reliance.prompt_only else ""))
@@ -239,8 +238,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 peak_drop=[round(c.peak_drop, 6) for c in checks], clean_score=round(reliance.clean, 6),
                 top_change=[round(check_change(c, reliance.clean)[0], 4) for c in checks],
                 bottom_change=[round(check_change(c, reliance.clean)[1], 4) for c in checks],
-                answer_change=[answer_change(subject.wrapper, x, cam).share
-                               for cam in result.candidate_maps[0, m, positions]],
+                answer_change=[answer_change(subject.wrapper, x, cam).share for cam in model_maps],
                 verdict=[c.verdict for c in checks], null_margin=[margin_cell(c) for c in checks],
                 stability=[None if c.stability is None else round(c.stability, 3) for c in checks],
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
@@ -248,6 +246,15 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 blur_reliance=round(reliance.blur_share, 6), image_drop=round(reliance.drop, 6),
                 warning=" ".join(warnings), note=image_note(image), **(words.report() if words else {}),
                 files=[os.path.basename(f) for f in files])
+
+
+def drawn_maps(result: Explanation, layers: Sequence[Layer]) -> Tuple[np.ndarray, List[MapCheck]]:
+    """The maps ``(L, H, W)`` on the model's input and checks of image 0 at ``layers``: the chosen map at its layer
+    (the occlusion fallback's at ``INPUT``), the candidate method the check ranked best at the others."""
+    m, _ = result.candidate_choice(0)
+    at = [None if k == result.layers[0] else result.candidate_layers.index(k) for k in layers]
+    return (np.stack([result.model_maps[0] if l is None else result.candidate_maps[0, m, l] for l in at]),
+            [result.checks[0] if l is None else result.candidate_checks[0][m][l] for l in at])
 
 
 def target_cells(wrapper, label: str, probability: float) -> dict:
@@ -278,7 +285,7 @@ def image_note(image) -> str:
 
 def method_name(spec: str, methods: Sequence[type]) -> str:
     """``auto`` for ``--method auto``, else the method's class name."""
-    return "auto" if spec.strip().lower() == "auto" else methods[0].__name__
+    return "auto" if is_auto(spec) else methods[0].__name__
 
 
 CHECK_LEGEND = ("top (bottom) 20% off: the target's change, as a share of its clean score, when the map's top "

@@ -117,8 +117,8 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
             wrapper.set_answer(answer)
             whole = explain(wrapper, x, None, methods, layers, options=smooth)
             wrapper.set_answer(None)
-            method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
-            layer = whole.layers[0]
+            m, l = whole.candidate_choice(0)  # a gradient method's layer, also where occlusion was chosen
+            method_cls, layer, check = methods[m], whole.candidate_layers[l], whole.candidate_checks[0][m][l]
             result = explain_generated(wrapper, x, layer_modules(wrapper, [layer]), answer=answer,
                                        method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)),
                                        image_size=picture.size[::-1])  # drawn and saved on the user's image
@@ -127,15 +127,14 @@ def run_per_token(args: argparse.Namespace, subject: Subject, methods: Sequence[
         figure = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.png")
         plot_per_token(result, np.asarray(picture, dtype=np.float32) / 255, figure,
                        title=f"{method_cls.__name__} · {layer_name(layer)} · answer {result.text!r} · "
-                             f"{check_note(whole.checks[0], whole.reliance[0].clean)}")
+                             f"{check_note(check, whole.reliance[0].clean)}")
         maps = os.path.join(staging, f"{stem}_{method_cls.__name__}_per_token.npy")
         np.save(maps, result.maps)
         return dict(image=image, answer=result.text, tokens=list(result.tokens),
                     probabilities=[round(float(p), 6) for p in result.probabilities],
                     method=method_cls.__name__, mode="per-token", layers=[layer],
-                    check=[round(whole.checks[0].score, 6)],
-                    peak_drop=[round(whole.checks[0].peak_drop, 6)], verdict=[whole.checks[0].verdict],
-                    null_margin=[margin_cell(whole.checks[0])],
+                    check=[round(check.score, 6)], peak_drop=[round(check.peak_drop, 6)], verdict=[check.verdict],
+                    null_margin=[margin_cell(check)],
                     files=[os.path.basename(figure), os.path.basename(maps)])
 
     rows = explain_batch(args.out, images, explain_one, kept, stale)

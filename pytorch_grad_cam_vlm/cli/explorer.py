@@ -20,7 +20,7 @@ import torch
 from pytorch_grad_cam_vlm.cli.common import MAX_ASPECT_RATIO, smooth_options
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules
-from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, candidate_methods, explain
+from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, candidate_methods, explain, is_auto
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, is_smooth, uses_gradients
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
 from pytorch_grad_cam_vlm.methods.sweep import check_sweep, layer_sweep, select_layers
@@ -242,7 +242,8 @@ def single_request(subject: Subject, view, x: torch.Tensor, image, request: Requ
     index, label, probability = subject.predict(x)
     targets = [ClassifierOutputTarget(index)]
     progress(0.3, f"Maps of {len(methods)} method(s) x {len(layers)} layer(s) and their deletion checks")
-    result = explain(view, x, targets, methods, layers, options=smooth, image_size=image.size[::-1])
+    result = explain(view, x, targets, methods, layers, options=smooth, image_size=image.size[::-1],
+                     fallback=is_auto(request.method))
     progress(0.75, "Every layer's map for the strip")
     page = page_result(view, x, image, result, targets, methods, smooth, request, predicted_token=label,
                        probability=probability)
@@ -272,12 +273,14 @@ def per_token_request(subject: Subject, view, x: torch.Tensor, image, request: R
         answer = generate_answer(wrapper, x, request.max_new_tokens)
     wrapper.set_answer(answer)
     progress(0.25, f"Maps of the whole answer: {len(methods)} method(s) x {len(layers)} layer(s), checked")
-    whole = explain(view, x, None, methods, layers, options=smooth, image_size=image.size[::-1])
+    whole = explain(view, x, None, methods, layers, options=smooth, image_size=image.size[::-1],
+                    fallback=is_auto(request.method))
     result = page_result(view, x, image, whole, whole.targets, methods, smooth, request, probability=None)
     wrapper.set_answer(None)
-    method_cls = next(cls for cls in methods if cls.__name__ == whole.methods[0])
+    m, l = whole.candidate_choice(0)  # a gradient method's layer, also where occlusion was chosen
+    method_cls = methods[m]
     progress(0.6, "One map per answer token")
-    tokens = explain_generated(wrapper, x, layer_modules(view, whole.layers[:1]), answer=answer,
+    tokens = explain_generated(wrapper, x, layer_modules(view, whole.candidate_layers[l:l + 1]), answer=answer,
                                method=partial(method_cls, **cam_options(method_cls, wrapper, smooth)),
                                image_size=image.size[::-1])
     result.update(predicted_token=tokens.text, probability=float(np.prod(tokens.probabilities)),
@@ -291,7 +294,7 @@ def page_result(view, x: torch.Tensor, image, result: Explanation, targets: list
     """The page's dict of one :class:`Explanation` of one image: the chosen map, its check and warning, and the
     chosen method's map at every usable layer (the strip), drawn on ``image`` (the picture ``x`` was made from) as
     the CLI draws them."""
-    m = result.candidate_methods.index(result.methods[0])
+    m, _ = result.candidate_choice(0)  # the strip's method: the chosen one, or the best gradient one
     layer, check = result.layers[0], result.checks[0]
     rgb = np.asarray(image, dtype=np.float32) / 255
     strip_layers, strip_maps, strip_checks = layer_strip(view, x, result, targets, methods[m], smooth)

@@ -84,7 +84,7 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
     index, label, probability = subject.predict(x)
     with inner_progress_silenced(methods):
         result = explain(wrapper, MultiImage(pictures), [ClassifierOutputTarget(index)], methods, layers,
-                         options=options, choice=choice, stage=stage)
+                         options=options, choice=choice, stage=stage, fallback=method == "auto")
     split, reliance, check, layer = result.split[0], result.reliance[0], result.checks[0], result.layers[0]
     names = [os.path.basename(path) for path in paths]
     warnings = [result.layer_warning(" + ".join(names), layer), reliance.warning(" + ".join(names))]

@@ -77,7 +77,7 @@ def explain_video(subject: Subject, video: VideoFrames, stem: str, methods: Sequ
     index, label, probability = subject.predict(x)
     with inner_progress_silenced(methods):
         result = explain(wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options,
-                         choice=choice)
+                         choice=choice, fallback=method_label == "auto")
     check, reliance, layer = result.checks[0], result.reliance[0], result.layers[0]
     warnings = [w for w in (result.layer_warning(source, layer), reliance.warning(source)) if w]
     for line in warnings:

@@ -13,16 +13,16 @@ follows each model.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pytorch_grad_cam_vlm.image import ImageInput
-from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules, layer_name
+from pytorch_grad_cam_vlm.layers import INPUT, PROJECTOR, Layer, has_projector, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, draws_at_random, is_smooth, resolve_method
-from pytorch_grad_cam_vlm.methods.choice import choose_map
+from pytorch_grad_cam_vlm.methods.choice import best_index, choose_map, occlusion_fallback
 from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS
@@ -46,6 +46,8 @@ AUTO_METHODS = ("GradCAMPlusPlus", "GradCAMElementWise")
 # refining round around the best: on the trained models a spread of 3 of 7 layers already chose as well as every
 # layer, and a refinement changed nothing (benchmarks/auto_refine.md).
 CANDIDATE_LAYERS = 8
+# The method name of the occlusion fallback's maps (at layer INPUT): methods.choice.occlusion_fallback.
+OCCLUSION = "Occlusion"
 
 MethodSpec = Union[str, type, Sequence[Union[str, type]]]
 
@@ -68,9 +70,14 @@ def candidate_layers(n_layers: int, last_layer_blank: bool = True, projector: bo
     return [PROJECTOR] + layers if projector else layers
 
 
+def is_auto(method: MethodSpec) -> bool:
+    """Whether ``method`` leaves the choice to ``explain`` (``"auto"``), not naming a method."""
+    return isinstance(method, str) and method.strip().lower() == "auto"
+
+
 def candidate_methods(method: MethodSpec) -> List[type]:
     """``"auto"``: :data:`AUTO_METHODS`; a name, a class, or a list of them."""
-    if isinstance(method, str) and method.strip().lower() == "auto":
+    if is_auto(method):
         method = AUTO_METHODS
     if isinstance(method, (str, type)):
         method = [method]
@@ -89,6 +96,11 @@ class Explanation:
     ``maps`` lie on the user's images (``frames[b].image_size``; NaN where the model saw no part of the image, as
     outside a center crop), ``model_maps`` and ``candidate_maps`` on the model's input ``x`` (what grad-cam gives);
     ``frames[b].to_image(...)`` carries any of the latter onto image ``b`` (``docs/frames.md``).
+
+    Where every gradient candidate of an image fails the check and its target depends on the image, ``explain``
+    keeps the occlusion fallback's map where that one passes (:func:`~pytorch_grad_cam_vlm.methods.choice.
+    occlusion_fallback`): its method is :data:`OCCLUSION`, its layer :data:`~pytorch_grad_cam_vlm.layers.INPUT`,
+    and :meth:`candidate_choice` still names the gradient candidate the check ranked best.
 
     For several images in one prompt (a :class:`~pytorch_grad_cam_vlm.models.multi_image.MultiImage`, or a canvas
     the wrapper prepared of them), ``maps`` lie on the canvas and ``split[b]`` says how the chosen map of input ``b``
@@ -114,23 +126,41 @@ class Explanation:
         """The deletion check's score of each chosen map, ``(B,)`` (NaN where every candidate was blank)."""
         return np.array([c.score for c in self.checks])
 
+    def candidate_choice(self, image: int = 0) -> Tuple[int, int]:
+        """``(m, l)``: the indices into :attr:`candidate_methods` and :attr:`candidate_layers` of the candidate the
+        check ranked best on ``image`` (the chosen map, unless the occlusion fallback replaced it)."""
+        checks = [c if c is not None and c.complete else None for row in self.candidate_checks[image] for c in row]
+        return divmod(best_index(checks), len(self.candidate_layers))
+
+    def gradient_layer(self, image: int = 0) -> Layer:
+        """The chosen layer of ``image``, or where the occlusion fallback was chosen the layer of the gradient
+        candidate the check ranked best: a layer any grad-cam method takes (``wrapper.layer(...)``)."""
+        return self.candidate_layers[self.candidate_choice(image)[1]]
+
     def best_layer(self, image: int = 0, method: Optional[str] = None) -> Optional[Layer]:
-        """The candidate layer whose map of ``method`` (default: the one chosen for ``image``) passes the check with
-        the highest total; ``None`` when none passes."""
-        checks = self.candidate_checks[image][self.candidate_methods.index(method or self.methods[image])]
+        """The candidate layer whose map of ``method`` (default: the one chosen for ``image``, or the candidate the
+        check ranked best where the occlusion fallback was chosen) passes the check with the highest total; ``None``
+        when none passes."""
+        method = method or self.methods[image]
+        m = self.candidate_choice(image)[0] if method == OCCLUSION else self.candidate_methods.index(method)
+        checks = self.candidate_checks[image][m]
         passing = [(check.total, i) for i, check in enumerate(checks) if check is not None and not check.partial
                    and not check.failed]
         return self.candidate_layers[max(passing)[1]] if passing else None
 
     def layer_warning(self, name: str, layer: Layer, image: int = 0) -> Optional[str]:
         """The warning line for the chosen method's map of ``image`` at candidate ``layer`` (``None`` when it passes
-        the check), naming the layer that ranks best on the check when that is another."""
-        m = self.candidate_methods.index(self.methods[image])
+        the check), naming the layer that ranks best on the check when that is another; ``layer``
+        :data:`~pytorch_grad_cam_vlm.layers.INPUT`: the chosen occlusion map's."""
+        if layer == INPUT:
+            return failure_warning(name, f"{OCCLUSION} at {layer_name(INPUT)}", self.checks[image])
+        m = self.candidate_choice(image)[0] if self.methods[image] == OCCLUSION else \
+            self.candidate_methods.index(self.methods[image])
         check = self.candidate_checks[image][m][self.candidate_layers.index(layer)]
         if check is None:
             return None
         best = self.best_layer(image)
-        return failure_warning(name, f"{self.methods[image]} at {layer_name(layer)}", check,
+        return failure_warning(name, f"{self.candidate_methods[m]} at {layer_name(layer)}", check,
                                layer_name(best) if best not in (None, layer) else None)
 
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
@@ -154,7 +184,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
             seed: int = 0, options: Optional[dict] = None,
             image_size: Optional[Union[Size, Sequence[Size]]] = None, choice: str = "staged",
             stage: Optional[Callable[[str], None]] = None, null: int = NULL_MAPS, split: bool = True,
-            redraw: bool = True) -> Explanation:
+            redraw: bool = True, fallback: Optional[bool] = None) -> Explanation:
     """Maps of ``x`` for ``targets`` (grad-cam targets, one per image; ``None``: the class the model predicts), from
     each candidate method at each candidate layer of ``wrapper.layers`` (and its projector), scored by the deletion
     check, the highest ``total`` per image kept.
@@ -188,7 +218,10 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     :func:`~pytorch_grad_cam_vlm.methods.catalog.draws_at_random`) runs a second time, and each of its checks records
     its map's correlation (Pearson) with the second draw (``stability``; ``"unstable"`` below
     :data:`~pytorch_grad_cam_vlm.metrics.map_check.STABILITY_FLOOR`; each image's part of a split map, its part's
-    correlation); deterministic methods run once."""
+    correlation); deterministic methods run once. ``fallback`` (default: with ``method="auto"`` only, so that a
+    method asked by name gives its own maps): where the kept map fails its check and the target depends on the image,
+    occlusion at token resolution (:func:`~pytorch_grad_cam_vlm.methods.choice.occlusion_fallback`: one image per
+    window, at most 48, and ``2 F + 2``) replaces it if its map passes."""
     image_frames = None
     if isinstance(x, MultiImage):
         if image_size is not None:
@@ -200,6 +233,7 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     boxes = boxes if boxes is not None and boxes.canvas_size == tuple(x.shape[2:]) else None
     checked = checked_targets(targets, len(x))
     classes = candidate_methods(method)
+    fallback = is_auto(method) if fallback is None else fallback
     n_layers, projector = len(wrapper.layers), has_projector(wrapper)
     if isinstance(layers, str) and layers.strip().lower() == "auto":
         chosen_layers = candidate_layers(n_layers, wrapper.last_layer_blank, projector)
@@ -239,14 +273,22 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
         checks.append([flat[m * len(chosen_layers):(m + 1) * len(chosen_layers)] for m in range(len(classes))])
         chosen.append(divmod(index, len(chosen_layers)))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
+    kept = [(names[m], chosen_layers[l], checks[b][m][l]) for b, (m, l) in enumerate(chosen)]
+    for b, (_, _, check) in enumerate(kept):
+        if fallback and check.failed and not reliance[b].prompt_only:
+            cam, occluded = occlusion_fallback(wrapper, x[b:b + 1], targets[b], check, fractions, fill, batch_size,
+                                               seed)
+            if not occluded.failed:
+                model_maps[b], kept[b] = cam, (OCCLUSION, INPUT, occluded)
     splits = None if boxes is None else [
         split_map(wrapper, x[b:b + 1], model_maps[b], boxes, targets[b], image_frames, fractions, fill, batch_size,
                   seed, clean[b], null, wrapper.token_cell if null else None,
-                  redrawn=None if redrawn[m] is None else redrawn[m][b, l], prompt_only=reliance[b].prompt_only)
+                  redrawn=None if redrawn[m] is None or kept[b][0] == OCCLUSION else redrawn[m][b, l],
+                  prompt_only=reliance[b].prompt_only)
         for b, (m, l) in enumerate(chosen)]
     return Explanation(maps=np.stack([frame.to_image(m) for frame, m in zip(frames, model_maps)]),
-                       methods=[names[m] for m, _ in chosen], layers=[chosen_layers[l] for _, l in chosen],
-                       checks=[checks[b][m][l] for b, (m, l) in enumerate(chosen)], candidate_methods=names,
+                       methods=[k[0] for k in kept], layers=[k[1] for k in kept], checks=[k[2] for k in kept],
+                       candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
                        targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=splits)
 

@@ -20,11 +20,11 @@ from pytorch_grad_cam_vlm.visualize import overlay
 
 def classify_and_explain(model: torch.nn.Module, image: ImageInput, class_names: Optional[Sequence[str]] = None,
                          method: MethodSpec = "auto", layers: LayerSpec = "auto",
-                         options: Optional[dict] = None) -> dict:
+                         options: Optional[dict] = None, fallback: Optional[bool] = None) -> dict:
     """The predicted class of ``image`` and its map. ``model``: a :class:`ClassifierWrapper`, or a torchvision / timm
     classifier to wrap (default preprocessing, ``class_names``). ``method`` and ``layers`` as for
     :func:`~pytorch_grad_cam_vlm.explain` (default: the candidate method and layer whose map ranks best on the
-    deletion check). Returns ``class_index``, ``class_name``, ``confidence`` (softmax), ``map`` ``(H0, W0)`` in
+    deletion check; ``fallback`` as for ``explain``). Returns ``class_index``, ``class_name``, ``confidence`` (softmax), ``map`` ``(H0, W0)`` in
     [0, 1] on the image (NaN outside the center crop the model saw; ``docs/frames.md``), ``overlay`` ``(H0, W0, 3)``
     uint8 drawn on the image (the unseen part hatched grey), ``image`` ``(H0, W0, 3)`` in [0, 1], ``model_map``
     ``(H, W)`` on the preprocessed input, ``method``, ``layer`` (an index into ``wrapper.layers``), ``check``
@@ -35,7 +35,7 @@ def classify_and_explain(model: torch.nn.Module, image: ImageInput, class_names:
     x = wrapper.preprocess(picture)
     index, name, confidence = wrapper.predict(x)
     result = explain(wrapper, x, [ClassifierOutputTarget(index)], method, layers, options=options,
-                     image_size=picture.size[::-1])
+                     image_size=picture.size[::-1], fallback=fallback)
     rgb = np.asarray(picture, dtype=np.float32) / 255
     return dict(class_index=index, class_name=name, confidence=confidence, map=result.maps[0],
                 overlay=overlay(rgb, result.maps[0]), image=rgb, model_map=result.model_maps[0],

@@ -208,13 +208,24 @@ def with_null_margins(checks: Sequence[Optional[MapCheck]], null: Sequence[MapCh
                       clean: float) -> List[Optional[MapCheck]]:
     """``checks`` with their :func:`~pytorch_grad_cam_vlm.metrics.null.null_margin` against the totals of ``null``
     (complete checks of :func:`~pytorch_grad_cam_vlm.metrics.null.null_maps` of the same image, whose target is
-    ``clean``) and the median drop of the target when a null map's top or bottom share at the first fraction is
-    removed (``null_removal_drop``: what removing random token cells costs). Partial, estimated and missing checks
+    ``clean``), the median drop of the target when a null map's top or bottom share at the first fraction is
+    removed (``null_removal_drop``: what removing random token cells costs) and the null's totals (``null_totals``,
+    which :func:`with_null_of` reuses for a map checked later on the same image). Partial, estimated and missing checks
     are left as they are."""
-    totals = [c.total for c in null]
+    totals = tuple(c.total for c in null)
     drop = float(np.median([clean - v for c in null for v in (c.top_removed[0], c.bottom_removed[0])]))
-    return [c if c is None or not c.complete else
-            replace(c, null_margin=null_margin(c.total, totals, clean), null_removal_drop=drop) for c in checks]
+    return [c if c is None or not c.complete else replace(
+        c, null_margin=null_margin(c.total, totals, clean), null_removal_drop=drop, null_totals=totals) for c in checks]
+
+
+def with_null_of(check: MapCheck, measured: MapCheck) -> MapCheck:
+    """``check`` with the null of ``measured``, a complete check of another map of the same image and target with
+    its null (``null_totals`` set): its margin over those totals and the null's ``null_removal_drop``; ``check``
+    as it is when ``measured`` has no null, or ``check`` is blank or not complete."""
+    if measured.null_totals is None or not check.complete or check.blank:
+        return check
+    return replace(check, null_margin=null_margin(check.total, measured.null_totals, check.clean),
+                   null_removal_drop=measured.null_removal_drop, null_totals=measured.null_totals)
 
 
 def peak_drops(model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray, target: Callable, clean: float,

@@ -15,7 +15,7 @@ only) judges nothing and says ``"partial"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pytorch_grad_cam_vlm.metrics.null import CHANCE_MARGIN, NULL_SPREAD_FLOOR
 
@@ -57,6 +57,7 @@ class MapCheck:
     stability: Optional[float] = None  # correlation with a second draw of its method; None: not redrawn
     prompt_only: bool = False  # the target hardly depends on the image (explain's visual reliance): untestable
     null_removal_drop: Optional[float] = None  # the median drop when a null map's first share is removed; None: no null
+    null_totals: Optional[Tuple[float, ...]] = None  # the null maps' totals on the same image; None: no null
 
     @property
     def total(self) -> float:

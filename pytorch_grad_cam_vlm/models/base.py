@@ -9,7 +9,7 @@ from typing import Iterator, List, Sequence, Tuple, Type
 import numpy as np
 import torch
 
-from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer, has_projector, layer_modules
+from pytorch_grad_cam_vlm.layers import INPUT, PROJECTOR, Layer, has_projector, layer_modules
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.state import (Stage, eager_attention, explaining, graph_starts_at,
                                               has_forward_hooks, hookable_tuple_outputs, shallowest_hooked,
@@ -53,8 +53,12 @@ class ModelWrapper(torch.nn.Module):
     def layer(self, choice: Layer) -> torch.nn.Module:
         """The module of a layer choice as :func:`~pytorch_grad_cam_vlm.explain` names it in ``result.layers``: an
         index into :attr:`layers`, or ``"projector"`` on a vision-language model; e.g.
-        ``SmoothGradCAM(model=wrapper, target_layers=[wrapper.layer(result.layers[0])], ...)``."""
+        ``SmoothGradCAM(model=wrapper, target_layers=[wrapper.layer(result.gradient_layer())], ...)``."""
         count, projector = len(self.layers), has_projector(self)
+        if isinstance(choice, str) and choice == INPUT:
+            raise ValueError("Layer 'input' is the occlusion fallback's (explain kept occlusion there): it has no "
+                             "module. For a gradient method, take result.gradient_layer(), the layer of the gradient "
+                             "map the check ranked best.")
         index = isinstance(choice, (int, np.integer)) and not isinstance(choice, bool)
         if not (index and -count <= choice < count) and not (projector and choice == PROJECTOR):
             raise ValueError(f"Unknown layer choice {choice!r}: use an index into wrapper.layers (0..{count - 1}, or "

@@ -298,11 +298,13 @@ def test_explain_clip_model_with_texts(capsys, tmp_path, image_dir):
     assert row["predicted_token"] == texts[int(probabilities.argmax())]
     assert row["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6)
     n_layers = len(clip.vision_layers)
-    assert row["layers"] == list(range(n_layers - 1))  # CLIP pools its class token: the last layer is blank
+    drawn = list(range(n_layers - 1))  # CLIP pools its class token: the last layer is blank
+    assert row["layers"] in (drawn, drawn + ["input"])  # and the occlusion fallback's map where it was kept
+    assert (row["layers"][-1] == "input") == (row["method"] == "Occlusion")
     # Saved on the 56x84 image, the columns outside CLIP's center crop NaN (not seen), as the frame says.
     saved = np.load(out / row["files"][1])
     frame = clip.image_frame((56, 84), tuple(x.shape[2:]))
-    assert saved.shape == (n_layers - 1, 56, 84) and frame.input_size == tuple(x.shape[2:])
+    assert saved.shape == (len(row["layers"]), 56, 84) and frame.input_size == tuple(x.shape[2:])
     assert (np.isnan(saved) == ~frame.seen).all() and np.isnan(saved[:, :, 0]).all() and not frame.seen.all()
     code, _, stderr = run(capsys, "explain", "--model", model_dir, "--image", image_dir / "b.png",
                           "--prompt", PROMPT, "--out", tmp_path / "out2")
@@ -351,3 +353,38 @@ def test_demo_writes_figures_and_localization_table(capsys, tmp_path):
         table = list(csv.DictReader(f))
     assert {"Occlusion", "GradCAM"} <= {r["method"] for r in table}
     assert all(r["n"] == "2" for r in table)
+
+
+@pytest.mark.parametrize("mode", ["single", "grid"])
+def test_a_chosen_occlusion_fallback_is_drawn_and_reported(capsys, tmp_path, monkeypatch, model_dir, image_dir,
+                                                           wrapper, mode):
+    """Every gradient candidate blank: explain keeps the occlusion fallback's map (here a stand-in of known values,
+    hot on the top-left token cell, with a passing check); single mode draws it, grid mode draws the candidates'
+    layers and it beside them, and the report names it as method Occlusion at layer input."""
+    from pytorch_grad_cam import GradCAMElementWise, GradCAMPlusPlus
+
+    from pytorch_grad_cam_vlm.methods import auto
+    from pytorch_grad_cam_vlm.metrics import reliance
+    from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
+
+    monkeypatch.setattr(reliance, "RELIANCE_THRESHOLD", 0.01)  # the random model's 4 % counts as relying on the image
+
+    monkeypatch.setattr(GradCAMPlusPlus, "get_cam_weights", lambda self, *args, **kwargs: np.zeros(args[-1].shape[:2]))
+    monkeypatch.setattr(GradCAMElementWise, "get_cam_image", lambda self, *args, **kwargs: np.zeros(
+        (args[0].shape[0], *args[0].shape[2:])))
+    known = np.zeros((84, 56), np.float32)
+    known[:28, :28] = 1
+    passing = MapCheck(0.8, [1.0], [1.9], False, 0.4, null_margin=3.0, clean=2.0)
+    calls = []
+    monkeypatch.setattr(auto, "occlusion_fallback", lambda *args, **kwargs: calls.append(args[3]) or (known, passing))
+    image = os.path.join(image_dir, "a.jpg")  # 84 x 56: the model's input as it is
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT, "--mode", mode,
+                       "--out", tmp_path / "out")
+    assert code == 0 and len(calls) == 1 and calls[0].blank  # asked once, with the failed check
+    [row] = json.loads((tmp_path / "out" / "report.json").read_text())
+    layers = ["input"] if mode == "single" else ["projector", 0, 1, 2, "input"]
+    assert (row["method"], row["layers"]) == ("Occlusion", layers)
+    assert row["verdict"] == ["blank"] * (len(layers) - 1) + ["ok"] and row["check"][-1] == 0.8
+    assert row["files"][1:] == ["a_auto_maps.npy", "a_auto_input_overlay.png"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / row["files"][1])[-1], known)
+    assert "blank" not in err or mode == "grid"  # single mode: the kept map passes, no warning line

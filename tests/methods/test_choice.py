@@ -68,7 +68,7 @@ def test_the_forward_images_per_explain_call_are_pinned(wrapper, how, images):
     counted = []
     hook = wrapper.register_forward_pre_hook(lambda module, args: counted.append(len(args[0])))
     try:
-        result = explain(wrapper, x, [ClassifierOutputTarget(3)], choice=how)
+        result = explain(wrapper, x, [ClassifierOutputTarget(3)], choice=how, fallback=False)
     finally:
         hook.remove()
     maps = result.candidate_maps[0].reshape(-1, 56, 84)
@@ -134,3 +134,63 @@ def test_the_first_order_ranking_agrees_with_the_full_check_at_the_measured_rate
         keep = ~(np.isnan(estimated) | np.isnan(measured))  # blank maps have no total
         rhos.append(spearman(estimated[keep], measured[keep]))
     assert np.mean(rhos) == pytest.approx(0.216, abs=0.1)
+
+
+def test_the_fallback_window_is_the_token_cell_times_the_least_whole_number_for_at_most_48_windows(wrapper):
+    assert wrapper.token_cell == 28 and choice.FALLBACK_WINDOWS == 48
+    assert choice.fallback_window(wrapper, (112, 168)) == 28  # 4 x 6 windows: the pairs model's canvas
+    assert choice.fallback_window(wrapper, (448, 448)) == 84  # 16 x 16 cells: 256 windows, 8 x 8 at 56 px: 64; 6 x 6
+    assert choice.fallback_window(wrapper, (56, 2240)) == 56  # 2 x 80 -> 1 x 40
+    assert choice.fallback_window(wrapper, (28, 28)) == 28
+    assert choice.fallback_window(wrapper, (64, 96), cell=8) == 16  # the tiled development models: 8 x 12 -> 4 x 6
+
+
+def test_the_occlusion_fallback_is_occlusion_at_token_cells_checked_against_the_same_null(wrapper, monkeypatch):
+    """explain's fallback where every gradient candidate fails (here: blank): occlusion of each 28-pixel token cell
+    once, its drops above 0 scaled to [0, 1], checked against the null the candidates were checked with; explain keeps
+    it where it passes, and the warnings of the failed gradient maps stay available."""
+    from pytorch_grad_cam import GradCAM
+
+    from pytorch_grad_cam_vlm.layers import INPUT
+    from pytorch_grad_cam_vlm.metrics.localization import occlusion_map
+    from pytorch_grad_cam_vlm.metrics.null import null_margin
+
+    monkeypatch.setattr(GradCAM, "get_cam_weights", lambda self, *args, **kwargs: np.zeros(args[-1].shape[:2]))
+    x, target = wrapper.preprocess(random_image(56, 84, seed=0)), ClassifierOutputTarget(2)
+    result = explain(wrapper, x, [target], method="GradCAM", layers=[0, 1], fallback=True)
+    m, l = result.candidate_choice(0)
+    failed = result.candidate_checks[0][m][l]
+    assert failed.blank and len(failed.null_totals) == NULL_MAPS
+    drops = np.maximum(occlusion_map(wrapper, x, 2, window=28, stride=28), 0)
+    by_hand = drops / drops.max()
+    check, = check_maps(wrapper, x, by_hand[None], target)
+    assert (result.methods[0], result.layers[0], result.checks[0].verdict) == ("Occlusion", INPUT, "ok")
+    np.testing.assert_allclose(result.model_maps[0], by_hand, atol=1e-6)
+    assert result.checks[0].total == pytest.approx(check.total, abs=1e-5)
+    assert result.checks[0].null_margin == pytest.approx(null_margin(check.total, failed.null_totals, check.clean))
+    assert result.warnings(["a.png"]) == []
+    assert result.layer_warning("a.png", 0) == "a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing)."
+    assert result.best_layer(0) is None and result.layer_warning("a.png", INPUT) is None
+    named = explain(wrapper, x, [target], method="GradCAM", layers=[0, 1])  # a method asked by name: its own map
+    assert named.methods[0] == "GradCAM" and named.checks[0].blank
+    counted = []
+    hook = wrapper.register_forward_pre_hook(lambda module, args: counted.append(len(args[0])))
+    try:
+        choice.occlusion_fallback(wrapper, x, target, result.checks[0])
+    finally:
+        hook.remove()
+    assert sum(counted) == 1 + 2 * 3 + 4 + 1  # the clean image, 6 windows, the check's 4 and its peak window
+
+
+def test_a_fallback_that_fails_too_leaves_the_gradient_map(wrapper, monkeypatch):
+    """Token 5 of the same image: the occlusion map does not beat the null (measured: margin 0.50), so explain keeps
+    the blank gradient map and its warning."""
+    from pytorch_grad_cam import GradCAM
+
+    monkeypatch.setattr(GradCAM, "get_cam_weights", lambda self, *args, **kwargs: np.zeros(args[-1].shape[:2]))
+    x, target = wrapper.preprocess(random_image(56, 84, seed=0)), ClassifierOutputTarget(5)
+    result = explain(wrapper, x, [target], method="GradCAM", layers=[0, 1], fallback=True)
+    _, check = choice.occlusion_fallback(wrapper, x, target, result.checks[0])
+    assert check.verdict == "chance" and check.null_margin < 1.5
+    assert (result.methods[0], result.layers[0], result.checks[0].blank) == ("GradCAM", 0, True)
+    assert result.warnings(["a.png"]) == ["a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing)."]
