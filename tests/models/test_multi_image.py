@@ -23,6 +23,7 @@ from pytorch_grad_cam_vlm import (Explanation, Gemma3Wrapper, Glm4vWrapper, Idef
                                   QwenVLWrapper, build_tiny_gemma3, build_tiny_glm4v, build_tiny_idefics3,
                                   build_tiny_internvl, build_tiny_llava, build_tiny_mistral3, build_tiny_qwen3_vl,
                                   check_maps, explain)
+from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, MultiImage, box_masks, image_maps, mass_shares,
                                                      side_by_side)
@@ -599,3 +600,21 @@ def test_a_split_warns_only_where_an_image_holds_much_of_the_mass_and_fails_its_
                          [[[passing]]], [None], split=[split])
     assert result.warnings() == [split.warnings(["image 0, picture 1", "image 0, picture 2", "image 0, picture 3"])[0]]
     assert result.warnings()[0].startswith("image 0, picture 1 (50% of the map's mass): its part of the map is inv")
+
+
+def test_the_occlusion_fallbacks_map_splits_between_the_images_as_any_map(gemma3):
+    """RandomCAM's map of two images is unstable; with the fallback asked, explain keeps occlusion's map (token 3
+    here), and its split is that map's: each part on its picture, each image's check confined to it, no stability
+    (occlusion is deterministic)."""
+    target = ClassifierOutputTarget(3)
+    np.random.seed(5)
+    result = explain(gemma3, MultiImage(GEMMA_IMAGES), [target], method="RandomCAM", layers="1", fallback=True)
+    assert (result.methods[0], result.layers[0], result.checks[0].verdict) == ("Occlusion", "input", "ok")
+    [split] = result.split
+    x = gemma3.preprocess(list(GEMMA_IMAGES))
+    for frame, part, m in zip(split.frames, image_maps(result.model_maps, split.boxes), split.maps):
+        np.testing.assert_allclose(m, frame.to_image(part[0]), atol=1e-6)
+    for check, region in zip(split.checks, box_masks(split.boxes)):
+        [expected] = check_maps(gemma3, x, result.model_maps[0], target, null=NULL_MAPS, region=region,
+                                clean=result.reliance[0].clean)
+        assert check == expected and check.stability is None
