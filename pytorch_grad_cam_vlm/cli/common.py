@@ -216,14 +216,15 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                          choice=choice if mode == "single" else "full", stage=stage, image_size=picture.size[::-1],
                          fallback=method_name == "auto")
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers, result.layers[0])
-    model_maps, checks = drawn_maps(result, drawn)
+    model_maps, checks, drawn_methods = drawn_maps(result, drawn)
     reliance = result.reliance[0]
     warnings = [w for w in [result.layer_warning(source, k) for k in drawn] + [reliance.warning(source)]
                 + [upscale_warning(source, picture.size[::-1], x.shape[2:])] if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     rgb = np.asarray(picture, dtype=np.float32) / 255  # drawn on the user's image, the maps carried onto it
-    chosen = f"{method_name} → {result.methods[0]}" if method_name != result.methods[0] else method_name
+    named = list(dict.fromkeys(drawn_methods))[::-1]  # the chosen map's first: the occlusion fallback beside layers
+    chosen = f"{method_name} → {' + '.join(named)}" if [method_name] != named else method_name
     files = render(out_dir, stem, mode, rgb, result.frames[0].to_image(model_maps), drawn,
                    method_name, label, notes=[check_note(c, reliance.clean) for c in checks], chosen=result.layers[0],
                    legend=CHECK_LEGEND,
@@ -233,8 +234,7 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     if words is not None:
         append_words(files[0], words.words, words.relevance, words.label)
     return dict(image=source, **target_cells(subject.wrapper, label, probability),
-                method=result.methods[0],
-                mode=mode, layers=list(drawn), check=[round(c.score, 6) for c in checks],
+                method=result.methods[0], mode=mode, layers=list(drawn), layer_methods=drawn_methods, check=[round(c.score, 6) for c in checks],
                 peak_drop=[round(c.peak_drop, 6) for c in checks], clean_score=round(reliance.clean, 6),
                 top_change=[round(check_change(c, reliance.clean)[0], 4) for c in checks],
                 bottom_change=[round(check_change(c, reliance.clean)[1], 4) for c in checks],
@@ -248,13 +248,14 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
                 files=[os.path.basename(f) for f in files])
 
 
-def drawn_maps(result: Explanation, layers: Sequence[Layer]) -> Tuple[np.ndarray, List[MapCheck]]:
-    """The maps ``(L, H, W)`` on the model's input and checks of image 0 at ``layers``: the chosen map at its layer
-    (the occlusion fallback's at ``INPUT``), the candidate method the check ranked best at the others."""
+def drawn_maps(result: Explanation, layers: Sequence[Layer]) -> Tuple[np.ndarray, List[MapCheck], List[str]]:
+    """The maps ``(L, H, W)`` on the model's input, checks and methods of image 0 at ``layers``: the chosen map at
+    its layer (the occlusion fallback's at ``INPUT``), the candidate method the check ranked best at the others."""
     m, _ = result.candidate_choice(0)
     at = [None if k == result.layers[0] else result.candidate_layers.index(k) for k in layers]
     return (np.stack([result.model_maps[0] if l is None else result.candidate_maps[0, m, l] for l in at]),
-            [result.checks[0] if l is None else result.candidate_checks[0][m][l] for l in at])
+            [result.checks[0] if l is None else result.candidate_checks[0][m][l] for l in at],
+            [result.methods[0] if l is None else result.candidate_methods[m] for l in at])
 
 
 def target_cells(wrapper, label: str, probability: float) -> dict:

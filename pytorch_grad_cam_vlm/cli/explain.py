@@ -16,7 +16,7 @@ from pytorch_grad_cam_vlm.demo import EMBEDDED_MODELS, embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import load_rgb
 from pytorch_grad_cam_vlm.layers import PROJECTOR, layer_depth, layer_modules, layer_name
-from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, candidate_methods, explain
+from pytorch_grad_cam_vlm.methods.auto import AUTO_METHODS, OCCLUSION, candidate_methods, explain
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, check_answer_method, uses_gradients
 from pytorch_grad_cam_vlm.methods.sweep import LAYER_PRESETS
 from pytorch_grad_cam_vlm.models.classifier import is_classifier_spec
@@ -76,11 +76,14 @@ def run_explain(args: argparse.Namespace) -> int:
 
     rows = explain_batch(args.out, images, explain_one, kept, stale)
     kind = "decoder" if family in QWEN_MODEL_CLASSES else "vision"
-    chosen = sorted({(row["method"], layer) for row in rows for layer in row["layers"]},
-                    key=lambda pair: (pair[0], layer_depth(pair[1])))
+    chosen = sorted({pair for row in rows for pair in zip(row.get("layer_methods") or [row["method"]] * len(
+        row["layers"]), row["layers"])}, key=lambda pair: (pair[0], layer_depth(pair[1])))
     choice = (f" (chosen by the deletion check among {'/'.join(cls.__name__ for cls in methods)} at layers "
-              f"{', '.join(map(str, layers))})" if args.mode == "single" and len(layers) > 1 or len(methods) > 1 else "")
-    where = ", ".join((f"{m} at " if len(methods) > 1 else "") + layer_name(k, kind) for m, k in chosen)
+              f"{', '.join(map(str, layers))}" + (", occlusion of token cells where none passed" if any(
+                  row["method"] == OCCLUSION for row in rows) else "") + ")"
+              if args.mode == "single" and len(layers) > 1 or len(methods) > 1 else "")
+    where = ", ".join((f"{m} at " if len(methods) > 1 or m == OCCLUSION else "") + layer_name(k, kind)
+                      for m, k in chosen)
     print(f"Explained {len(rows)} image(s) with {name}{': ' if len(methods) > 1 else ' at '}{where}{choice}; wrote "
           f"{sum(len(r['files']) for r in rows) + 2} files to {args.out}, listed in "
           f"{os.path.join(args.out, 'report.csv')} and report.json.")

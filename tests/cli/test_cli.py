@@ -384,6 +384,7 @@ def test_a_chosen_occlusion_fallback_is_drawn_and_reported(capsys, tmp_path, mon
     [row] = json.loads((tmp_path / "out" / "report.json").read_text())
     layers = ["input"] if mode == "single" else ["projector", 0, 1, 2, "input"]
     assert (row["method"], row["layers"]) == ("Occlusion", layers)
+    assert row["layer_methods"] == ["GradCAMPlusPlus"] * (len(layers) - 1) + ["Occlusion"]  # all blank: the first
     assert row["verdict"] == ["blank"] * (len(layers) - 1) + ["ok"] and row["check"][-1] == 0.8
     assert row["files"][1:] == ["a_auto_maps.npy", "a_auto_input_overlay.png"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / row["files"][1])[-1], known)
