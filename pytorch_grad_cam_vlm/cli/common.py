@@ -234,7 +234,8 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     if words is not None:
         append_words(files[0], words.words, words.relevance, words.label)
     return dict(image=source, **target_cells(subject.wrapper, label, probability),
-                method=result.methods[0], mode=mode, layers=list(drawn), layer_methods=drawn_methods, check=[round(c.score, 6) for c in checks],
+                method=result.methods[0], mode=mode, layers=list(drawn), layer_methods=drawn_methods,
+                check=[round(c.score, 6) for c in checks],
                 peak_drop=[round(c.peak_drop, 6) for c in checks], clean_score=round(reliance.clean, 6),
                 top_change=[round(check_change(c, reliance.clean)[0], 4) for c in checks],
                 bottom_change=[round(check_change(c, reliance.clean)[1], 4) for c in checks],

@@ -137,13 +137,17 @@ class Explanation:
         candidate the check ranked best: a layer any grad-cam method takes (``wrapper.layer(...)``)."""
         return self.candidate_layers[self.candidate_choice(image)[1]]
 
+    def gradient_method(self, image: int = 0, method: Optional[str] = None) -> int:
+        """The index into :attr:`candidate_methods` of ``method`` (default: the one chosen for ``image``, or where
+        the occlusion fallback was chosen the candidate the check ranked best)."""
+        method = method or self.methods[image]
+        return self.candidate_choice(image)[0] if method == OCCLUSION else self.candidate_methods.index(method)
+
     def best_layer(self, image: int = 0, method: Optional[str] = None) -> Optional[Layer]:
         """The candidate layer whose map of ``method`` (default: the one chosen for ``image``, or the candidate the
         check ranked best where the occlusion fallback was chosen) passes the check with the highest total; ``None``
         when none passes."""
-        method = method or self.methods[image]
-        m = self.candidate_choice(image)[0] if method == OCCLUSION else self.candidate_methods.index(method)
-        checks = self.candidate_checks[image][m]
+        checks = self.candidate_checks[image][self.gradient_method(image, method)]
         passing = [(check.total, i) for i, check in enumerate(checks) if check is not None and not check.partial
                    and not check.failed]
         return self.candidate_layers[max(passing)[1]] if passing else None
@@ -154,8 +158,7 @@ class Explanation:
         :data:`~pytorch_grad_cam_vlm.layers.INPUT`: the chosen occlusion map's."""
         if layer == INPUT:
             return failure_warning(name, f"{OCCLUSION} at {layer_name(INPUT)}", self.checks[image])
-        m = self.candidate_choice(image)[0] if self.methods[image] == OCCLUSION else \
-            self.candidate_methods.index(self.methods[image])
+        m = self.gradient_method(image)
         check = self.candidate_checks[image][m][self.candidate_layers.index(layer)]
         if check is None:
             return None

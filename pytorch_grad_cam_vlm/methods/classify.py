@@ -24,10 +24,11 @@ def classify_and_explain(model: torch.nn.Module, image: ImageInput, class_names:
     """The predicted class of ``image`` and its map. ``model``: a :class:`ClassifierWrapper`, or a torchvision / timm
     classifier to wrap (default preprocessing, ``class_names``). ``method`` and ``layers`` as for
     :func:`~pytorch_grad_cam_vlm.explain` (default: the candidate method and layer whose map ranks best on the
-    deletion check; ``fallback`` as for ``explain``). Returns ``class_index``, ``class_name``, ``confidence`` (softmax), ``map`` ``(H0, W0)`` in
-    [0, 1] on the image (NaN outside the center crop the model saw; ``docs/frames.md``), ``overlay`` ``(H0, W0, 3)``
-    uint8 drawn on the image (the unseen part hatched grey), ``image`` ``(H0, W0, 3)`` in [0, 1], ``model_map``
-    ``(H, W)`` on the preprocessed input, ``method``, ``layer`` (an index into ``wrapper.layers``), ``check``
+    deletion check; ``fallback`` as for ``explain``). Returns ``class_index``, ``class_name``, ``confidence``
+    (softmax), ``map`` ``(H0, W0)`` in [0, 1] on the image (NaN outside the center crop the model saw;
+    ``docs/frames.md``), ``overlay`` ``(H0, W0, 3)`` uint8 drawn on the image (the unseen part hatched grey),
+    ``image`` ``(H0, W0, 3)`` in [0, 1], ``model_map`` ``(H, W)`` on the preprocessed input, ``method``, ``layer``
+    (an index into ``wrapper.layers``, or ``"input"`` for the occlusion fallback's map), ``check``
     (:class:`~pytorch_grad_cam_vlm.MapCheck`), ``input`` (the preprocessed ``(1, 3, H, W)``) and ``explanation``
     (every candidate; ``explanation.frames[0]`` carries any of its maps onto the image)."""
     wrapper = model if isinstance(model, ClassifierWrapper) else ClassifierWrapper(model, class_names=class_names)
