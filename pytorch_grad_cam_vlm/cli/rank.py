@@ -17,7 +17,7 @@ from pytorch_grad_cam_vlm.cli.common import (_positive_int, add_loading_argument
 from pytorch_grad_cam_vlm.cli.several_images import check_several_family
 from pytorch_grad_cam_vlm.demo import embedded_model_path
 from pytorch_grad_cam_vlm.errors import InputError
-from pytorch_grad_cam_vlm.methods.auto import candidate_methods
+from pytorch_grad_cam_vlm.methods.auto import candidate_methods, is_auto
 from pytorch_grad_cam_vlm.methods.rank import DEFAULT_TEMPLATE, YES_NO, rank_captions, rank_images, yes_no_prompt
 from pytorch_grad_cam_vlm.models.registry import (PROMPT_FAMILIES, load_model, make_subject, model_config,
                                                   resolve_device, resolve_dtype)
@@ -68,7 +68,7 @@ def run_rank(args: argparse.Namespace) -> int:
                                   args.trust_remote_code)
     asked = args.prompt or yes_no_prompt(args.caption[0], args.template)
     wrapper = make_subject(family, model, processor, asked, None).wrapper
-    options = dict(method=methods, layers=args.layers, seed=args.seed)
+    options = dict(method=methods, layers=args.layers, seed=args.seed, fallback=is_auto(args.method))
     stems = output_stems(images)
     try:
         if len(args.caption or args.answer) > 1:
