@@ -388,4 +388,6 @@ def test_a_chosen_occlusion_fallback_is_drawn_and_reported(capsys, tmp_path, mon
     assert row["verdict"] == ["blank"] * (len(layers) - 1) + ["ok"] and row["check"][-1] == 0.8
     assert row["files"][1:] == ["a_auto_maps.npy", "a_auto_input_overlay.png"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / row["files"][1])[-1], known)
-    assert "blank" not in err or mode == "grid"  # single mode: the kept map passes, no warning line
+    # the kept map passes; the gradient map it replaced (the first when all are blank) says why, in both modes
+    assert "a.jpg: GradCAMPlusPlus at projector is blank (the map is flat: it shows nothing)." in err
+    assert "Occlusion at input" not in err
