@@ -16,7 +16,7 @@ import numpy as np
 
 from pytorch_grad_cam_vlm.errors import InputError
 from pytorch_grad_cam_vlm.image import load_rgb, upscale_warning
-from pytorch_grad_cam_vlm.layers import INPUT, Layer
+from pytorch_grad_cam_vlm.layers import Layer
 from pytorch_grad_cam_vlm.methods.auto import Explanation, candidate_layers, explain, is_auto
 from pytorch_grad_cam_vlm.methods.catalog import is_smooth
 from pytorch_grad_cam_vlm.methods.prompt_words import prompt_word_relevance, takes_prompt
@@ -218,9 +218,8 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers, result.layers[0])
     model_maps, checks, drawn_methods = drawn_maps(result, drawn)
     reliance = result.reliance[0]
-    # where the occlusion fallback was kept, the gradient map it replaced says why even when no mode draws it
-    said = drawn + [result.gradient_layer()] if result.layers[0] == INPUT else drawn
-    warnings = [w for w in [result.layer_warning(source, k) for k in dict.fromkeys(said)] + [reliance.warning(source)]
+    replaced = [] if result.gradient_layer() in drawn else [result.replaced_warning(source)]
+    warnings = [w for w in [result.layer_warning(source, k) for k in drawn] + replaced + [reliance.warning(source)]
                 + [upscale_warning(source, picture.size[::-1], x.shape[2:])] if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)

@@ -166,6 +166,11 @@ class Explanation:
         return failure_warning(name, f"{self.candidate_methods[m]} at {layer_name(layer)}", check,
                                layer_name(best) if best not in (None, layer) else None)
 
+    def replaced_warning(self, name: str, image: int = 0) -> Optional[str]:
+        """Where the occlusion fallback was kept for ``image``, the warning line of the gradient map it replaced
+        (the candidate the check ranked best), which says why; ``None`` elsewhere."""
+        return self.layer_warning(name, self.gradient_layer(image), image) if self.layers[image] == INPUT else None
+
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
         """One line per image whose chosen map fails the check (no candidate passed), one per image whose target
         hardly depends on the image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`), and for

@@ -171,6 +171,8 @@ def test_the_occlusion_fallback_is_occlusion_at_token_cells_checked_against_the_
     assert result.warnings(["a.png"]) == []
     assert result.layer_warning("a.png", 0) == "a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing)."
     assert result.best_layer(0) is None and result.layer_warning("a.png", INPUT) is None
+    assert result.replaced_warning("a.png") == result.layer_warning("a.png", 0)
+    assert explain(wrapper, x, [target], method="GradCAM", layers=[0, 1]).replaced_warning("a.png") is None
     assert result.gradient_layer(0) == 0 and wrapper.layer(result.gradient_layer(0)) is wrapper.decoder_layers[0]
     with pytest.raises(ValueError, match=r"no module\. For a gradient method, take result\.gradient_layer\(\)"):
         wrapper.layer(INPUT)
