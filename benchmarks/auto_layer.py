@@ -15,7 +15,7 @@ import csv
 import os
 import time
 from itertools import combinations
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -94,6 +94,14 @@ def sample_case(model, processor, sample):
     wrapper = wrap(model, processor, sample.prompt)
     target = ClassifierOutputTarget(processor.tokenizer.convert_tokens_to_ids(sample.answer))
     return wrapper, wrapper.preprocess(sample.image), target
+
+
+def held_out_cases(name: str, n: int, seed: int = 0) -> Iterator[tuple]:
+    """``(index, sample, wrapper, x, target)`` of each of ``n`` held-out samples of the development model ``name``
+    (:func:`held_out`, :func:`sample_case`), under a progress bar."""
+    model, processor, samples = held_out(name, n, seed)
+    for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
+        yield (i, sample) + sample_case(model, processor, sample)
 
 
 def method_maps(wrapper: QwenVLWrapper, x: torch.Tensor, target, method: str, layers: List[Layer]) -> np.ndarray:

@@ -16,9 +16,7 @@ import glob
 import os
 
 import numpy as np
-from tqdm import tqdm
-
-from auto_layer import geometry, held_out, markdown, sample_case
+from auto_layer import geometry, held_out_cases, markdown
 from dev_models_gap import score
 from verdict_null import HERE, command, write_summary
 from pytorch_grad_cam_vlm.methods.auto import OCCLUSION, explain
@@ -26,11 +24,9 @@ from pytorch_grad_cam_vlm.methods.auto import OCCLUSION, explain
 
 def measure(name: str, n: int, seed: int) -> list:
     """One row per held-out sample of model ``name`` (see the module's docstring)."""
-    model, processor, samples = held_out(name, n, seed)
     tolerance = geometry(name)[1]
     rows = []
-    for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
-        wrapper, x, target = sample_case(model, processor, sample)
+    for i, sample, wrapper, x, target in held_out_cases(name, n, seed):
         row = dict(model=name, sample=i)
         for label, fallback in (("without", False), ("with", True)):
             result = explain(wrapper, x, [target], image_size=sample.image.shape[:2], fallback=fallback)

@@ -18,9 +18,8 @@ import glob
 import os
 
 import numpy as np
-from tqdm import tqdm
 
-from auto_layer import geometry, held_out, markdown, sample_case
+from auto_layer import geometry, held_out_cases, markdown
 from dev_models_gap import score
 from verdict_null import HERE, command, write_summary
 from pytorch_grad_cam_vlm.methods.auto import explain
@@ -31,11 +30,9 @@ from pytorch_grad_cam_vlm.metrics.null import NULL_MAPS
 
 def measure(name: str, n: int, seed: int) -> list:
     """One row per held-out sample of model ``name`` whose default map fails (see the module's docstring)."""
-    model, processor, samples = held_out(name, n, seed)
     window, tolerance = geometry(name)
     rows = []
-    for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
-        wrapper, x, target = sample_case(model, processor, sample)
+    for i, sample, wrapper, x, target in held_out_cases(name, n, seed):
         result = explain(wrapper, x, [target], fallback=False)  # the gradient candidates' choice alone
         reliance, check = result.reliance[0], result.checks[0]
         row = dict(model=name, sample=i, image_reliant=int(not reliance.prompt_only), default=check.verdict,

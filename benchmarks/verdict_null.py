@@ -32,9 +32,8 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from auto_layer import geometry, held_out, markdown, sample_case, write_csv
+from auto_layer import geometry, held_out_cases, markdown, write_csv
 from dev_models_gap import score
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps, with_null_margins
@@ -61,11 +60,9 @@ def null_checks(wrapper, x, target, clean) -> list:
 
 def measure(name: str, n: int, seed: int) -> list:
     """One row per map of ``n`` held-out samples of model ``name`` (see the module's docstring)."""
-    model, processor, samples = held_out(name, n, seed)
     tolerance = geometry(name)[1]
     rows = []
-    for i, sample in enumerate(tqdm(samples, desc=name, unit="sample")):
-        wrapper, x, target = sample_case(model, processor, sample)
+    for i, sample, wrapper, x, target in held_out_cases(name, n, seed):
         frame = wrapper.image_frame(sample.image.shape[:2], tuple(x.shape[2:]))
         default = explain(wrapper, x, [target])  # its null as it runs: the occlusion fallback judged by it
         clean = default.reliance[0].clean
