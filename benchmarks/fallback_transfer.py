@@ -11,14 +11,11 @@ demo task asked about any colour, the model of the prompt's words) chose no defa
 """
 from __future__ import annotations
 
-import csv
-import glob
-import os
-
 import numpy as np
+
 from auto_layer import geometry, held_out_cases, markdown
 from dev_models_gap import score
-from verdict_null import HERE, command, write_summary
+from verdict_null import command, measured_runs, write_summary
 from pytorch_grad_cam_vlm.methods.auto import OCCLUSION, explain
 
 
@@ -41,9 +38,7 @@ def measure(name: str, n: int, seed: int) -> list:
 
 def summarise() -> None:
     table = []
-    for path in sorted(glob.glob(os.path.join(HERE, "fallback_transfer_*.csv"))):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
+    for rows in measured_runs("fallback_transfer"):
         reliant = [r for r in rows if r["image_reliant"] == "1"]
         out = dict(model=rows[0]["model"], n=len(rows), occlusion_kept=sum(int(r["occlusion_kept"]) for r in rows))
         for label in ("without", "with"):

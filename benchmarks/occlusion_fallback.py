@@ -13,15 +13,11 @@ evidence or a distractor, and its windows (forward images).
 """
 from __future__ import annotations
 
-import csv
-import glob
-import os
-
 import numpy as np
 
 from auto_layer import geometry, held_out_cases, markdown
 from dev_models_gap import score
-from verdict_null import HERE, command, write_summary
+from verdict_null import command, measured_runs, write_summary
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.deletion_check import check_maps
 from pytorch_grad_cam_vlm.metrics.localization import occlusion_map
@@ -51,9 +47,8 @@ def measure(name: str, n: int, seed: int) -> list:
 
 def summarise() -> None:
     table = []
-    for path in sorted(glob.glob(os.path.join(HERE, "occlusion_fallback_*.csv"))):
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if r["image_reliant"] == "1"]
+    for run in measured_runs("occlusion_fallback"):
+        rows = [r for r in run if r["image_reliant"] == "1"]
         failed = [r for r in rows if r["default"] != "ok"]
         rescued = [r for r in failed if r["occlusion"] == "ok"]
         table.append(dict(model=rows[0]["model"], image_reliant=len(rows), default_flagged=len(failed) / len(rows),

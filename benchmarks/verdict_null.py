@@ -108,13 +108,19 @@ def ok_on_evidence(rows: list) -> float:
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def summarise() -> None:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(HERE, "verdict_null_*.csv"))):
+def measured_runs(prefix: str) -> list:
+    """The rows of each benchmarks/``prefix``_MODEL.csv that :func:`command` wrote, one list per file, by name."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(HERE, f"{prefix}_*.csv"))):
         with open(path) as f:
-            for r in csv.DictReader(f):
-                rows.append(dict(r, total=float(r["total"]), clean=float(r["clean"]),
-                                 failed_before=int(r["failed_before"]), null=np.array([float(v) for v in r["null"].split(";")])))
+            runs.append(list(csv.DictReader(f)))
+    return runs
+
+
+def summarise() -> None:
+    rows = [dict(r, total=float(r["total"]), clean=float(r["clean"]), failed_before=int(r["failed_before"]),
+                 null=np.array([float(v) for v in r["null"].split(";")]))
+            for run in measured_runs("verdict_null") for r in run]
     models = list(dict.fromkeys(r["model"] for r in rows))
     groups = {(m, kind): [r for r in rows if r["model"] == m and r["kind"] == kind] for m in models for kind in KINDS}
     for kind, hit in SPLIT_BY_HIT.items():  # rows measured before the hit column have none: these groups stay empty

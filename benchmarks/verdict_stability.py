@@ -17,7 +17,6 @@ null's margin (the defaults), or unstable below the floor.
 from __future__ import annotations
 
 import csv
-import glob
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from auto_layer import held_out, markdown, sample_case
-from verdict_null import command, write_summary
+from verdict_null import command, measured_runs, write_summary
 from verdict_null import flagged as flagged_by_margin
 from pytorch_grad_cam_vlm.methods.auto import explain
 from pytorch_grad_cam_vlm.metrics.map_check import STABILITY_FLOOR
@@ -68,9 +67,7 @@ def null_rows(name: str) -> dict:
 
 def summarise() -> None:
     table = []
-    for path in sorted(glob.glob(os.path.join(HERE, "verdict_stability_*.csv"))):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
+    for rows in measured_runs("verdict_stability"):
         name = rows[0]["model"]
         verdicts = null_rows(name)
         for kind in ("RandomCAM", "RandomCAM, one layer", SMOOTH, f"{SMOOTH}, one layer"):
