@@ -231,6 +231,11 @@ class DecoderLayers:
             f"wrapper.decoder_layers[-2] (layer {len(self._decoder_layers) - 2}) or an earlier layer, or "
             "explain(wrapper, x) to choose one by the deletion check."))
 
+    def _stages(self) -> list:
+        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``): the
+        vision blocks, the projector, the decoder layers."""
+        return self.vision_blocks + [self.projector] + self.decoder_layers
+
     @property
     def full_attention_layers(self) -> List[int]:
         """Indices of the decoder layers with softmax attention, whose weights attention maps read: every layer of

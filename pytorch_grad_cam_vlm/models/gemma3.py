@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
@@ -77,9 +76,7 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = ViewAblationLayer
     views = VIEWS
-    several_images = True  # preprocess takes a list of images for one prompt, without pan-and-scan
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -254,10 +251,6 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         inputs["pixel_values"] = x.to(next(self.vision_tower.parameters()).dtype)
         return inputs
 
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.projector] + self.decoder_layers
-
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the token grid of the latest forward pass (``(B, 2C, h, w)``
@@ -294,11 +287,6 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         if self.layout is None:
             raise RuntimeError("token_geometry needs a forward pass of the wrapper first.")
         return -1, self.layout.whole_positions, (self.grid, self.grid)
-
-    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
-        """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the map's
-        grid: the view's tokens placed as for hidden states; ``"combined"`` adds the crops' and the whole image's."""
-        return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
     @property

@@ -220,10 +220,6 @@ class Gemma4Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         inputs["image_position_ids"] = positions
         return inputs
 
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.projector] + self.decoder_layers
-
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the grid of the latest forward pass.

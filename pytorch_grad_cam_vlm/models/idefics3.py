@@ -58,7 +58,6 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
@@ -130,9 +129,7 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = ViewAblationLayer
     views = VIEWS
-    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -317,10 +314,6 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         whole = self.global_image(x) if global_images is None else global_images.to(x).expand(len(x), -1, -1, -1)
         return torch.cat([canvas_to_tiles(x, *tiles), whole[:, None]], dim=1)
 
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.connector] + self.decoder_layers
-
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the canvas's grid of the latest forward pass (``(B, 2C, h,
@@ -368,12 +361,6 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         if self.layout is None:
             raise RuntimeError("token_geometry needs a forward pass of the wrapper first.")
         return -1, self.layout.global_positions, (self.grid, self.grid)
-
-    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
-        """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the
-        canvas's grid: the view's tokens placed as for hidden states; ``"combined"`` adds the tiles' and the global
-        image's."""
-        return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
     @property

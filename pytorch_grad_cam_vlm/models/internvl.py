@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
@@ -125,9 +124,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = ViewAblationLayer
     views = VIEWS
-    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -297,10 +294,6 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         elif thumbnail is not None:
             raise ValueError("A one-tile canvas has no thumbnail: call model_inputs(x) without thumbnails.")
         return images
-
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.projector] + self.decoder_layers
 
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:

@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
 from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
 from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
                                                 input_boxes, pictures_layout, place_pictures, place_views,
@@ -79,9 +78,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
     ``requires_grad`` flags and hooks are as they were.
     """
 
-    ablation_layer_type = ViewAblationLayer
     views = VIEWS
-    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     def __init__(self, model: torch.nn.Module, processor, prompt: str, efficient_gradients: bool = True,
                  answer: Optional[AnswerInput] = None, answer_reduction: str = "sum", view: str = "combined",
@@ -385,11 +382,6 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         """For attention maps: the query position (the last), the base image's token positions in raster order
         and their grid (LLaVA 1.5: the image's)."""
         return -1, self.layout.base_positions, (self.layout.base_grid, self.layout.base_grid)
-
-    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
-        """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the map's
-        grid: the view's tokens placed as for hidden states; ``"combined"`` adds the two."""
-        return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
 
     # ----------------------------------------------------------------------------------------- ablation
     @property

@@ -146,10 +146,6 @@ class Mistral3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
         inputs["image_sizes"] = torch.tensor([[height, width]] * b, device=device)
         return inputs
 
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.projector] + self.decoder_layers
-
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the true grid of the latest forward pass.

@@ -301,10 +301,6 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
         logits = output.logits.float()
         return logits[:, -1] if layout.answer_ids is None else logits[:, :-1]
 
-    def _stages(self) -> list:
-        """The model's stages in execution order, where the autograd graph may start (see ``_explaining``)."""
-        return self.vision_blocks + [self.merger] + self.decoder_layers
-
     # ----------------------------------------------------------------------------------------- reshape
     def reshape_transform(self, output) -> torch.Tensor:
         """Hidden states to ``(B, C, h, w)`` float32 on the true grid of the latest forward pass.

@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
+
 
 def canvas_to_tiles(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Canvases ``(B, C, rows * s, cols * s)`` to their tiles ``(B, rows * cols, C, s, s)`` in raster order."""
@@ -42,6 +44,8 @@ class TileViews:
 
     views: Tuple[str, ...]
     view_positions: Tuple[torch.Tensor, torch.Tensor]  # (a property) the tiles' token positions, the whole image's
+    ablation_layer_type = ViewAblationLayer  # ablates the view's tokens (ablation_target)
+    several_images = True  # preprocess takes a list of pictures for one prompt (models.multi_image)
 
     @property
     def view(self) -> str:
@@ -74,3 +78,8 @@ class TileViews:
         if self.view == self.views[0] or (self.view == "combined" and index < channels):
             return tiles, index
         return whole, index % channels
+
+    def image_row_to_grid(self, row: torch.Tensor) -> torch.Tensor:
+        """A value per sequence position ``(B, seq)`` (e.g. the query's attention) to ``(B, 1, h, w)`` on the map's
+        grid: the view's tokens placed as for hidden states; ``"combined"`` adds the tiles' and the whole image's."""
+        return self.reshape_transform(row[..., None]).sum(1, keepdim=True)
