@@ -1,7 +1,7 @@
 """How a wrapper turns text into tokens: the answer it teacher-forces and the single-token words that targets score."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -99,3 +99,19 @@ def teacher_forced(wrapper, text_inputs: Dict[str, torch.Tensor], placeholder: O
     if unknown:
         raise ValueError(f"Cannot append answer token ids to the processor's {unknown}: pass the answer as text.")
     return {k: torch.cat([v, appended[k].to(v.dtype)[None]], dim=1) for k, v in text_inputs.items()}, answer_ids
+
+
+def prompt_inputs(wrapper, encoded: Dict[str, torch.Tensor], placeholder, media_keys: Sequence[str],
+                  token_id: Optional[int] = None, **options
+                  ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """From the processor's encoding of the wrapper's chat text with ``placeholder`` media: its text inputs (the
+    encoding without ``media_keys``, the answer's tokens appended when the wrapper has one: :func:`teacher_forced`,
+    with ``options``), the positions of its image tokens (``token_id``, by default the wrapper's
+    ``image_token_id``) and the answer's ids (``None`` without an answer)."""
+    token_id = wrapper.image_token_id if token_id is None else token_id
+    positions = (encoded["input_ids"][0] == token_id).nonzero().flatten()
+    text_inputs = {k: v for k, v in encoded.items() if k not in media_keys}
+    if wrapper.answer is None:
+        return text_inputs, positions, None
+    text_inputs, answer_ids = teacher_forced(wrapper, text_inputs, placeholder, **options)
+    return text_inputs, positions, answer_ids

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.clip import find_vision_tower
 from pytorch_grad_cam_vlm.models.frame import ImageFrame
@@ -213,11 +213,8 @@ class Gemma3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             placeholder = np.zeros(tuple(source) + (3,), dtype=np.uint8) if boxes is None else \
                 [np.zeros((h, w, 3), dtype=np.uint8) for _, _, h, w in boxes.boxes]
             encoded = self._encode(placeholder)
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "num_crops")}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            text_inputs, positions, answer_ids = prompt_inputs(self, encoded, placeholder,
+                                                               ("pixel_values", "num_crops"))
             crops = (1, 1) if boxes is not None else canvas_crops(canvas, self.image_size)
             layout = Gemma3Layout(text_inputs, positions, self.grid, crops, canvas, answer_ids, boxes)
             if len(positions) != layout.image_count * self.grid ** 2 \

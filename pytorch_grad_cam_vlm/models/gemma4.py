@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
@@ -194,11 +194,9 @@ class Gemma4Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             if len(positions) != grid[0] * grid[1]:
                 raise ValueError(f"The processor made {len(positions)} image tokens of a {height}x{width} input, "
                                  f"where the model makes {grid[0] * grid[1]}: is this a Gemma 4 processor?")
-            text_inputs = {k: v for k, v in encoded.items()
-                           if k not in ("pixel_values", "image_position_ids", "num_soft_tokens_per_image")}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder, **options)
+            text_inputs, _, answer_ids = prompt_inputs(
+                self, encoded, placeholder, ("pixel_values", "image_position_ids", "num_soft_tokens_per_image"),
+                **options)
             layout = Gemma4Layout(text_inputs, grid, positions, answer_ids)
             if layout.sequence_length == self.max_patches:  # reshape_transform tells decoder and vision by length
                 raise ValueError(f"The prompt makes {self.max_patches} tokens, as many as the padded patches, so "

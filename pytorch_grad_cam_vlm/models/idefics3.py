@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
                                                      preprocess_several)
@@ -241,13 +241,10 @@ class Idefics3Wrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         tiles = tuple(self._tiling(placeholder) for placeholder in placeholders)
         placeholder = placeholders if boxes is not None else placeholders[0]
         encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
-        text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "pixel_attention_mask")}
-        ids = text_inputs["input_ids"][0]
-        positions = (ids == self.image_token_id).nonzero().flatten()
-        layout = TileLayout(text_inputs, positions, tiles[0], self.grid, None, boxes, tiles if boxes else ())
-        self._check_markers(layout, ids)
-        if self.answer is not None:
-            layout.text_inputs, layout.answer_ids = teacher_forced(self, text_inputs, placeholder)
+        text_inputs, positions, answer_ids = prompt_inputs(self, encoded, placeholder,
+                                                           ("pixel_values", "pixel_attention_mask"))
+        layout = TileLayout(text_inputs, positions, tiles[0], self.grid, answer_ids, boxes, tiles if boxes else ())
+        self._check_markers(layout, text_inputs["input_ids"][0])
         self._layouts[key] = layout
         return layout
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
@@ -226,11 +226,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
             placeholder = np.zeros((height, width, 3), dtype=np.uint8)
             encoded = self.processor(text=[self.chat_text()], images=[placeholder], min_patches=rows * cols,
                                      max_patches=rows * cols, return_tensors="pt")
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items() if k != "pixel_values"}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            text_inputs, positions, answer_ids = prompt_inputs(self, encoded, placeholder, ("pixel_values",))
             layout = InternVLLayout(text_inputs, positions, (rows, cols), self.token_grid, answer_ids)
             if len(positions) != layout.image_count * self.token_grid ** 2:
                 raise RuntimeError(f"The processor placed {len(positions)} image tokens where the wrapper expects "
@@ -247,11 +243,7 @@ class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         if (boxes, sizes) not in self._layouts:
             placeholders = [np.zeros(tuple(size) + (3,), dtype=np.uint8) for size in sizes]
             encoded = self.processor(text=[self.chat_text()], images=[placeholders], return_tensors="pt")
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items() if k != "pixel_values"}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholders)
+            text_inputs, positions, answer_ids = prompt_inputs(self, encoded, placeholders, ("pixel_values",))
             tiles = tuple((h // s, w // s) for _, _, h, w in boxes.boxes)
             layout = InternVLLayout(text_inputs, positions, tiles[0], self.token_grid, answer_ids, boxes, tiles)
             if len(sizes) != len(boxes) or len(positions) != layout.image_count * self.token_grid ** 2:

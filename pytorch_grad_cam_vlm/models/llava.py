@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.anyres import (VIEWS, LlavaLayout, content_box, decoder_grids, feature_blocks,
                                                 input_boxes, pictures_layout, place_pictures, place_views,
                                                 set_anyres_geometry, vision_grids)
@@ -256,12 +256,7 @@ class LlavaWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):
         """The processor's text inputs for the prompt with ``placeholder`` (a picture, or a list of pictures for
         one prompt), its image tokens' positions and the teacher-forced answer's ids."""
         encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt")
-        positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-        text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_sizes", "batch_num_images")}
-        answer_ids = None
-        if self.answer is not None:
-            text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
-        return text_inputs, positions, answer_ids
+        return prompt_inputs(self, encoded, placeholder, ("pixel_values", "image_sizes", "batch_num_images"))
 
     def _base_prefix(self) -> int:
         strategy = self.model.config.vision_feature_select_strategy

@@ -28,7 +28,7 @@ import torch
 
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
-from pytorch_grad_cam_vlm.models.answer_text import teacher_forced
+from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
 from pytorch_grad_cam_vlm.models.gemma3 import Gemma3Wrapper
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, Layout, QwenPromptSide, check_prompt
@@ -124,11 +124,8 @@ class Mistral3Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
                 raise ValueError(f"The processor resizes {height}x{width} images to {size[0]}x{size[1]} (its "
                                  f"longest_edge is {self.processor.image_processor.size['longest_edge']} px): "
                                  "prepare images with wrapper.preprocess(image).")
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
-            text_inputs = {k: v for k, v in encoded.items() if k not in ("pixel_values", "image_sizes")}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, placeholder)
+            text_inputs, positions, answer_ids = prompt_inputs(self, encoded, placeholder,
+                                                               ("pixel_values", "image_sizes"))
             grid = torch.tensor([[1, height // self.patch_size, width // self.patch_size]])
             self._layouts[key] = Mistral3Layout(text_inputs, grid, positions, answer_ids)
         return self._layouts[key]

@@ -11,7 +11,7 @@ import torch
 
 from pytorch_grad_cam_vlm.image import DEFAULT_FPS, ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.ablation import TokenAblationLayer
-from pytorch_grad_cam_vlm.models.answer_text import check_answer, teacher_forced, word_token_id
+from pytorch_grad_cam_vlm.models.answer_text import check_answer, prompt_inputs, word_token_id
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, check_size, find_module_list
 from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, preprocess_several, qwen_pixel_values,
                                                      qwen_reshape)
@@ -244,13 +244,10 @@ class QwenVLWrapper(DecoderLayers, ModelWrapper):
             encoded = self.processor(text=[self.chat_text()], return_tensors="pt", **media, **self.canvas_kwargs)
             grid = encoded[grid_key]
             token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
-            positions = (encoded["input_ids"][0] == token_id).nonzero().flatten()
             timing = {k: encoded[k] for k in ("second_per_grid_ts",) if k in encoded}
-            text_inputs = {k: v for k, v in encoded.items() if k not in (
-                "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", *timing)}
-            answer_ids = None
-            if self.answer is not None:
-                text_inputs, answer_ids = teacher_forced(self, text_inputs, None, **media, **self.canvas_kwargs)
+            text_inputs, positions, answer_ids = prompt_inputs(
+                self, encoded, None, ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                      *timing), token_id, **media, **self.canvas_kwargs)
             self._layouts[key] = Layout(text_inputs, grid, positions, answer_ids, boxes, video, timing)
         return self._layouts[key]
 
