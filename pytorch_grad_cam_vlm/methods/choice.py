@@ -126,10 +126,11 @@ def occlusion_fallback(model: torch.nn.Module, x: torch.Tensor, target: Callable
     """``(map, check)``: occlusion of one image ``x`` ``(1, 3, H, W)`` for ``target`` at windows of
     :func:`fallback_window` (each removed once), its drops above 0 scaled to [0, 1], checked as ``measured`` (the
     check of a map of the same image that failed) was, against its null (:func:`~pytorch_grad_cam_vlm.metrics.
-    deletion_check.with_null_of`). Forward images: the clean one, one per window, ``2 F`` and the peak window's."""
+    deletion_check.with_null_of`). Forward images: one per window, ``2 F`` and the peak window's (the clean score is
+    ``measured``'s)."""
     window = fallback_window(model, tuple(x.shape[2:]), cell)
     drops = np.maximum(occlusion_map(model, x, target, window=window, stride=window,
-                                     batch_size=batch_size or auto_batch_size(x)), 0)
+                                     batch_size=batch_size or auto_batch_size(x), clean=measured.clean), 0)
     cam = drops / drops.max() if drops.max() > 0 else drops  # as grad-cam scales its maps: the evidence for, in [0, 1]
     check, = check_maps(model, x, cam[None], target, fractions, fill, batch_size, seed, clean=measured.clean)
     return cam, with_null_of(check, measured)

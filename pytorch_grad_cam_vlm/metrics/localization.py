@@ -17,14 +17,15 @@ Box = Tuple[int, int, int, int]
 
 # ------------------------------------------------------------------------------------------------ reference
 def occlusion_map(wrapper: QwenVLWrapper, x: torch.Tensor, target: Union[int, Callable], window: int = 28,
-                  stride: Optional[int] = None, batch_size: int = 64) -> np.ndarray:
+                  stride: Optional[int] = None, batch_size: int = 64, clean: Optional[float] = None) -> np.ndarray:
     """The causal reference: grey out ``window``-pixel squares (every ``stride`` pixels, half a window by default)
     and record how much the target drops: the logit of a token id, or a grad-cam target called on each output row
     (``ClassifierOutputTarget``, ``AnswerTarget``, ...); each pixel gets the mean drop of the windows that cover it.
     ``x`` is one normalised image ``(1, 3, H, W)``; grey is the processor's mean colour (0 once normalised). Returns
     an ``(H, W)`` float32 map, positive where hiding the pixels lowers the answer's score. Windows of the wrapper's
     ``token_cell`` with ``stride`` equal to it remove each token cell once (the map a check calls "incomplete"
-    recommends)."""
+    recommends). ``clean``: the target's score on ``x`` where it was measured already (a check's ``clean``),
+    which saves its forward image."""
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"occlusion_map takes one image (1, 3, H, W), got shape {tuple(x.shape)}.")
     stride = stride or max(1, window // 2)
@@ -36,7 +37,7 @@ def occlusion_map(wrapper: QwenVLWrapper, x: torch.Tensor, target: Union[int, Ca
     corners = [(t, l) for t in tops for l in lefts]
     score = (lambda row: row[target]) if isinstance(target, int) else target
     with torch.no_grad():
-        base = float(score(wrapper(x)[0]))
+        base = float(score(wrapper(x)[0])) if clean is None else float(clean)
         scores = []
         for start in range(0, len(corners), batch_size):
             chunk = corners[start:start + batch_size]

@@ -41,6 +41,11 @@ def test_occlusion_map_takes_a_grad_cam_target():
     np.testing.assert_allclose(cam, by_id, atol=1e-5)  # row[0] is 0: the same target
     assert cam[0, 28] == pytest.approx(float(x[0, :, :28, 28:56].sum()), rel=1e-5) and cam[0, 0] == 0
     assert cam[28:, :].max() == 0
+    clean = float(x[0, :, :28, 28:56].sum())  # the target on x: what a check measured already, one image fewer
+    np.testing.assert_allclose(occlusion_map(RegionScore(box), x, 1, window=28, stride=28, clean=clean), by_id,
+                               rtol=1e-5)
+    np.testing.assert_allclose(occlusion_map(RegionScore(box), x, 1, window=28, stride=28, clean=clean + 1),
+                               by_id + 1, rtol=1e-5)  # every drop is read against the clean score given
 
 
 def test_occlusion_map_refuses_a_batch():
