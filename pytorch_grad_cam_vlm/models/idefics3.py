@@ -60,44 +60,22 @@ import torch
 from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
-from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
-                                                     preprocess_several)
+from pytorch_grad_cam_vlm.models.multi_image import check_canvas, encode_pictures, place_padded, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TiledLayout, TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
 IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 VIEWS = ("tiles", "global", "combined")
 
 
 @dataclass
-class TileLayout:
-    """Where the image sits in one prompt and how its tokens cover the canvas, for one canvas size."""
-
-    text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask for batch 1, without pixel values
-    image_positions: torch.Tensor  # sequence positions of every image token: the tiles' in raster order, the global's
-    tiles: Tuple[int, int]  # rows and columns of tiles; (0, 0) when the canvas is one unsplit image
-    grid: int  # tokens per side of one image
-    answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
-    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's canvas on the input
-    image_tiles: Tuple[Tuple[int, int], ...] = ()  # several pictures: each one's rows and columns of tiles
+class TileLayout(TiledLayout):
+    """Idefics3's layout: ``tiles`` is ``(0, 0)`` when the canvas is one unsplit image, which is then its one image;
+    a split picture's global image follows its tiles."""
 
     @property
     def split(self) -> bool:
         return self.tiles != (0, 0)
-
-    @property
-    def image_counts(self) -> Tuple[int, ...]:
-        """Images the vision encoder sees per picture of the prompt: its tiles and global image, or its one image."""
-        return tuple(rows * cols + 1 for rows, cols in self.image_tiles or (self.tiles,))
-
-    @property
-    def image_count(self) -> int:
-        """Images the vision encoder sees per sample: every picture's tiles and global image, or its one image."""
-        return sum(self.image_counts)
-
-    @property
-    def sequence_length(self) -> int:
-        return int(self.text_inputs["input_ids"].shape[1])
 
     @property
     def tile_positions(self) -> torch.Tensor:

@@ -58,55 +58,36 @@ from pytorch_grad_cam_vlm.image import ImageInput, load_rgb
 from pytorch_grad_cam_vlm.models.answer_text import prompt_inputs
 from pytorch_grad_cam_vlm.models.anyres import feature_blocks
 from pytorch_grad_cam_vlm.models.base import DecoderLayers, ModelWrapper, find_module_list
-from pytorch_grad_cam_vlm.models.multi_image import (ImageBoxes, check_canvas, encode_pictures, place_padded,
-                                                     preprocess_several)
+from pytorch_grad_cam_vlm.models.multi_image import check_canvas, encode_pictures, place_padded, preprocess_several
 from pytorch_grad_cam_vlm.models.qwen_vl import AnswerInput, QwenPromptSide, check_prompt
-from pytorch_grad_cam_vlm.models.tiles import TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
+from pytorch_grad_cam_vlm.models.tiles import TiledLayout, TileViews, canvas_to_tiles, tile_grids, tiles_to_canvas
 
 VIEWS = ("tiles", "thumbnail", "combined")
 
 
 @dataclass
-class InternVLLayout:
-    """Where the image sits in one prompt and how its tokens cover the canvas, for one canvas size."""
+class InternVLLayout(TiledLayout):
+    """InternVL's layout: a thumbnail follows the tiles of a picture of more than one tile."""
 
-    text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask for batch 1, without pixel values
-    image_positions: torch.Tensor  # sequence positions of every <IMG_CONTEXT>: the tiles' in raster order, thumbnail's
-    tiles: Tuple[int, int]  # rows and columns of tiles
-    token_grid: int  # tokens per tile side after the pixel shuffle
-    answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
-    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's canvas on the input
-    image_tiles: Tuple[Tuple[int, int], ...] = ()  # several pictures: each one's rows and columns of tiles
+    @staticmethod
+    def whole_images(tiles: Tuple[int, int]) -> int:
+        """A thumbnail where there is more than one tile."""
+        return int(tiles[0] * tiles[1] > 1)
 
     @property
     def thumbnail(self) -> bool:
         """Whether the processor adds a thumbnail: when there is more than one tile."""
-        return self.tiles[0] * self.tiles[1] > 1
-
-    @property
-    def image_counts(self) -> Tuple[int, ...]:
-        """Images the vision encoder takes per picture of the prompt: its tiles and, with more than one, its
-        thumbnail."""
-        return tuple(rows * cols + int(rows * cols > 1) for rows, cols in self.image_tiles or (self.tiles,))
-
-    @property
-    def image_count(self) -> int:
-        """Images the vision encoder takes per sample: every picture's tiles and thumbnail."""
-        return sum(self.image_counts)
-
-    @property
-    def sequence_length(self) -> int:
-        return int(self.text_inputs["input_ids"].shape[1])
+        return bool(self.whole_images(self.tiles))
 
     @property
     def tile_positions(self) -> torch.Tensor:
         """Positions of the tiles' tokens, tile after tile, each in raster order."""
-        return self.image_positions[:self.tiles[0] * self.tiles[1] * self.token_grid ** 2]
+        return self.image_positions[:self.tiles[0] * self.tiles[1] * self.grid ** 2]
 
     @property
     def thumbnail_positions(self) -> torch.Tensor:
         """Positions of the thumbnail's tokens in raster order (none for a one-tile canvas)."""
-        return self.image_positions[self.tiles[0] * self.tiles[1] * self.token_grid ** 2:]
+        return self.image_positions[self.tiles[0] * self.tiles[1] * self.grid ** 2:]
 
 
 class InternVLWrapper(QwenPromptSide, TileViews, DecoderLayers, ModelWrapper):

@@ -3,12 +3,14 @@ Idefics3): a picture's tiles of ``s x s`` pixels put side by side in raster orde
 grids of the tiles and of one whole-picture image (a thumbnail, a global image) placed back on it."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from pytorch_grad_cam_vlm.models.ablation import ViewAblationLayer
+from pytorch_grad_cam_vlm.models.multi_image import ImageBoxes
 
 
 def canvas_to_tiles(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -35,6 +37,39 @@ def tile_grids(per_image: torch.Tensor, tiles: Tuple[int, int]) -> Tuple[torch.T
     canvas = canvas.reshape(b, channels, rows * n, cols * n)
     whole = per_image[:, -1].permute(0, 3, 1, 2) if images > rows * cols else None
     return canvas, whole
+
+
+@dataclass
+class TiledLayout:
+    """Where the pictures sit in one prompt and how their tokens cover the canvas, for one canvas size: each picture
+    a grid of tiles and, as the family says (:meth:`whole_images`), one whole-picture image after them."""
+
+    text_inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask for batch 1, without pixel values
+    image_positions: torch.Tensor  # sequence positions of every image token: the tiles' in raster order, the whole's
+    tiles: Tuple[int, int]  # rows and columns of tiles (of the first picture when there are several)
+    grid: int  # tokens per side of one image
+    answer_ids: Optional[torch.Tensor] = None  # the teacher-forced answer's token ids, the last tokens of input_ids
+    boxes: Optional[ImageBoxes] = None  # several pictures in one prompt: each one's canvas on the input
+    image_tiles: Tuple[Tuple[int, int], ...] = ()  # several pictures: each one's rows and columns of tiles
+
+    @staticmethod
+    def whole_images(tiles: Tuple[int, int]) -> int:
+        """How many whole-picture images the encoder sees beside a picture's ``tiles``: one."""
+        return 1
+
+    @property
+    def image_counts(self) -> Tuple[int, ...]:
+        """Images the vision encoder sees per picture of the prompt: its tiles and its whole-picture images."""
+        return tuple(rows * cols + self.whole_images((rows, cols)) for rows, cols in self.image_tiles or (self.tiles,))
+
+    @property
+    def image_count(self) -> int:
+        """Images the vision encoder sees per sample: every picture's."""
+        return sum(self.image_counts)
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.text_inputs["input_ids"].shape[1])
 
 
 class TileViews:
