@@ -189,14 +189,13 @@ class Gemma4Wrapper(QwenPromptSide, DecoderLayers, ModelWrapper):
             options = {"do_resize": False}
             encoded = self.processor(text=[self.chat_text()], images=[placeholder], return_tensors="pt",
                                      **self.processor_kwargs, **options)
-            positions = (encoded["input_ids"][0] == self.image_token_id).nonzero().flatten()
+            text_inputs, positions, answer_ids = prompt_inputs(
+                self, encoded, placeholder, ("pixel_values", "image_position_ids", "num_soft_tokens_per_image"),
+                **options)
             grid = (height // self.token_cell, width // self.token_cell)
             if len(positions) != grid[0] * grid[1]:
                 raise ValueError(f"The processor made {len(positions)} image tokens of a {height}x{width} input, "
                                  f"where the model makes {grid[0] * grid[1]}: is this a Gemma 4 processor?")
-            text_inputs, _, answer_ids = prompt_inputs(
-                self, encoded, placeholder, ("pixel_values", "image_position_ids", "num_soft_tokens_per_image"),
-                **options)
             layout = Gemma4Layout(text_inputs, grid, positions, answer_ids)
             if layout.sequence_length == self.max_patches:  # reshape_transform tells decoder and vision by length
                 raise ValueError(f"The prompt makes {self.max_patches} tokens, as many as the padded patches, so "
