@@ -120,6 +120,7 @@ class Explanation:
     frames: Optional[List[ImageFrame]] = None  # where each input lies on its image
     reliance: Optional[List[VisualReliance]] = None  # how much each image's target depends on the image at all
     split: Optional[List[ImageSplit]] = None  # several images in one prompt: the chosen map split between them
+    fallback_checks: Optional[List[Optional[MapCheck]]] = None  # the occlusion fallback's check where it was tried
 
     @property
     def scores(self) -> np.ndarray:
@@ -171,15 +172,26 @@ class Explanation:
         (the candidate the check ranked best), which says why; ``None`` elsewhere."""
         return self.layer_warning(name, self.gradient_layer(image), image) if self.layers[image] == INPUT else None
 
+    def fallback_warning(self, name: str, image: int = 0) -> Optional[str]:
+        """Where the occlusion fallback was tried for ``image`` and failed its check too, its warning line (the
+        gradient map stays, and no one need try occlusion at token resolution again); ``None`` elsewhere."""
+        check = (self.fallback_checks or [None] * len(self.maps))[image]
+        if check is None or self.layers[image] == INPUT:
+            return None
+        return failure_warning(name, f"the occlusion fallback ({OCCLUSION} at token resolution) tried in its place",
+                               check)
+
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
-        """One line per image whose chosen map fails the check (no candidate passed), one per image whose target
-        hardly depends on the image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`), and for
-        several images in one prompt one per image of the prompt that holds much of the map's mass while its part
-        fails its check (:meth:`~pytorch_grad_cam_vlm.metrics.image_split.ImageSplit.warnings`); ``names`` name the
-        inputs (default ``image 0``, ``image 1``, ...)."""
+        """One line per image whose chosen map fails the check (no candidate passed), one per image where the
+        occlusion fallback failed too (:meth:`fallback_warning`), one per image whose target hardly depends on the
+        image (:class:`~pytorch_grad_cam_vlm.metrics.reliance.VisualReliance`), and for several images in one prompt
+        one per image of the prompt that holds much of the map's mass while its part fails its check
+        (:meth:`~pytorch_grad_cam_vlm.metrics.image_split.ImageSplit.warnings`); ``names`` name the inputs (default
+        ``image 0``, ``image 1``, ...)."""
         names = names or [f"image {b}" for b in range(len(self.maps))]
         lines = [failure_warning(name, f"{method} at {layer_name(layer)}", check)
                  for name, method, layer, check in zip(names, self.methods, self.layers, self.checks)]
+        lines += [self.fallback_warning(name, b) for b, name in enumerate(names)]
         lines += [reliance.warning(name) for name, reliance in zip(names, self.reliance or [])]
         lines += [line for name, split in zip(names, self.split or [])
                   for line in split.warnings([f"{name}, picture {i + 1}" for i in range(len(split.shares))])]
@@ -229,7 +241,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     correlation); deterministic methods run once. ``fallback`` (default: with ``method="auto"`` only, so that a
     method asked by name gives its own maps): where the kept map fails its check and the target depends on the image,
     occlusion at token resolution (:func:`~pytorch_grad_cam_vlm.methods.choice.occlusion_fallback`: one image per
-    window, at most 48, and ``2 F + 2``) replaces it if its map passes."""
+    window, at most 48, and ``2 F + 1``) replaces it if its map passes; ``fallback_checks[b]`` is its check where
+    it was tried."""
     image_frames = None
     if isinstance(x, MultiImage):
         if image_size is not None:
@@ -282,10 +295,12 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
         chosen.append(divmod(index, len(chosen_layers)))
     model_maps = np.stack([candidate_maps[b, m, l] for b, (m, l) in enumerate(chosen)])
     kept = [(names[m], chosen_layers[l], checks[b][m][l]) for b, (m, l) in enumerate(chosen)]
+    fallback_checks: List[Optional[MapCheck]] = [None] * len(kept)
     for b, (_, _, check) in enumerate(kept):
         if fallback and check.failed and not reliance[b].prompt_only:
             cam, occluded = occlusion_fallback(wrapper, x[b:b + 1], targets[b], check, fractions, fill, batch_size,
                                                seed)
+            fallback_checks[b] = occluded
             if not occluded.failed:
                 model_maps[b], kept[b] = cam, (OCCLUSION, INPUT, occluded)
     splits = None if boxes is None else [
@@ -298,7 +313,8 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
                        methods=[k[0] for k in kept], layers=[k[1] for k in kept], checks=[k[2] for k in kept],
                        candidate_methods=names,
                        candidate_layers=chosen_layers, candidate_maps=candidate_maps, candidate_checks=checks,
-                       targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=splits)
+                       targets=list(targets), model_maps=model_maps, frames=frames, reliance=reliance, split=splits,
+                       fallback_checks=fallback_checks)
 
 
 def redrawn_maps(cls: type, wrapper: torch.nn.Module, target_layers: list, options: dict, x: torch.Tensor,

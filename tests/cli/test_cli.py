@@ -390,4 +390,30 @@ def test_a_chosen_occlusion_fallback_is_drawn_and_reported(capsys, tmp_path, mon
     np.testing.assert_array_equal(np.load(tmp_path / "out" / row["files"][1])[-1], known)
     # the kept map passes; the gradient map it replaced (the first when all are blank) says why, in both modes
     assert "a.jpg: GradCAMPlusPlus at projector is blank (the map is flat: it shows nothing)." in err
-    assert "Occlusion at input" not in err
+    assert "Occlusion at input" not in err and "occlusion fallback" not in err
+
+
+def test_a_failed_occlusion_fallback_is_said(capsys, tmp_path, monkeypatch, model_dir, image_dir):
+    """Every gradient candidate blank and the occlusion fallback (a stand-in) no better than chance: the blank map
+    is drawn, and a warning line says that occlusion at token resolution was tried and failed too, in the report as
+    on stderr."""
+    from pytorch_grad_cam import GradCAMElementWise, GradCAMPlusPlus
+
+    from pytorch_grad_cam_vlm.methods import auto
+    from pytorch_grad_cam_vlm.metrics import reliance
+    from pytorch_grad_cam_vlm.metrics.map_check import MapCheck
+
+    monkeypatch.setattr(reliance, "RELIANCE_THRESHOLD", 0.01)  # the random model's 4 % counts as relying on the image
+    monkeypatch.setattr(GradCAMPlusPlus, "get_cam_weights", lambda self, *args, **kwargs: np.zeros(args[-1].shape[:2]))
+    monkeypatch.setattr(GradCAMElementWise, "get_cam_image", lambda self, *args, **kwargs: np.zeros(
+        (args[0].shape[0], *args[0].shape[2:])))
+    at_chance = MapCheck(0.01, [1.0], [1.01], False, 0.0, null_margin=0.5, clean=2.0)
+    monkeypatch.setattr(auto, "occlusion_fallback", lambda *args, **kwargs: (np.zeros((84, 56), np.float32), at_chance))
+    image = os.path.join(image_dir, "a.jpg")
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--prompt", PROMPT,
+                       "--out", tmp_path / "out")
+    [row] = json.loads((tmp_path / "out" / "report.json").read_text())
+    tried = (f"{image}: the occlusion fallback (Occlusion at token resolution) tried in its place does not beat chance "
+             "(its check total is 0.5 spreads above the mean of random token maps' on this image, below 1.5).")
+    assert code == 0 and (row["method"], row["verdict"]) == ("GradCAMPlusPlus", ["blank"])
+    assert f"warning: {tried}" in err and tried in row["warning"]

@@ -172,6 +172,7 @@ def test_the_occlusion_fallback_is_occlusion_at_token_cells_checked_against_the_
     assert result.layer_warning("a.png", 0) == "a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing)."
     assert result.best_layer(0) is None and result.layer_warning("a.png", INPUT) is None
     assert result.replaced_warning("a.png") == result.layer_warning("a.png", 0)
+    assert result.fallback_checks[0] is result.checks[0] and result.fallback_warning("a.png") is None  # kept
     assert explain(wrapper, x, [target], method="GradCAM", layers=[0, 1]).replaced_warning("a.png") is None
     assert result.gradient_layer(0) == 0 and wrapper.layer(result.gradient_layer(0)) is wrapper.decoder_layers[0]
     with pytest.raises(ValueError, match=r"no module\. For a gradient method, take result\.gradient_layer\(\)"):
@@ -198,4 +199,12 @@ def test_a_fallback_that_fails_too_leaves_the_gradient_map(wrapper, monkeypatch)
     _, check = choice.occlusion_fallback(wrapper, x, target, result.checks[0])
     assert check.verdict == "chance" and check.null_margin < 1.5
     assert (result.methods[0], result.layers[0], result.checks[0].blank) == ("GradCAM", 0, True)
-    assert result.warnings(["a.png"]) == ["a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing)."]
+    assert result.fallback_checks[0].total == pytest.approx(check.total, abs=1e-5)  # the fallback tried, kept aside
+    tried = ("a.png: the occlusion fallback (Occlusion at token resolution) tried in its place does not beat chance "
+             f"(its check total is {check.null_margin:.2g} spreads above the mean of random token maps' on this image, "
+             "below 1.5).")
+    assert result.fallback_warning("a.png") == tried
+    assert result.warnings(["a.png"]) == ["a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing).",
+                                          tried]
+    named = explain(wrapper, x, [target], method="GradCAM", layers=[0, 1])  # no fallback tried: nothing to say
+    assert named.fallback_checks == [None] and named.fallback_warning("a.png") is None
