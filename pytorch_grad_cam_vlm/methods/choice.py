@@ -42,7 +42,7 @@ STAGED_KEPT = 2
 # Measured on the two development models where the default's maps fail most (benchmarks/occlusion_fallback.md, 200
 # held-out samples each, 24 windows of 28 px): it passes the check on 32 of the pairs model's 37 flagged samples (all
 # 25 "incomplete" ones) and 3 of the crosses model's 5, its maximum on the evidence in every one. The cap bounds its
-# cost at large inputs: 36 windows of 84 px at 448x448 (occlusion at 28 px every 14 takes 961), 42 more images where
+# cost at large inputs: 36 windows of 84 px at 448x448 (occlusion at 28 px every 14 takes 961), 41 more images where
 # the default takes 52-78, which keeps even an image that needs it under 1/5 of occlusion's time on every model of
 # benchmarks/auto_cost.md (measured: crosses, the dearest, 1/5.1; at 64 windows about 1/4.4).
 FALLBACK_WINDOWS = 48
