@@ -23,7 +23,7 @@ from pytorch_grad_cam_vlm.image import ImageInput
 from pytorch_grad_cam_vlm.layers import INPUT, PROJECTOR, Layer, has_projector, layer_modules, layer_name
 from pytorch_grad_cam_vlm.methods.catalog import cam_options, draws_at_random, is_smooth, resolve_method
 from pytorch_grad_cam_vlm.methods.choice import best_index, choose_map, occlusion_fallback
-from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, select_layers
+from pytorch_grad_cam_vlm.methods.sweep import LayerSpec, layer_sweep, reads_one_pass, select_layers
 from pytorch_grad_cam_vlm.methods.targets import checked_targets
 from pytorch_grad_cam_vlm.metrics.deletion_check import DEFAULT_FRACTIONS
 from pytorch_grad_cam_vlm.metrics.image_split import ImageSplit, split_map
@@ -224,7 +224,9 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     (:func:`candidate_layers`), or any choice of :func:`~pytorch_grad_cam_vlm.methods.sweep.select_layers`
     (``"projector,2,5"``).
     ``fractions``, ``fill``, ``batch_size`` and ``seed`` go to the check. Each method runs one forward and one
-    backward pass for all its layers. ``choice`` says which maps the check scores
+    backward pass for all its layers, and methods that make their maps from one pass alone share it
+    (:func:`~pytorch_grad_cam_vlm.methods.sweep.reads_one_pass`: the default's two). ``choice`` says which maps the
+    check scores
     (:func:`~pytorch_grad_cam_vlm.methods.choice.choose_map`): ``"staged"`` every map that is not blank at the first
     fraction (2 forward images each) and one image per distinct peak, then the best :data:`~pytorch_grad_cam_vlm.
     methods.choice.STAGED_KEPT` at the other fractions; ``"full"`` every map at every fraction; ``"peak"`` the peak
@@ -264,16 +266,22 @@ def explain(wrapper: torch.nn.Module, x: Union[torch.Tensor, ImageInput, Sequenc
     maps, clean, redrawn = [], [None] * len(x), []
     if stage:
         stage("maps")
+    source = None  # the last pass of a method that reads one pass alone, which the next such method reads too
     for cls in classes:
         constructor_options = cam_options(cls, wrapper, options or {})
         with layer_sweep(cls)(model=wrapper, target_layers=target_layers, **constructor_options) as cam:
-            maps.append(cam(input_tensor=x, targets=checked))
-            if targets is None:  # grad-cam's own choice, read from the pass it made: the predicted class
-                targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
-            if not is_smooth(cls):  # the clean image's target, from the same pass (a Smooth method's is noisy)
-                clean = [float(target(row)) for target, row in zip(targets, cam.outputs.detach())]
+            if source is not None and reads_one_pass(cls):
+                maps.append(cam.maps_from(source, x, checked))
+            else:
+                maps.append(cam(input_tensor=x, targets=checked))
+                source = cam.last_pass() if reads_one_pass(cls) else None
+                if targets is None:  # grad-cam's own choice, read from the pass it made: the predicted class
+                    targets = checked = [ClassifierOutputTarget(int(row.argmax())) for row in cam.outputs.detach()]
+                if not is_smooth(cls):  # the clean image's target, from the same pass (a Smooth method's is noisy)
+                    clean = [float(target(row)) for target, row in zip(targets, cam.outputs.detach())]
         redrawn.append(redrawn_maps(cls, wrapper, target_layers, constructor_options, x, checked)
                        if redraw and draws_at_random(cls) else None)
+    source = None  # its activations and gradients are no longer needed
     candidate_maps = np.stack(maps, axis=1)  # (B, M, L, H, W)
     stability = np.stack([np.full(m.shape[:2], None) if again is None else
                           np.array([[pearson(a, b) for a, b in zip(*pair)] for pair in zip(m, again)])

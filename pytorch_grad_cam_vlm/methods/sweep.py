@@ -3,6 +3,7 @@ and the named layer choices (``auto``, ``early``, ``middle``, ``late``, ``all``,
 CLI."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Sequence, Type, Union
 
@@ -14,6 +15,33 @@ from pytorch_grad_cam_vlm.layers import PROJECTOR, Layer
 LayerSpec = Union[str, int, Sequence[Layer]]
 LAYER_PRESETS = ("auto", "early", "middle", "late", "all")
 AUTO_LAYER_COUNT = 6
+# grad-cam methods whose map is a function of one forward and one backward pass's activations and gradients at the
+# target layers (and the targets): several of them need only one pass (LayerSweep.maps_from). Not the Smooth methods
+# (noisy passes), RandomCAM (a draw), ScoreCAM/AblationCAM/FinerCAM (more passes) or ShapleyCAM (a second-order pass).
+ONE_PASS_METHODS = frozenset({"GradCAM", "GradCAMPlusPlus", "XGradCAM", "GradCAMElementWise", "HiResCAM", "LayerCAM",
+                              "EigenGradCAM"})
+
+
+def reads_one_pass(method_cls: Type) -> bool:
+    """Whether ``method_cls`` (or its sweep) makes its map from one pass's activations and gradients alone
+    (:data:`ONE_PASS_METHODS`), so that it can read a pass another such method made."""
+    named = next(c for c in method_cls.__mro__ if not issubclass(c, LayerSweep))  # a sweep's grad-cam class
+    return named.__name__ in ONE_PASS_METHODS and named.__module__.startswith("pytorch_grad_cam.")
+
+
+@dataclass
+class SweepPass:
+    """What one sweep's forward and backward pass left (:meth:`LayerSweep.last_pass`): the target layers'
+    activations and gradients after the reshape transform, the order the layers ran in, and the outputs."""
+
+    method: Type
+    model: object
+    target_layers: list
+    reshape_transform: object
+    activations: list
+    gradients: list
+    run_order: list
+    outputs: object
 
 
 class LayerSweep:
@@ -54,6 +82,29 @@ class LayerSweep:
     def forward(self, *args, **kwargs) -> np.ndarray:
         self._run_order.clear()
         return super().forward(*args, **kwargs)
+
+    def last_pass(self) -> "SweepPass":
+        """What this sweep's latest pass left (activations, gradients, layer order, outputs), kept past the release
+        of its hooks, for :meth:`maps_from`."""
+        grads = self.activations_and_grads
+        return SweepPass(type(self), self.model, list(self.target_layers), self.reshape_transform,
+                         list(grads.activations), list(grads.gradients), list(self._run_order), self.outputs)
+
+    def maps_from(self, source: "SweepPass", input_tensor, targets: list) -> np.ndarray:
+        """This method's maps ``(B, L, H, W)`` of ``input_tensor`` from the pass another sweep of the same model and
+        target layers made of it for ``targets`` (its :meth:`last_pass`), with no pass of its own: both methods must
+        make their maps from one pass alone (:func:`reads_one_pass`). Equal to ``self(input_tensor, targets)``."""
+        if not (reads_one_pass(type(self)) and reads_one_pass(source.method)):
+            raise ValueError(f"{type(self).__name__} cannot read {source.method.__name__}'s pass: both must make "
+                             f"their maps from one pass alone ({', '.join(sorted(ONE_PASS_METHODS))}).")
+        if [id(layer) for layer in source.target_layers] != [id(layer) for layer in self.target_layers] \
+                or source.model is not self.model or source.reshape_transform != self.reshape_transform:
+            raise ValueError("maps_from reads a pass of the same model, target layers and reshape transform.")
+        self.activations_and_grads.activations = list(source.activations)
+        self.activations_and_grads.gradients = list(source.gradients)
+        self._run_order[:] = source.run_order
+        self.outputs = source.outputs
+        return self.aggregate_multi_layers(self.compute_cam_per_layer(input_tensor.to(self.device), targets, False))
 
     def aggregate_multi_layers(self, cam_per_target_layer: List[np.ndarray]) -> np.ndarray:
         self._check_run_order()

@@ -66,6 +66,54 @@ def test_sweep_runs_the_model_once_and_leaves_it_as_it_was(wrapper, image, targe
     assert model_state(wrapper.model) == before
 
 
+def test_methods_that_read_one_pass_share_it(wrapper, image, target):
+    """GradCAM++'s sweep pass serves GradCAMElementWise, GradCAM, HiResCAM, LayerCAM and XGradCAM: their maps equal
+    their own sweeps', and the model ran once for all six."""
+    from pytorch_grad_cam import GradCAMElementWise
+
+    layers = [wrapper.decoder_layers[i] for i in LAYERS]
+    readers = [GradCAMElementWise, GradCAM, HiResCAM, LayerCAM, XGradCAM]
+    expected = [sweep_maps(method, wrapper, image, target) for method in readers]
+    calls = []
+    handle = wrapper.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with layer_sweep(GradCAMPlusPlus)(model=wrapper, target_layers=layers,
+                                          reshape_transform=wrapper.reshape_transform) as cam:
+            cam(image, target)
+            source = cam.last_pass()
+        shared = []
+        for method in readers:
+            with layer_sweep(method)(model=wrapper, target_layers=layers,
+                                     reshape_transform=wrapper.reshape_transform) as reader:
+                shared.append(reader.maps_from(source, image, target))
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for maps, own in zip(shared, expected):
+        np.testing.assert_allclose(maps, own, atol=1e-6)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-2  # the methods' maps differ: each read its own way
+
+
+def test_a_method_that_needs_its_own_pass_does_not_read_another(wrapper, image, target):
+    from pytorch_grad_cam import RandomCAM
+
+    from pytorch_grad_cam_vlm.methods.sweep import reads_one_pass
+
+    layers = [wrapper.decoder_layers[i] for i in LAYERS]
+    with layer_sweep(GradCAM)(model=wrapper, target_layers=layers, reshape_transform=wrapper.reshape_transform) as cam:
+        cam(image, target)
+        source = cam.last_pass()
+    assert reads_one_pass(GradCAM) and reads_one_pass(layer_sweep(GradCAM)) and not reads_one_pass(EigenCAM)
+    with layer_sweep(RandomCAM)(model=wrapper, target_layers=layers,
+                                reshape_transform=wrapper.reshape_transform) as reader:
+        with pytest.raises(ValueError, match="RandomCAMSweep cannot read GradCAMSweep's pass"):
+            reader.maps_from(source, image, target)
+    with layer_sweep(LayerCAM)(model=wrapper, target_layers=layers[:2],
+                               reshape_transform=wrapper.reshape_transform) as reader:
+        with pytest.raises(ValueError, match="same model, target layers and reshape transform"):
+            reader.maps_from(source, image, target)
+
+
 def test_sweep_of_smooth_method_equals_single_layer_calls(wrapper, image, target):
     from pytorch_grad_cam_vlm.methods.smooth_grad import SmoothGradCAM
 
