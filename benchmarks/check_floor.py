@@ -59,7 +59,7 @@ def main() -> None:
 
         def vision():
             with torch.no_grad():  # the tower, merger included: what the decoder reads
-                model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+                wrapper.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
 
         def gradcam():
             with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=wrapper.reshape_transform) as cam:

@@ -218,9 +218,9 @@ def explain_image(subject: Subject, image, stem: str, mode: str, methods: Sequen
     drawn = [result.layers[0]] if mode == "single" else mode_layers(mode, result.candidate_layers, result.layers[0])
     model_maps, checks, drawn_methods = drawn_maps(result, drawn)
     reliance = result.reliance[0]
-    replaced = [result.fallback_warning(source)] + ([] if result.gradient_layer() in drawn
-                                                    else [result.replaced_warning(source)])
-    warnings = [w for w in [result.layer_warning(source, k) for k in drawn] + replaced + [reliance.warning(source)]
+    warnings = [w for w in [result.layer_warning(source, k) for k in drawn]
+                + result.fallback_lines(source, gradient_drawn=result.gradient_layer() in drawn)
+                + [reliance.warning(source)]
                 + [upscale_warning(source, picture.size[::-1], x.shape[2:])] if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)

@@ -302,8 +302,8 @@ def page_result(view, x: torch.Tensor, image, result: Explanation, targets: list
     return dict(rgb=rgb, map=result.maps[0], overlay=overlay(rgb, result.maps[0]), method=result.methods[0],
                 method_spec=request.method, layer=layer, target=request.target, check=check.score,
                 verdict=check.verdict, null_margin=check.null_margin,
-                warning=" ".join(w for w in (result.layer_warning(request.name, layer),
-                                             result.fallback_warning(request.name)) if w),
+                warning=" ".join(w for w in [result.layer_warning(request.name, layer),
+                                             *result.fallback_lines(request.name, gradient_drawn=True)] if w),
                 candidates=f"{'/'.join(result.candidate_methods)} x layers "
                            f"{','.join(map(str, result.candidate_layers))}",
                 predicted_token=predicted_token, probability=probability, strip_layers=strip_layers,

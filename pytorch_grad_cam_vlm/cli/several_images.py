@@ -87,8 +87,8 @@ def explain_prompt(subject: Subject, paths: Sequence[str], stem: str, methods: S
                          options=options, choice=choice, stage=stage, fallback=method == "auto")
     split, reliance, check, layer = result.split[0], result.reliance[0], result.checks[0], result.layers[0]
     names = [os.path.basename(path) for path in paths]
-    warnings = [result.layer_warning(" + ".join(names), layer), result.replaced_warning(" + ".join(names)),
-                result.fallback_warning(" + ".join(names)), reliance.warning(" + ".join(names))]
+    warnings = [result.layer_warning(" + ".join(names), layer), *result.fallback_lines(" + ".join(names)),
+                reliance.warning(" + ".join(names))]
     warnings += split.warnings(names)
     warnings += [upscale_warning(path, picture.size[::-1], (h, w))
                  for path, picture, (_, _, h, w) in zip(paths, pictures, split.boxes.boxes)]

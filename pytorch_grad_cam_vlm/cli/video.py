@@ -79,8 +79,8 @@ def explain_video(subject: Subject, video: VideoFrames, stem: str, methods: Sequ
         result = explain(wrapper, x, [ClassifierOutputTarget(index)], methods, layers, options=options,
                          choice=choice, fallback=method_label == "auto")
     check, reliance, layer = result.checks[0], result.reliance[0], result.layers[0]
-    warnings = [w for w in (result.layer_warning(source, layer), result.replaced_warning(source),
-                            result.fallback_warning(source), reliance.warning(source)) if w]
+    warnings = [w for w in [result.layer_warning(source, layer), *result.fallback_lines(source),
+                            reliance.warning(source)] if w]
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     pairs = pair_maps_on_frames(result.model_maps[0], clip)  # (P, H0, W0) on the user's frames

@@ -181,6 +181,13 @@ class Explanation:
         return failure_warning(name, f"the occlusion fallback ({OCCLUSION} at token resolution) tried in its place",
                                check)
 
+    def fallback_lines(self, name: str, image: int = 0, gradient_drawn: bool = False) -> List[str]:
+        """The lines the occlusion fallback adds beside the drawn maps' own warnings: the replaced gradient map's
+        (:meth:`replaced_warning`, unless ``gradient_drawn``: that map is drawn with its own line) and the failed
+        fallback's (:meth:`fallback_warning`); none where no fallback was tried."""
+        lines = [self.fallback_warning(name, image)] + ([] if gradient_drawn else [self.replaced_warning(name, image)])
+        return [line for line in lines if line]
+
     def warnings(self, names: Optional[Sequence[str]] = None) -> List[str]:
         """One line per image whose chosen map fails the check (no candidate passed), one per image where the
         occlusion fallback failed too (:meth:`fallback_warning`), one per image whose target hardly depends on the

@@ -173,6 +173,8 @@ def test_the_occlusion_fallback_is_occlusion_at_token_cells_checked_against_the_
     assert result.best_layer(0) is None and result.layer_warning("a.png", INPUT) is None
     assert result.replaced_warning("a.png") == result.layer_warning("a.png", 0)
     assert result.fallback_checks[0] is result.checks[0] and result.fallback_warning("a.png") is None  # kept
+    assert result.fallback_lines("a.png") == [result.replaced_warning("a.png")]
+    assert result.fallback_lines("a.png", gradient_drawn=True) == []  # the replaced map is drawn with its own line
     assert explain(wrapper, x, [target], method="GradCAM", layers=[0, 1]).replaced_warning("a.png") is None
     assert result.gradient_layer(0) == 0 and wrapper.layer(result.gradient_layer(0)) is wrapper.decoder_layers[0]
     with pytest.raises(ValueError, match=r"no module\. For a gradient method, take result\.gradient_layer\(\)"):
@@ -203,7 +205,7 @@ def test_a_fallback_that_fails_too_leaves_the_gradient_map(wrapper, monkeypatch)
     tried = ("a.png: the occlusion fallback (Occlusion at token resolution) tried in its place does not beat chance "
              f"(its check total is {check.null_margin:.2g} spreads above the mean of random token maps' on this image, "
              "below 1.5).")
-    assert result.fallback_warning("a.png") == tried
+    assert result.fallback_warning("a.png") == tried and result.fallback_lines("a.png") == [tried]
     assert result.warnings(["a.png"]) == ["a.png: GradCAM at layer 0 is blank (the map is flat: it shows nothing).",
                                           tried]
     named = explain(wrapper, x, [target], method="GradCAM", layers=[0, 1])  # no fallback tried: nothing to say
